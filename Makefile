@@ -1,0 +1,41 @@
+# `make demo` and `make test` work on a fresh Debian/Ubuntu machine: they install ffmpeg (apt)
+# and a virtual environment in .venv first, then run. Torch is pinned to the local CPU wheel.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# Tiny ops on 2 cores are far slower with more than one thread; DeepSpeed runs on its CPU
+# accelerator wherever there is no CUDA.
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= $(shell $(PY) -c "import shutil; print('cuda' if shutil.which('nvidia-smi') else 'cpu')")
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-all install sysdeps bench clean
+
+sysdeps:
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; }
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(FIND_LINKS) "torch==2.13.0" -e ".[test]"
+	touch $(STAMP)
+
+install: sysdeps $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/demo.py --out demo-out
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_prep.py
+
+clean:
+	rm -rf demo-out .pytest_cache

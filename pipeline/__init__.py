@@ -1,0 +1,1 @@
+"""vtt.pipeline."""

@@ -1,0 +1,119 @@
+"""The shard format: the contract between `vtt-prep` (writer) and `vtt-train` (reader).
+
+A shards folder holds:
+
+    shard-000000.tar ...   WebDataset tars; members `{key}.json`, `{key}.txt`, `{key}.0000.jpg` ...
+    index.json             wids-shard-index-v1 + checksums; the reader takes epoch sizes from it
+    ledger.json            per-video provenance for incremental reruns (written by vtt-prep only)
+    report.json            the last run's report (informational)
+
+Sample layout (one per video):
+    {key}.json   sidecar metadata + provenance (see SAMPLE_META_KEYS)
+    {key}.txt    the description, UTF-8
+    {key}.NNNN.jpg | .png   frames in time order, NNNN zero-padded from 0000
+
+WebDataset splits the member name at the *first* dot to find the key, so keys never contain dots
+(or slashes); `make_key` is the only place keys are made.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".tar"
+INDEX_FILE = "index.json"
+LEDGER_FILE = "ledger.json"
+REPORT_FILE = "report.json"
+LOCK_FILE = ".vtt-prep.lock"
+TMP_PREFIX = ".tmp-"  # every temp file vtt writes starts with this; a rerun removes leftovers
+FRAME_EXTS = ("jpg", "png")
+
+# Keys every sample's {key}.json carries besides the sidecar's own fields.
+SAMPLE_META_KEYS = ("video_id", "description", "vtt")
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+
+
+class ShardFormatError(ValueError):
+    """A shards folder, index or sample that does not follow this contract."""
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARD_PREFIX}{number:06d}{SHARD_SUFFIX}"
+
+
+def shard_number(name: str) -> int:
+    m = _SHARD_RE.match(Path(name).name)
+    if not m:
+        raise ShardFormatError(f"{name}: not a shard name (expected shard-NNNNNN.tar)")
+    return int(m.group(1))
+
+
+def make_key(video_id: str) -> str:
+    """A WebDataset-safe key for `video_id`: no dots, slashes or spaces, deterministic and unique.
+
+    Ids that are already safe stay as they are (people grep shards by id). Anything else is
+    sanitised and gets 8 hex digits of the id's hash, so `a.b` and `a_b` never collide.
+    """
+    if not isinstance(video_id, str) or not video_id:
+        raise ShardFormatError(f"video_id must be a non-empty string, got {video_id!r}")
+    safe = _KEY_UNSAFE.sub("_", video_id).strip("_")[:100]
+    if safe == video_id:
+        return safe
+    digest = hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:8]
+    return f"{safe or 'id'}_{digest}"
+
+
+def frame_field(index: int, ext: str) -> str:
+    """Member suffix of frame `index` (0-based): `0003.jpg`."""
+    if ext not in FRAME_EXTS:
+        raise ShardFormatError(f"frame extension must be one of {FRAME_EXTS}, got {ext!r}")
+    return f"{index:04d}.{ext}"
+
+
+def frame_fields(sample: dict) -> list[str]:
+    """The frame fields of a WebDataset sample dict, in time order."""
+    fields = [k for k in sample if re.fullmatch(r"\d{4}\.(jpg|png)", k)]
+    return sorted(fields)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+
+    Temp file in the same folder (rename is atomic only within a filesystem), fsync, rename,
+    then fsync the folder so the rename itself survives a power loss.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -1,0 +1,101 @@
+"""index.json: the list of shards with sample counts, sizes and checksums.
+
+It follows wids' `wids-shard-index-v1` (so `wids.ShardListDataset` can read the folder too) and
+adds `sha256` per shard plus a `vtt` block with the format version and the prep settings.
+The trainer takes its epoch size from here and never lists the folder itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .format import (FORMAT_VERSION, INDEX_FILE, ShardFormatError, atomic_write_bytes,
+                     sha256_file, shard_number)
+
+WIDS_KIND = "wids-shard-index-v1"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    url: str  # file name relative to the shards folder
+    nsamples: int
+    filesize: int
+    sha256: str
+
+    def __post_init__(self):
+        shard_number(self.url)  # validates the name
+        if self.nsamples < 0 or self.filesize < 0:
+            raise ShardFormatError(f"{self.url}: negative nsamples/filesize in index")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    shards: tuple[ShardEntry, ...] = ()
+    settings: dict = field(default_factory=dict)  # the prep settings that made every sample
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.nsamples for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {
+            "__kind__": WIDS_KIND,
+            "wids_version": 1,
+            "shardlist": [
+                {"url": s.url, "nsamples": s.nsamples, "filesize": s.filesize, "sha256": s.sha256}
+                for s in self.shards
+            ],
+            "vtt": {"format_version": FORMAT_VERSION, "settings": self.settings},
+        }
+
+
+def write_index(folder: str | os.PathLike, index: ShardIndex) -> None:
+    data = json.dumps(index.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+    atomic_write_bytes(Path(folder) / INDEX_FILE, data)
+
+
+def read_index(folder: str | os.PathLike) -> ShardIndex:
+    """Read and structurally validate `folder/index.json`; errors name the file and the problem."""
+    path = Path(folder) / INDEX_FILE
+    if not Path(folder).is_dir():
+        raise ShardFormatError(f"{folder}: shards folder does not exist")
+    if not path.is_file():
+        raise ShardFormatError(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: unreadable index: {e}") from e
+    if raw.get("__kind__") != WIDS_KIND:
+        raise ShardFormatError(f"{path}: __kind__ is {raw.get('__kind__')!r}, expected {WIDS_KIND!r}")
+    version = raw.get("vtt", {}).get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: shard format version {version!r}, this vtt reads {FORMAT_VERSION}")
+    try:
+        shards = tuple(ShardEntry(e["url"], int(e["nsamples"]), int(e["filesize"]), e["sha256"])
+                       for e in raw["shardlist"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardFormatError(f"{path}: malformed shardlist entry: {e}") from e
+    return ShardIndex(shards=shards, settings=raw["vtt"].get("settings", {}))
+
+
+def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
+                checksums: bool = False) -> list[str]:
+    """Problems between the index and the tars on disk (missing file, size, checksum); [] if none."""
+    folder = Path(folder)
+    index = index or read_index(folder)
+    problems = []
+    for s in index.shards:
+        p = folder / s.url
+        if not p.is_file():
+            problems.append(f"{p}: listed in {INDEX_FILE} but missing")
+        elif p.stat().st_size != s.filesize:
+            problems.append(f"{p}: {p.stat().st_size} bytes on disk, {s.filesize} in {INDEX_FILE}")
+        elif checksums and sha256_file(p) != s.sha256:
+            problems.append(f"{p}: sha256 differs from {INDEX_FILE}")
+    listed = {s.url for s in index.shards}
+    for p in sorted(folder.glob("shard-*.tar")):
+        if p.name not in listed:
+            problems.append(f"{p}: shard on disk but not in {INDEX_FILE}")
+    return problems

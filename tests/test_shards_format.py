@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from vtt.shards.format import ShardFormatError, atomic_write_bytes, frame_field, frame_fields, make_key, shard_name
+from vtt.shards.index import ShardEntry, ShardIndex, check_index, read_index, write_index
+
+
+def test_keys_are_webdataset_safe_and_unique():
+    assert make_key("video_001") == "video_001"
+    k1, k2 = make_key("a.b"), make_key("a_b")
+    assert "." not in k1 and "/" not in make_key("x/y.mp4")
+    assert k1 != k2
+    assert make_key("a.b") == k1  # deterministic
+    with pytest.raises(ShardFormatError):
+        make_key("")
+
+
+def test_frame_fields_sorted():
+    sample = {"__key__": "k", "0010.jpg": b"", "0002.jpg": b"", "json": b"", "txt": b""}
+    assert frame_fields(sample) == ["0002.jpg", "0010.jpg"]
+    assert frame_field(3, "png") == "0003.png"
+
+
+def test_index_roundtrip_and_checks(tmp_path):
+    atomic_write_bytes(tmp_path / shard_name(0), b"x" * 10)
+    idx = ShardIndex((ShardEntry(shard_name(0), 2, 10, "0" * 64),), {"num_frames": 8})
+    write_index(tmp_path, idx)
+    raw = json.loads((tmp_path / "index.json").read_text())
+    assert raw["__kind__"] == "wids-shard-index-v1" and raw["shardlist"][0]["nsamples"] == 2
+    assert read_index(tmp_path) == idx
+    assert check_index(tmp_path) == []
+    assert any("sha256" in p for p in check_index(tmp_path, checksums=True))
+    (tmp_path / shard_name(1)).write_bytes(b"")
+    assert any("not in index.json" in p for p in check_index(tmp_path))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(ShardFormatError, match="no index"):
+        read_index(tmp_path)
+    with pytest.raises(ShardFormatError, match="does not exist"):
+        read_index(tmp_path / "nope")
