@@ -51,9 +51,12 @@ class ShardIndex:
         }
 
 
+def index_bytes(index: ShardIndex) -> bytes:
+    return json.dumps(index.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+
+
 def write_index(folder: str | os.PathLike, index: ShardIndex) -> None:
-    data = json.dumps(index.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-    atomic_write_bytes(Path(folder) / INDEX_FILE, data)
+    atomic_write_bytes(Path(folder) / INDEX_FILE, index_bytes(index))
 
 
 def read_index(folder: str | os.PathLike) -> ShardIndex:

@@ -1,0 +1,269 @@
+"""GPU check for vtt-train: bf16 ZeRO-2 on real vtt-prep shards with full-size model shapes (random weights).
+
+Runs (each a `vtt-train` process, a few dozen optimizer steps):
+  llava_lora   LLaVA-NeXT-Video with LLaVA-NeXT-Video-7B's shapes (Llama-2-7B text, CLIP ViT-L/14-336 vision,
+               2x2 pooling: 144 tokens per frame, 8 frames), LoRA r=16 on the language model + projector,
+               frozen vision tower, gradient checkpointing, micro batch 1
+  nllb         NLLB-200-600M's shapes (M2M100, d_model 1024, 12+12 layers, vocab 256206), full fine-tune
+  llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
+and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; OUT/gpu_check.json
+keeps them (copy the table into BENCHMARKS.md with the device name). About 3-5 minutes on one H100.
+
+How to run, on a CUDA machine without registry access:
+  1. beside the repo, a folder of wheels for this project (`pip download -d wheels torch deepspeed transformers
+     ... -e .` on a machine with access), then
+     python -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -e .
+  2. DS_ACCELERATOR=cuda .venv/bin/python benchmarks/gpu_check.py --out /tmp/gpu-check
+     Shards: made here with vtt-prep from its built-in sample clips (needs ffmpeg/ffprobe on PATH), or pass
+     --shards DIR made elsewhere by `vtt-prep extract` (8 frames, 336x336; `description_fr` for nllb comes
+     from `vtt-prep sample-data` sidecars).
+
+MFU = model FLOP/s / peak bf16 FLOP/s (--peak-tflops; default from the device name: H100/H200 989, A100 312),
+model FLOPs per optimizer step (matmuls only, no recomputation, no attention scores, embedding lookups excluded):
+  decoder-only LM (llava):  T_text * (4 * N_lm + 2 * N_lm_trainable)      [fwd 2N, bwd activations 2N,
+                            + T_frames * 2 * N_vision                          weight grads 2N_trainable;
+                              (frozen tower: forward only; 577 patches/frame)  T_text includes video tokens]
+  seq2seq (nllb):           per sample 6 * (N_enc * T_src + (N_dec + N_lm_head) * T_tgt), with T_src/T_tgt
+                            the mean source/target tokens of the shards' samples (count_tokens()) and
+                            samples/s from summary.json; the tied LM head counts as a matmul.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+LLAVA_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, vocab_size=32064)
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768)
+NLLB_600M = dict(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
+                 decoder_ffn_dim=4096, encoder_attention_heads=16, decoder_attention_heads=16,
+                 max_position_embeddings=1024)
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ data
+
+def make_shards(out: Path, n_train: int) -> Path:
+    """vtt-prep's own sample clips -> vtt-prep extract (8 frames, 336x336): real shards, no download."""
+    from vtt.pipeline.config import PrepConfig
+    from vtt.pipeline.run import run_extract
+    from vtt.pipeline.sample_data import make_sample_data
+    make_sample_data(out / "data", n_train=n_train, n_heldout=0, seed=0)
+    report = run_extract(PrepConfig(data_dir=out / "data" / "train", out_dir=out / "shards", num_frames=8,
+                                    size=(336, 336), workers=os.cpu_count() or 4, quiet=True))
+    log(f"vtt-prep: {report}"[:300])
+    return out / "shards"
+
+
+# ------------------------------------------------------------------ models (random init, real checkpoint layout)
+
+def build_llava_7b(out: Path) -> Path:
+    """The tiny preset's tokenizer/processor layout with LLaVA-NeXT-Video-7B's shapes, initialised on the GPU."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vtt.trainer.presets import CLIP_MEAN, CLIP_STD, build_tiny, write_vision_processor_files
+    if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
+        return out
+    build_tiny("llava", out)
+    cfg = AutoConfig.from_pretrained(out)
+    for k, v in LLAVA_7B_TEXT.items():
+        setattr(cfg.text_config, k, v)
+    for k, v in CLIP_L_336.items():
+        setattr(cfg.vision_config, k, v)
+    cfg.image_grid_pinpoints = [[336, 336]]
+    _save_random(AutoModelForImageTextToText, cfg, out)
+    write_vision_processor_files(out, size=336, mean=CLIP_MEAN, std=CLIP_STD, patch_size=14)
+    return out
+
+
+def build_nllb_600m(out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from vtt.trainer.presets import build_tiny
+    if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
+        return out
+    build_tiny("seq2seq", out)
+    cfg = AutoConfig.from_pretrained(out)
+    for k, v in NLLB_600M.items():
+        setattr(cfg, k, v)
+    _save_random(AutoModelForSeq2SeqLM, cfg, out)
+    return out
+
+
+def _save_random(auto_cls, cfg, out: Path) -> None:
+    import torch
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):  # random init of 7B params takes minutes on CPU, a second on the GPU
+            model = auto_cls.from_config(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    log(f"{out.name}: {n / 1e9:.2f}B random params saved in {time.perf_counter() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------ runs
+
+def run_args(name: str, models: dict, shards: Path, out: Path, steps: int) -> list[str]:
+    common = ["--shards", str(shards), "--output-dir", str(out / f"run-{name}"), "--max-steps", str(steps),
+              "--log-every", "5", "--save-every", "0", "--set", "run.save_final=false", "--precision", "bf16",
+              "--zero-stage", "2", "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16",
+              "--warmup-steps", "2"]
+    if name == "llava_lora":
+        return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1", "--lora",
+                "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
+                "--lr", "2e-4", "--no-export", *common]
+    if name == "llava_offload":
+        return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1",
+                "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
+                "--offload-optimizer", "--lr", "1e-5", "--no-export", *common]
+    return ["--model", "seq2seq", "--model-path", str(models["seq2seq"]), "--micro-batch", "16", "--lr", "1e-4",
+            "--set", "model.src_lang=eng_Latn", "--set", "model.tgt_lang=fra_Latn",
+            "--set", "model.target_template={description_fr}", "--export", *common]
+
+
+def train(args: list[str], timeout: int) -> float:
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda"), WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "vtt.trainer.cli", *args], cwd=REPO, env=env, timeout=timeout,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"vtt-train failed ({p.returncode}):\n{p.stdout[-5000:]}")
+    return time.perf_counter() - t0
+
+
+def count_tokens(model_path: Path, shards: Path, n: int = 64) -> tuple[float, float]:
+    """Mean source and target tokens per sample of the seq2seq run (for the encoder/decoder FLOP split)."""
+    from vtt.trainer.adapters import ModelConfig, get_adapter
+    from vtt.trainer.data import DataConfig, build_loader
+    ad = get_adapter(ModelConfig(kind="seq2seq", model_path=str(model_path), src_lang="eng_Latn",
+                                 tgt_lang="fra_Latn", target_template="{description_fr}"))
+    loader = build_loader(DataConfig(str(shards), eval_shards=str(shards), decode_frames=False), list, 1,
+                          split="eval")
+    src = tgt = k = 0
+    for (s,) in loader:
+        b = ad.collate([s])
+        src, tgt, k = src + int(b["attention_mask"].sum()), tgt + int((b["labels"] != -100).sum()), k + 1
+        if k >= n:
+            break
+    return src / k, tgt / k
+
+
+def module_params(model_path: Path, kind: str) -> dict:
+    """Parameter counts per part, from the config on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        m = (AutoModelForImageTextToText if kind == "llava" else AutoModelForSeq2SeqLM).from_config(cfg)
+    count = {}
+    for name, p in m.named_parameters():
+        part = ("vision" if "vision_tower" in name else "embed" if "embed_tokens" in name or name.endswith("shared.weight")
+                else "lm_head" if "lm_head" in name else "encoder" if ".encoder." in name
+                else "decoder" if ".decoder." in name else "lm")
+        count[part] = count.get(part, 0) + p.numel()
+    if kind == "seq2seq" and "lm_head" not in count:  # tied: the head's matmul still runs
+        count["lm_head"] = cfg.vocab_size * cfg.d_model
+    if kind == "llava":
+        count["frame_patches"] = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
+    return count
+
+
+def flops_llava(s: dict, parts: dict, frames_per_sample: int) -> float:
+    """Model FLOPs per second from summary.json (formula in the module docstring)."""
+    n_lm = parts.get("lm", 0) + parts.get("decoder", 0) + parts.get("lm_head", 0)
+    trainable = s["trainable_params"]  # LoRA + projector: ~all of it sits in the language model
+    text = s["tokens_per_s"] * (4 * n_lm + 2 * min(trainable, n_lm))
+    vision = s["samples_per_s"] * frames_per_sample * parts["frame_patches"] * 2 * parts.get("vision", 0)
+    return text + vision
+
+
+def flops_seq2seq(s: dict, parts: dict, src: float, tgt: float) -> float:
+    per_sample = 6 * (parts.get("encoder", 0) * src + (parts.get("decoder", 0) + parts["lm_head"]) * tgt)
+    return s["samples_per_s"] * per_sample
+
+
+def peak_tflops(arg: float | None) -> tuple[str, float]:
+    import torch
+    name = torch.cuda.get_device_name(0)
+    if arg:
+        return name, arg
+    for key, v in PEAK_TFLOPS.items():
+        if key in name:
+            return name, v
+    raise SystemExit(f"unknown peak bf16 TFLOP/s for {name!r}: pass --peak-tflops")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/vtt-gpu-check"))
+    ap.add_argument("--shards", type=Path, help="vtt-prep shards (default: made here from sample clips)")
+    ap.add_argument("--runs", default="llava_lora,nllb")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--samples", type=int, default=96, help="sample clips to make when --shards is not given")
+    ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--timeout", type=int, default=420, help="per vtt-train run, seconds")
+    a = ap.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False)")
+    device, peak = peak_tflops(a.peak_tflops)
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    shards = a.shards or make_shards(a.out, a.samples)
+    runs = a.runs.split(",")
+    models = {}
+    if any(r.startswith("llava") for r in runs):
+        models["llava"] = build_llava_7b(a.out / "llava-next-video-7b-random")
+    if "nllb" in runs:
+        models["seq2seq"] = build_nllb_600m(a.out / "nllb-600m-random")
+    results = {"device": device, "peak_tflops": peak, "torch": torch.__version__, "runs": {}}
+    for name in runs:
+        shutil.rmtree(a.out / f"run-{name}", ignore_errors=True)
+        log(f"training {name} for {a.steps} steps ...")
+        wall = train(run_args(name, models, shards, a.out, a.steps), a.timeout)
+        s = json.loads((a.out / f"run-{name}" / "summary.json").read_text())
+        kind = "seq2seq" if name == "nllb" else "llava"
+        parts = module_params(models[kind], kind)
+        flops = (flops_seq2seq(s, parts, *count_tokens(models[kind], shards)) if kind == "seq2seq"
+                 else flops_llava(s, parts, 8))
+        results["runs"][name] = {**s, "wall_s": wall, "model_tflops": flops / 1e12, "mfu": flops / (peak * 1e12)}
+        log(f"{name}: done in {wall:.0f}s")
+    results["total_s"] = time.perf_counter() - t0
+    (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results)
+
+
+def print_table(r: dict) -> None:
+    print(f"\nvtt-train GPU check on {r['device']} (peak {r['peak_tflops']:.0f} bf16 TFLOP/s), "
+          f"total {r['total_s']:.0f}s")
+    print("| run | params (trainable) | step s | samples/s | tokens/s | MFU | peak mem GB | data wait | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, s in r["runs"].items():
+        print(f"| {name} | {s['params'] / 1e9:.2f}B ({s['trainable_params'] / 1e6:.1f}M) | {s['step_s']:.3f} | "
+              f"{s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {100 * s['mfu']:.1f}% | "
+              f"{s['peak_memory_gb'] or 0:.1f} | {100 * s['data_wait_frac']:.1f}% | {s['final_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""`vtt-prep`: thin click CLI; each command builds a config and calls one function."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vtt.shards.format import ShardFormatError
+
+from .config import ConfigError, PrepConfig
+from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
+
+EXIT_CODES = f"""\b
+Exit status:
+  {EXIT_OK}  every video is in the shards (new, changed or unchanged)
+  {EXIT_USAGE}  usage or configuration error, or the shards were made with other
+     settings (add --rebuild); nothing was changed
+  {EXIT_FAILED_VIDEOS}  some videos failed (listed in the summary and report.json);
+     everything else was written
+  {EXIT_LOCKED}  another vtt-prep run holds the shards folder
+"""
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"vtt-prep: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """vtt-prep: videos + JSON sidecars -> exact frames (ffmpeg) -> WebDataset tar shards."""
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--num-frames", type=int, default=8, show_default=True,
+              help="Frames per video, uniformly spaced over its real duration.")
+@click.option("--fps", type=float, default=None, help="Fixed-rate mode: frames per second (overrides --num-frames).")
+@click.option("--max-frames", type=int, default=64, show_default=True, help="Cap on frames in --fps mode.")
+@click.option("--size", default="336", show_default=True, help="Frame size: N (square) or WxH.")
+@click.option("--resize", type=click.Choice(["crop", "pad", "stretch"]), default="crop", show_default=True)
+@click.option("--image-format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True)
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option("--short-clip", type=click.Choice(["repeat", "fail"]), default="repeat", show_default=True,
+              help="Clips with fewer frames than requested: repeat frames (with a warning) or fail.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Max bytes per shard (1GB, 500MB, 64MiB).")
+@click.option("--shard-max-samples", type=int, default=10_000, show_default=True, help="Max samples per shard.")
+@click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per ffmpeg/ffprobe call.")
+@click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
+@click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
+@click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
+@click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(**kwargs):
+    """Extract frames from the videos under DATA_DIR into WebDataset shards in OUT_DIR.
+
+    Reruns are incremental: unchanged videos cost no ffmpeg call, new ones go into new shards,
+    changed and deleted ones replace/remove their samples, earlier failures are retried.
+    Writes shard-NNNNNN.tar, index.json, ledger.json and report.json.
+    """
+    from .run import LockBusy, run_extract
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        cfg = PrepConfig(**kwargs)
+        report = run_extract(cfg)
+    except LockBusy as e:
+        _fail(str(e), EXIT_LOCKED)
+    except (ConfigError, ShardFormatError) as e:
+        _fail(str(e))
+    if cfg.dry_run:
+        from .report import Plan
+        click.echo(Plan(**report.plan).text())
+        return
+    click.echo(report.summary())
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+def status(shards):
+    """Summarise a shards folder: index, ledger (ok/failed videos), last run. Exit 1 if index and tars disagree."""
+    from .verify import status_text
+    try:
+        text, ok = status_text(shards)
+    except ShardFormatError as e:
+        _fail(str(e))
+    click.echo(text)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+def verify(shards):
+    """Read every shard, check index sizes and checksums and the ledger, decode every frame.
+
+    Exit 0 when everything matches, 1 on any problem (each one printed).
+    """
+    from .verify import verify_shards
+    result = verify_shards(shards)
+    for p in result.problems:
+        click.echo(f"PROBLEM: {p}")
+    click.echo(f"{'OK' if result.ok else 'FAILED'}: {result.shards} shards, {result.samples} samples, "
+               f"{result.frames} frames decoded, {len(result.problems)} problems")
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command("sample-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n-train", type=int, default=96, show_default=True)
+@click.option("--n-heldout", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample_data(out, n_train, n_heldout, seed):
+    """Generate synthetic captioned clips (OUT/train, OUT/heldout) with sidecars."""
+    from .sample_data import make_sample_data  # lazy: only this command needs it
+    result = make_sample_data(out, n_train=n_train, n_heldout=n_heldout, seed=seed)
+    click.echo(f"sample data in {out}: {len(result.clips)} clips "
+               f"(train: {result.train_dir}, heldout: {result.heldout_dir})")
+
+
+if __name__ == "__main__":
+    main()

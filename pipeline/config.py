@@ -1,0 +1,107 @@
+"""PrepConfig: every `vtt-prep extract` setting, validated once; flags map onto it 1:1."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting."""
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parse_bytes(value: str | int) -> int:
+    """'1GB', '500MB', '64MiB', '1000' -> bytes (decimal units as disk vendors and `ls -h --si`)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value).upper())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"shard size {value!r}: expected bytes like 1000, 500MB, 1GB or 64MiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def parse_size(value: str | int | tuple) -> tuple[int, int]:
+    """'336' -> (336, 336); '640x360' -> (640, 360) as (width, height)."""
+    if isinstance(value, tuple):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(value))
+    if not m:
+        raise ConfigError(f"size {value!r}: expected N or WxH, e.g. 336 or 640x360")
+    w = int(m.group(1))
+    return (w, int(m.group(2)) if m.group(2) else w)
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    data_dir: Path
+    out_dir: Path
+    num_frames: int = 8
+    fps: float | None = None
+    max_frames: int = 64
+    size: tuple[int, int] = (336, 336)          # (width, height)
+    resize: str = "crop"
+    image_format: str = "jpg"
+    jpeg_quality: int = 90
+    short_clip: str = "repeat"
+    shard_size: int = 10**9                     # bytes per tar, cut before a sample would exceed it
+    shard_max_samples: int = 10_000
+    workers: int = field(default_factory=lambda: usable_cpus())
+    timeout: float = 120.0                      # seconds per ffmpeg/ffprobe call
+    ffmpeg: str = field(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg")
+    ffprobe: str = field(default_factory=lambda: os.environ.get("VTT_FFPROBE") or "ffprobe")
+    allow_missing_sidecar: bool = False
+    rebuild: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
+        set_("data_dir", Path(self.data_dir))
+        set_("out_dir", Path(self.out_dir))
+        set_("size", parse_size(self.size))
+        set_("shard_size", parse_bytes(self.shard_size))
+        if not self.data_dir.is_dir():
+            raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"shards folder {self.out_dir} exists and is not a folder")
+        if self.shard_size < 4096:
+            raise ConfigError(f"shard_size {self.shard_size}: must be at least 4096 bytes")
+        if self.shard_max_samples < 1:
+            raise ConfigError(f"shard_max_samples {self.shard_max_samples}: must be >= 1")
+        if self.workers < 1:
+            raise ConfigError(f"workers {self.workers}: must be >= 1")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout {self.timeout}: must be > 0 seconds")
+        self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
+
+    def frame_spec(self):
+        from .frames import FrameSpec
+        try:
+            return FrameSpec(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
+                             size=self.size, resize=self.resize, image_format=self.image_format,
+                             jpeg_quality=self.jpeg_quality, timeout_s=self.timeout, ffmpeg=self.ffmpeg,
+                             ffprobe=self.ffprobe, short_clip=self.short_clip)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from e
+
+    def output_settings(self) -> dict:
+        """The settings that decide sample content (FrameSpec's own list): stored in ledger/index/meta."""
+        return self.frame_spec().settings()
+
+    def settings_hash(self) -> str:
+        blob = json.dumps(self.output_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,131 @@
+"""Find videos and their sidecars, validate sidecars, and decide each video's id and key.
+
+Validation problems are data (a `Video` with `error` set), never exceptions: one bad sidecar must not
+stop the run, and the message names the file and the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtt.shards.format import ShardFormatError, make_key
+
+VIDEO_EXTS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"})
+
+
+@dataclass(frozen=True)
+class Video:
+    source: str                    # path relative to the data folder, POSIX separators: the identity
+    path: Path                     # absolute
+    sidecar_path: Path | None      # None when the video has no sidecar (allowed by option)
+    meta: dict | None = None       # validated sidecar fields (or the synthesised ones)
+    video_id: str | None = None
+    key: str | None = None
+    error: dict | None = None      # {"class", "reason"} when the video cannot be used
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def find_videos(data_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Video files under `data_dir`, recursively, sorted by relative path (determinism).
+
+    Dot-files and dot-folders are skipped (editor swap files, our own `.tmp-` files), and so is
+    `exclude` (the shards folder when someone puts it inside the data folder).
+    """
+    data_dir = Path(data_dir).resolve()
+    exclude = Path(exclude).resolve() if exclude else None
+    found = []
+    for root, dirs, files in os.walk(data_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and Path(root, d).resolve() != exclude]
+        found += [Path(root, f) for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTS]
+    return sorted(found, key=lambda p: p.relative_to(data_dir).as_posix())
+
+
+def _type_error(field: str, value, expected: str) -> str:
+    return f"field {field!r} must be {expected}, got {type(value).__name__} {value!r}"[:300]
+
+
+def validate_sidecar(raw) -> list[str]:
+    """Problems with a parsed sidecar; [] if it is usable. Extra fields are allowed and kept."""
+    if not isinstance(raw, dict):
+        return [f"sidecar must be a JSON object, got {type(raw).__name__}"]
+    problems = []
+    if "vtt" in raw:  # the sample's provenance block goes there; a sidecar's own would be lost
+        problems.append("field 'vtt' is reserved for vtt-prep's provenance; rename it")
+    vid = raw.get("video_id")
+    if "video_id" not in raw:
+        problems.append("field 'video_id' is missing")
+    elif not isinstance(vid, str) or not vid.strip():
+        problems.append(_type_error("video_id", vid, "a non-empty string"))
+    desc = raw.get("description")
+    if "description" not in raw:
+        problems.append("field 'description' is missing")
+    elif not isinstance(desc, str):
+        problems.append(_type_error("description", desc, "a string"))
+    elif not desc.strip():
+        problems.append("field 'description' is empty")
+    dur = raw.get("duration")
+    if dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float))
+                            or not math.isfinite(dur) or dur < 0):
+        problems.append(_type_error("duration", dur, "a non-negative number of seconds"))
+    frames = raw.get("frames")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 0):
+        problems.append(_type_error("frames", frames, "a non-negative integer"))
+    return problems
+
+
+def _load_sidecar(video: Path, source: str, allow_missing: bool) -> tuple[Path | None, dict | None, dict | None]:
+    """(sidecar path, meta, error) for one video."""
+    sidecar = video.with_suffix(".json")
+    if not sidecar.is_file():
+        if allow_missing:
+            # The id comes from the path without extension, so a/x.mp4 and b/x.mp4 stay distinct.
+            return None, {"video_id": source.rsplit(".", 1)[0], "description": ""}, None
+        return None, None, {"class": "sidecar_missing",
+                            "reason": f"{sidecar}: no sidecar for {video.name} (expected {sidecar.name}; "
+                                      f"--allow-missing-sidecar takes the id from the file name)"}
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar}: invalid JSON: {e}"}
+    problems = validate_sidecar(raw)
+    if problems:
+        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar}: " + "; ".join(problems)}
+    return sidecar, raw, None
+
+
+def discover(data_dir: Path, allow_missing_sidecar: bool = False, exclude: Path | None = None) -> list[Video]:
+    """Every video under `data_dir` with its validated sidecar, id and key, in sorted order.
+
+    Duplicates: the first video (in sorted order) keeps an id or key; later ones fail, so the outcome
+    depends only on the current folder, never on what an earlier run saw.
+    """
+    data_dir = Path(data_dir).resolve()
+    videos, owner = [], {}
+    for path in find_videos(data_dir, exclude):
+        source = path.relative_to(data_dir).as_posix()
+        sidecar, meta, error = _load_sidecar(path, source, allow_missing_sidecar)
+        vid = key = None
+        if error is None:
+            vid = meta["video_id"]
+            try:
+                key = make_key(vid)
+            except ShardFormatError as e:
+                error = {"class": "sidecar_invalid", "reason": f"{sidecar}: field 'video_id': {e}"}
+        if error is None:
+            first = owner.get(("id", vid)) or owner.get(("key", key))
+            if first is not None:
+                error = {"class": "duplicate_video_id",
+                         "reason": f"{sidecar or path}: field 'video_id' {vid!r} (key {key!r}) is already "
+                                   f"used by {first}"}
+            else:
+                owner[("id", vid)] = owner[("key", key)] = source
+        videos.append(Video(source, path, sidecar, meta if error is None else None,
+                            vid if error is None else None, key if error is None else None, error))
+    return videos

@@ -1,0 +1,142 @@
+"""One video -> one sample: the unit of work a pool worker runs.
+
+Runs in worker processes, so inputs and outputs are small picklable dataclasses; the sample comes back
+as ready tar members and the single writer in the main process only appends them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vtt.shards.format import frame_field, sha256_file
+
+# The probe dict holds derived stream facts only (probe.public_probe); container tags (GPS location,
+# device names) never reach the shards, and these keys are dropped even if a probe ever carried them.
+_NEVER_COPY = ("tags", "side_data_list", "frame_times", "keyframes", "warnings")
+_STDERR_TAIL = 2000
+
+
+@dataclass(frozen=True)
+class Task:
+    path: Path
+    source: str
+    key: str
+    meta: dict              # validated sidecar fields
+    spec: object            # FrameSpec
+    settings: dict          # output settings (ledger/index)
+    ffmpeg_version: str
+
+
+@dataclass
+class Outcome:
+    source: str
+    key: str
+    sha256: str | None = None
+    stat: tuple[int, int] | None = None   # (size, mtime_ns) taken before hashing: a file changed
+                                          # meanwhile then looks changed to the next run
+    members: list[tuple[str, bytes]] = field(default_factory=list)
+    nframes: int = 0
+    error: dict | None = None   # {"class", "reason", "stderr_tail"}
+    seconds: dict = field(default_factory=dict)   # stage -> seconds spent in the worker
+
+
+def _agree(a: float, b: float, tol_abs: float, tol_rel: float) -> bool:
+    return abs(a - b) <= max(tol_abs, tol_rel * max(abs(a), abs(b)))
+
+
+def sidecar_vs_probe(meta: dict, probe: dict) -> tuple[dict, list[str]]:
+    """Both values wherever the sidecar states duration/frames, and warnings where they disagree."""
+    out, warnings = {}, []
+    pd = probe.get("duration")
+    if meta.get("duration") is not None and pd is not None:
+        agree = _agree(float(meta["duration"]), float(pd), 0.5, 0.05)
+        out["duration"] = {"sidecar": meta["duration"], "probe": pd, "agree": agree}
+        if not agree:
+            warnings.append(f"sidecar duration {meta['duration']} s, probe says {pd} s")
+    pf = probe.get("nb_frames")
+    if pf is None and pd is not None and probe.get("avg_fps"):
+        pf = round(float(pd) * float(probe["avg_fps"]))
+    if meta.get("frames") is not None and pf is not None:
+        agree = _agree(float(meta["frames"]), float(pf), 2, 0.05)
+        out["frames"] = {"sidecar": meta["frames"], "probe": pf, "agree": agree}
+        if not agree:
+            warnings.append(f"sidecar frames {meta['frames']}, probe says {pf}")
+    return out, warnings
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return v
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def build_members(task: Task, sha256: str, result) -> list[tuple[str, bytes]]:
+    """`{key}.json`, `{key}.txt`, `{key}.NNNN.<ext>` for one extracted video."""
+    probe = {k: _jsonable(v) for k, v in result.probe.items() if k not in _NEVER_COPY}
+    agreement, warnings = sidecar_vs_probe(task.meta, result.probe)
+    meta = dict(task.meta)
+    meta["vtt"] = {
+        "source": task.source, "sha256": sha256, "key": task.key, "probe": probe,
+        "timestamps": [round(float(t), 6) for t in result.timestamps], "method": result.method,
+        "settings": task.settings, "ffmpeg_version": task.ffmpeg_version,
+        "warnings": list(result.warnings) + warnings, "sidecar_vs_probe": agreement,
+    }
+    ext = task.settings["image_format"]
+    members = [(f"{task.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()),
+               (f"{task.key}.txt", str(task.meta.get("description", "")).encode())]
+    members += [(f"{task.key}.{frame_field(i, ext)}", f) for i, f in enumerate(result.frames)]
+    return members
+
+
+def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict) -> list[tuple[str, bytes]]:
+    """The sample for a new sidecar of an unchanged video: its frames and provenance, new metadata.
+
+    Gives the same bytes as extracting again: everything in "vtt" but the sidecar comparison
+    depends on the video only, and that comparison is a pure function of sidecar and probe.
+    """
+    old_key = members[0][0].partition(".")[0]
+    old = json.loads(dict(members)[f"{old_key}.json"])
+    vtt = old.pop("vtt")
+    _, old_warnings = sidecar_vs_probe(old, vtt["probe"])
+    agreement, warnings = sidecar_vs_probe(meta, vtt["probe"])
+    kept = [w for w in vtt["warnings"] if w not in old_warnings]
+    new = dict(meta)
+    new["vtt"] = {**vtt, "key": key, "warnings": kept + warnings, "sidecar_vs_probe": agreement}
+    out = [(f"{key}.json", json.dumps(new, sort_keys=True, ensure_ascii=False).encode()),
+           (f"{key}.txt", str(meta.get("description", "")).encode())]
+    return out + [(f"{key}.{n.partition('.')[2]}", d) for n, d in members
+                  if n.partition(".")[2] not in ("json", "txt")]
+
+
+def process_video(task: Task) -> Outcome:
+    """Hash, extract and package one video; failures come back as data with their class."""
+    from .frames import ExtractError
+    from .extract import extract_frames
+    out = Outcome(task.source, task.key)
+    t0 = time.perf_counter()
+    try:
+        st = os.stat(task.path)
+        out.stat = (st.st_size, st.st_mtime_ns)
+        out.sha256 = sha256_file(task.path)
+        t1 = time.perf_counter()
+        result = extract_frames(task.path, task.spec)
+        t2 = time.perf_counter()
+        out.members = build_members(task, out.sha256, result)
+        out.nframes = len(result.frames)
+        out.seconds = {"hash": t1 - t0, "extract": t2 - t1, "package": time.perf_counter() - t2}
+    except ExtractError as e:
+        out.error = {"class": e.error_class, "reason": f"{task.path}: {e.message}",
+                     "stderr_tail": (e.stderr_tail or "")[-_STDERR_TAIL:]}
+    except OSError as e:
+        out.error = {"class": "read_failed", "reason": f"{task.path}: {e}", "stderr_tail": ""}
+    except Exception as e:  # a bug, recorded with its traceback so the run still finishes the rest
+        out.error = {"class": "internal_error", "reason": f"{task.path}: {type(e).__name__}: {e}",
+                     "stderr_tail": traceback.format_exc()[-_STDERR_TAIL:]}
+    out.seconds.setdefault("extract", time.perf_counter() - t0)
+    return out

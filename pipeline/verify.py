@@ -1,0 +1,145 @@
+"""`vtt-prep verify` and `vtt-prep status`: check a shards folder against its index and ledger."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, frame_field,
+                               make_key)
+from vtt.shards.index import check_index, read_index
+from vtt.shards.ledger import STATUS_OK, read_ledger
+
+from .writer import read_samples
+
+
+@dataclass
+class VerifyResult:
+    shards: int = 0
+    samples: int = 0
+    frames: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_sample(shard: str, key: str, members: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
+    """(frames decoded, problems) for one sample: layout, JSON, text, every frame decodes."""
+    from PIL import Image
+    where = f"{shard}: sample {key!r}"
+    fields = {name[len(key) + 1:]: data for name, data in members}
+    problems = [f"{where}: member {n!r} has no field" for n in fields if not n]
+    try:
+        meta = json.loads(fields.get("json", b"null"))
+        if not isinstance(meta, dict) or make_key(meta.get("video_id")) != key:
+            problems.append(f"{where}: json missing or its video_id does not give this key")
+        elif meta.get("description", "") != fields.get("txt", b"").decode("utf-8"):
+            problems.append(f"{where}: txt differs from the json description")
+    except (ValueError, ShardFormatError) as e:
+        problems.append(f"{where}: bad json/txt: {e}")
+    frames = sorted(k for k in fields if k.split(".")[-1] in FRAME_EXTS)
+    ext = frames[0].split(".")[-1] if frames else "jpg"
+    if not frames or frames != [frame_field(i, ext) for i in range(len(frames))]:
+        problems.append(f"{where}: frames are not {key}.0000.{ext} .. contiguous: {frames[:5]}")
+    decoded = 0
+    for f in frames:
+        try:
+            with Image.open(io.BytesIO(fields[f])) as im:
+                im.load()
+            decoded += 1
+        except Exception as e:  # PIL raises many types for bad images; every one is a finding
+            problems.append(f"{where}: frame {f} does not decode: {e}")
+    return decoded, problems
+
+
+def _check_shards(folder: Path, index, result: VerifyResult) -> dict[str, str]:
+    """Read every shard in the index; returns key -> shard url."""
+    where_key: dict[str, str] = {}
+    for entry in index.shards:
+        path = folder / entry.url
+        if not path.is_file():
+            continue  # reported by check_index
+        count = 0
+        try:
+            for key, members in read_samples(path):
+                count += 1
+                if key in where_key:
+                    result.problems.append(f"{entry.url}: key {key!r} also in {where_key[key]}")
+                where_key[key] = entry.url
+                n, problems = check_sample(entry.url, key, members)
+                result.frames += n
+                result.problems += problems
+        except (tarfile.TarError, EOFError, OSError) as e:
+            result.problems.append(f"{entry.url}: unreadable tar: {e}")
+        if count != entry.nsamples:
+            result.problems.append(f"{entry.url}: {count} samples, index says {entry.nsamples}")
+        result.samples += count
+        result.shards += 1
+    return where_key
+
+
+def _check_ledger(folder: Path, index, where_key: dict[str, str], result: VerifyResult) -> None:
+    try:
+        ledger = read_ledger(folder)
+    except ShardFormatError as e:
+        result.problems.append(str(e))
+        return
+    if ledger is None:
+        return  # a folder made by something else: index and tars are all there is to check
+    if ledger.index() != index:
+        result.problems.append("index.json does not match ledger.json (rerun vtt-prep extract to repair)")
+    for r in ledger.ok_records():
+        if where_key.get(r.key) != r.shard:
+            result.problems.append(f"{r.source}: ledger puts key {r.key!r} in {r.shard}, "
+                                   f"found in {where_key.get(r.key, 'no shard')}")
+    listed = {r.key for r in ledger.ok_records()}
+    for key in sorted(set(where_key) - listed):
+        result.problems.append(f"{where_key[key]}: sample {key!r} is not in the ledger")
+
+
+def verify_shards(folder: str | Path) -> VerifyResult:
+    """Read every shard, check index sizes/checksums and the ledger, decode every frame."""
+    folder, result = Path(folder), VerifyResult()
+    try:
+        index = read_index(folder)
+    except ShardFormatError as e:
+        result.problems.append(str(e))
+        return result
+    result.problems += check_index(folder, index, checksums=True)
+    where_key = _check_shards(folder, index, result)
+    _check_ledger(folder, index, where_key, result)
+    result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(folder.glob(TMP_PREFIX + "*"))]
+    return result
+
+
+def status_text(folder: str | Path) -> tuple[str, bool]:
+    """(summary of ledger, index and last report, whether index and tars agree by size)."""
+    folder = Path(folder)
+    index = read_index(folder)
+    ledger = read_ledger(folder)
+    lines = [f"shards folder {folder}: {len(index.shards)} shards, {index.num_samples} samples, "
+             f"{sum(s.filesize for s in index.shards) / 1e6:.1f} MB",
+             f"settings: {json.dumps(index.settings, sort_keys=True)}"]
+    if ledger is not None:
+        ok = ledger.ok_records()
+        failed = [r for r in ledger.records.values() if r.status != STATUS_OK]
+        versions = Counter(r.ffmpeg_version for r in ok)
+        lines.append(f"videos: {len(ok)} ok, {len(failed)} failed (retried by the next extract run)")
+        lines += [f"ffmpeg: {v} ({n} samples)" for v, n in versions.items()]
+        classes = Counter(r.error["class"] for r in failed)
+        if classes:
+            lines.append("errors: " + ", ".join(f"{k} x{n}" for k, n in sorted(classes.items())))
+        lines += [f"  FAILED {r.source}: [{r.error['class']}] {r.error['reason']}" for r in failed[:50]]
+    report = folder / REPORT_FILE
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        lines.append(f"last run: {rep.get('videos_ok')} written, {rep.get('videos_unchanged')} unchanged, "
+                     f"{rep.get('videos_failed')} failed in {rep.get('seconds', {}).get('total', 0):.1f} s")
+    problems = check_index(folder, index)
+    lines += [f"PROBLEM: {p}" for p in problems]
+    return "\n".join(lines), not problems

@@ -1,0 +1,156 @@
+"""Deterministic, atomic tar shards.
+
+Every member gets fixed mtime/uid/gid/mode/owner names, so the same samples give the same bytes. A shard
+is written under a `.tmp-` name, fsynced and renamed into place; it becomes live only when the caller
+commits the ledger (`on_close`). Shards are never modified: removing samples means copying the
+survivors into a new shard number (`rewrite_shard`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from vtt.shards.format import TMP_PREFIX, fsync_dir, sha256_file, shard_name
+from vtt.shards.index import ShardEntry
+
+from .faults import crash_point
+
+TAR_FORMAT = tarfile.PAX_FORMAT
+BLOCK = tarfile.BLOCKSIZE
+# A closed tar ends with two zero blocks, padded up to a whole record; budget it when cutting.
+TAR_TRAILER_MAX = tarfile.RECORDSIZE + 2 * BLOCK
+
+Members = list[tuple[str, bytes]]  # (member name, data) in tar order
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def member_bytes(name: str, size: int) -> int:
+    """Bytes a member takes in the tar: its header(s) (PAX adds one for long names) plus padded data."""
+    if len(name.encode()) <= 100 and name.isascii():  # fits a plain ustar header: no PAX record
+        header = BLOCK
+    else:
+        header = len(_tarinfo(name, size).tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    return header + -(-size // BLOCK) * BLOCK
+
+
+def sample_bytes(members: Members) -> int:
+    return sum(member_bytes(n, len(d)) for n, d in members)
+
+
+def key_of(member_name: str) -> str:
+    """WebDataset's rule: the key is the member name up to the first dot (keys carry no dots)."""
+    base, _, _ = member_name.partition(".")
+    return base
+
+
+@dataclass
+class _OpenShard:
+    number: int
+    tmp: Path
+    file: object
+    tar: tarfile.TarFile
+    nbytes: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Appends samples to shards numbered from `first_number`, cutting by bytes and sample count.
+
+    `on_close(entry, keys)` is called after each shard is renamed into place; the caller commits its
+    ledger there. Nothing is opened until the first sample, so a run that writes nothing leaves no tar.
+    """
+
+    def __init__(self, folder: Path, first_number: int, max_bytes: int, max_samples: int,
+                 on_close: Callable[[ShardEntry, list[str]], None]):
+        self.folder, self.next_number = Path(folder), first_number
+        self.max_bytes, self.max_samples, self.on_close = max_bytes, max_samples, on_close
+        self._open: _OpenShard | None = None
+
+    def add(self, key: str, members: Members) -> str:
+        """Write one sample; returns the url of the shard it went into."""
+        size = sample_bytes(members)
+        cur = self._open
+        if cur and (len(cur.keys) >= self.max_samples
+                    or cur.nbytes + size + TAR_TRAILER_MAX > self.max_bytes):
+            self.close()
+        cur = self._open or self._start()
+        for name, data in members:
+            cur.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        cur.nbytes += size
+        cur.keys.append(key)
+        crash_point("sample-written")
+        return shard_name(cur.number)
+
+    @property
+    def current_url(self) -> str | None:
+        return shard_name(self._open.number) if self._open else None
+
+    def _start(self) -> _OpenShard:
+        number, self.next_number = self.next_number, self.next_number + 1
+        tmp = self.folder / f"{TMP_PREFIX}{shard_name(number)}"
+        f = open(tmp, "wb")
+        self._open = _OpenShard(number, tmp, f, tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT))
+        return self._open
+
+    def close(self) -> None:
+        """Finish the open shard (if any): fsync, rename into place, then `on_close`."""
+        cur, self._open = self._open, None
+        if cur is None:
+            return
+        cur.tar.close()
+        cur.file.flush()
+        os.fsync(cur.file.fileno())
+        cur.file.close()
+        final = self.folder / shard_name(cur.number)
+        entry = ShardEntry(final.name, len(cur.keys), cur.tmp.stat().st_size, sha256_file(cur.tmp))
+        os.replace(cur.tmp, final)
+        fsync_dir(self.folder)
+        crash_point("shard-renamed")
+        self.on_close(entry, cur.keys)
+
+    def abort(self) -> None:
+        """Drop the open shard's temp file (error path; a crash leaves it for the next run's cleanup)."""
+        cur, self._open = self._open, None
+        if cur is not None:
+            cur.file.close()
+            cur.tmp.unlink(missing_ok=True)
+
+
+def read_samples(shard: Path) -> Iterator[tuple[str, Members]]:
+    """(key, members) per sample of a shard, in tar order."""
+    with tarfile.open(shard, mode="r") as tar:
+        key, members = None, []
+        for info in tar:
+            if not info.isfile():
+                continue
+            k = key_of(info.name)
+            if members and k != key:
+                yield key, members
+                members = []
+            key = k
+            members.append((info.name, tar.extractfile(info).read()))
+        if members:
+            yield key, members
+
+
+def rewrite_shard(old: Path, change: Callable[[str, Members], tuple[str, Members] | None],
+                  writer: ShardWriter) -> list[tuple[str, str]]:
+    """Copy the samples of `old` through `writer` as `change(key, members)` says: None drops a
+    sample, else (key, members) is written. Returns (old key, new url) per written sample."""
+    moved = []
+    for key, members in read_samples(old):
+        new = change(key, members)
+        if new is not None:
+            moved.append((key, writer.add(new[0], new[1])))
+    return moved

@@ -1,0 +1,134 @@
+"""The `vtt-prep` command line: help texts, exit codes, status, verify (incl. damaged shards), sample-data."""
+import re
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+from prep_helpers import env, make_corpus, prep_cmd
+
+from vtt.pipeline.cli import main
+
+FLAGS = ["--num-frames", "3", "--size", "96x32", "--resize", "stretch", "--workers", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A data folder and its shards, made through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_corpus(root / "data", n=3)
+    res = CliRunner().invoke(main, ["extract", str(data), str(root / "shards"), *FLAGS,
+                                    "--shard-max-samples", "2"])
+    assert res.exit_code == 0, res.output
+    assert "3 written" in res.output
+    return data, root / "shards"
+
+
+def test_help_texts_document_flags_and_exit_codes():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0
+    for cmd in ("extract", "status", "verify", "sample-data"):
+        assert cmd in top.output
+    ext = runner.invoke(main, ["extract", "--help"]).output
+    for flag in ("--num-frames", "--fps", "--max-frames", "--size", "--resize", "--image-format",
+                 "--jpeg-quality", "--shard-size", "--shard-max-samples", "--workers", "--timeout", "--ffmpeg",
+                 "--ffprobe", "--allow-missing-sidecar", "--rebuild", "--dry-run", "--quiet", "VTT_FFMPEG"):
+        assert flag in ext, flag
+    assert "Exit status" in ext and "3  some videos failed" in ext and "4  another vtt-prep run" in ext
+    assert "Exit 0 when everything matches, 1 on any problem" in runner.invoke(main, ["verify", "--help"]).output
+
+
+def test_console_script_runs(made):
+    _, shards = made
+    res = subprocess.run(["vtt-prep", "status", str(shards)], env=env(), capture_output=True, text=True,
+                         timeout=60) if shutil.which("vtt-prep") else \
+        subprocess.run(prep_cmd("status", str(shards)), env=env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "3 samples" in res.stdout and "3 ok, 0 failed" in res.stdout
+
+
+def test_usage_errors_exit_2(made, tmp_path):
+    data, shards = made
+    runner = CliRunner()
+    assert runner.invoke(main, ["extract", str(data), str(tmp_path / "o"), "--size", "big"]).exit_code == 2
+    assert runner.invoke(main, ["extract", str(tmp_path / "none"), str(tmp_path / "o")]).exit_code == 2
+    assert runner.invoke(main, ["extract", str(data), str(tmp_path / "o"), "--resize", "zoom"]).exit_code == 2
+    res = runner.invoke(main, ["extract", str(data), str(shards), *FLAGS[2:], "--num-frames", "5"])
+    assert res.exit_code == 2 and "--rebuild" in res.output
+
+
+def test_dry_run_and_failed_videos_exit_3(made, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(made[0], data)
+    (data / "broken.mp4").write_bytes(b"\0" * 100)
+    (data / "broken.json").write_text('{"video_id": "broken", "description": "zeros"}')
+    out = tmp_path / "out"
+    runner = CliRunner()
+    plan = runner.invoke(main, ["extract", str(data), str(out), *FLAGS, "--dry-run"])
+    assert plan.exit_code == 0 and "new: 4" in plan.output and not out.exists()
+    res = runner.invoke(main, ["extract", str(data), str(out), *FLAGS[:-1]])  # not quiet: progress bar
+    assert res.exit_code == 3
+    assert re.search(r"vtt-prep: 100%.* 4/4 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(video/s|s/video)", res.stderr)
+    assert "FAILED broken.mp4: [probe_failed]" in res.output and "3 written" in res.output
+    status = runner.invoke(main, ["status", str(out)])
+    assert status.exit_code == 0 and "1 failed" in status.output and "broken.mp4" in status.output
+
+
+def test_verify_passes_then_catches_damage(made, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(made[1], shards)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(shards)])
+    assert ok.exit_code == 0 and "OK: 2 shards, 3 samples, 9 frames decoded" in ok.output
+
+    # flip bytes inside one JPEG: the size stays, the checksum and the decode catch it
+    tar = shards / "shard-000000.tar"
+    with tarfile.open(tar) as t:
+        m = next(i for i in t if i.name.endswith(".0001.jpg"))
+    raw = bytearray(tar.read_bytes())
+    start = m.offset_data + 2
+    raw[start:start + m.size - 4] = b"\x00" * (m.size - 4)
+    tar.write_bytes(bytes(raw))
+    bad = runner.invoke(main, ["verify", str(shards)])
+    assert bad.exit_code == 1
+    assert "sha256 differs" in bad.output and "0001.jpg does not decode" in bad.output
+
+    # a truncated shard and a stray temp file
+    other = shards / "shard-000001.tar"
+    other.write_bytes(other.read_bytes()[:1500])
+    (shards / ".tmp-left-over").write_bytes(b"")
+    bad = runner.invoke(main, ["verify", str(shards)]).output
+    assert "shard-000001.tar" in bad and "bytes on disk" in bad and "stray temp file" in bad
+    status = runner.invoke(main, ["status", str(shards)])
+    assert status.exit_code == 1 and "PROBLEM" in status.output
+
+
+def test_verify_and_status_on_missing_folder(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["verify", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "does not exist" in res.output
+    res = runner.invoke(main, ["status", str(tmp_path)])
+    assert res.exit_code == 2 and "no index" in res.output
+
+
+def test_sample_data_command(tmp_path):
+    res = CliRunner().invoke(main, ["sample-data", str(tmp_path / "s"), "--n-train", "2", "--n-heldout", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "s" / "train").glob("*.mp4"))) == 2
+    assert len(list((tmp_path / "s" / "heldout").glob("*.json"))) == 1
+
+
+def test_lock_exit_4_through_the_real_command(made, tmp_path):
+    data, _ = made
+    out = tmp_path / "out"
+    out.mkdir()
+    import filelock
+    lock = filelock.FileLock(str(out / ".vtt-prep.lock"))
+    with lock:  # a separate process below: flock conflicts across processes
+        res = subprocess.run(prep_cmd("extract", str(data), str(out), *FLAGS), env=env(),
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4 and "another vtt-prep run holds" in res.stderr
+    assert not list(out.glob("shard-*"))
+    assert not (out / "report.json").exists()  # a refused run writes nothing

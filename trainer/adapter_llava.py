@@ -1,0 +1,218 @@
+"""LLaVA-family adapter: prompt with the model's exact number of video tokens, frames -> pixel values with the
+checkpoint's own size/mean/std, loss on answer tokens only."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
+                                  enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
+                                  read_json, render, save_checkpoint, set_trainable, unwrap)
+
+VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
+PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
+LLM_PARTS = ["language_model", "lm_head"]
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+# Used when a checkpoint has no processor JSON: CLIP's statistics, which all llava-hf checkpoints use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How a LLaVA-family model sees a clip: which placeholder token, how many per frame, which pixel kwarg."""
+    model_type: str
+    token_id: int
+    per_frame: int
+    per_video: int      # extra tokens once per clip (OneVision's newline)
+    pixel_key: str      # pixel_values_videos (B,T,3,H,W) or pixel_values (B*T,3,H,W) for image models
+    image_size: int
+
+    def num_tokens(self, frames: int) -> int:
+        return frames * self.per_frame + self.per_video
+
+
+def video_layout(config) -> VideoLayout:
+    """Token count per clip, computed from the config the same way each model class computes its features."""
+    mt = config.model_type
+    if mt not in ("llava_next_video", "llava_onevision", "video_llava", "llava"):
+        raise ValueError(f"model type {mt!r} is not a supported LLaVA video family "
+                         "(llava_next_video, llava_onevision, video_llava, llava)")
+    vc = config.vision_config
+    size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+    patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+    grid = size // patch
+    has_cls = vc.model_type in ("clip_vision_model",)  # SigLIP has no CLS token
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    per_image = grid * grid + (1 if has_cls and full else 0)
+    if mt == "llava_next_video":  # AvgPool/MaxPool/Conv with kernel = stride: floor
+        stride = config.spatial_pool_stride
+        return VideoLayout(mt, config.video_token_id, (grid // stride) ** 2, 0, "pixel_values_videos", size)
+    if mt == "llava_onevision":  # bilinear resize to ceil(g/2), plus one newline per video
+        return VideoLayout(mt, config.video_token_id, math.ceil(grid / 2) ** 2, 1, "pixel_values_videos", size)
+    if mt == "video_llava":  # video features keep CLS whatever the strategy
+        return VideoLayout(mt, config.video_token_id, grid * grid + (1 if has_cls else 0), 0,
+                           "pixel_values_videos", size)
+    return VideoLayout(mt, config.image_token_id, per_image, 0, "pixel_values", size)  # llava: frames as images
+
+
+def read_norm(model_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean/std from the checkpoint's video (else image) processor JSON."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        data = read_json(model_path, name)
+        if data and "image_mean" in data and "image_std" in data:
+            return tuple(data["image_mean"]), tuple(data["image_std"])
+    return CLIP_MEAN, CLIP_STD
+
+
+class LlavaAdapter:
+    needs_frames = True
+    cast_buffers = False  # RoPE inv_freq must stay fp32
+
+    def __init__(self, cfg: ModelConfig):
+        from transformers import AutoConfig
+        self.cfg = cfg
+        self.config = AutoConfig.from_pretrained(cfg.model_path)
+        self.layout = video_layout(self.config)
+        self.hidden_size = self.config.text_config.hidden_size
+        self.max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.mean, self.std = read_norm(cfg.model_path)
+        self.placeholder = self.tokenizer.convert_ids_to_tokens(self.layout.token_id)
+        self.prompt = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[self.layout.model_type]
+        # The answer follows the prompt after one space ("ASSISTANT: a red ..."), unless the prompt ends in
+        # whitespace (chatml "assistant\n") or the tokenizer prefixes words with "▁" itself (SentencePiece).
+        first = self.tokenizer.convert_ids_to_tokens(self.tokenizer("a", add_special_tokens=False).input_ids[:1])
+        self.answer_sep = "" if self.prompt[-1:].isspace() or (first and first[0].startswith("▁")) else " "
+
+    # -- model -------------------------------------------------------------------------------------------------
+    def load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForImageTextToText
+        cfg = self.cfg
+        model = common_load(AutoModelForImageTextToText, cfg)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if cfg.lora:  # peft freezes all but the adapters; the projector keeps training (it is small)
+            return apply_lora(model, cfg, keep_trainable=PROJECTOR_PARTS)
+        frozen = (VISION_PARTS if cfg.freeze_vision or cfg.projector_only else []) + \
+                 (LLM_PARTS if cfg.freeze_llm or cfg.projector_only else [])
+        set_trainable(model, frozen)
+        return model
+
+    # -- samples -----------------------------------------------------------------------------------------------
+    def check_sample(self, sample: dict) -> None:
+        """Raise SampleError naming the sample when this model cannot take it."""
+        self._check_frames(sample)
+        key, frames = sample.get("key", "?"), sample["frames"]
+        t = self.cfg.num_frames or len(frames)
+        need = self.layout.num_tokens(t) + len(self._prompt_ids(sample)[0]) + 1
+        if self.max_positions and need > self.max_positions:
+            raise SampleError(f"sample {key!r}: {t} frames need {self.layout.num_tokens(t)} video tokens, "
+                              f"{need} with the prompt, over the model's {self.max_positions} positions: "
+                              "use fewer frames (--num-frames)")
+        render(self.cfg.target_template, sample, "target_template")
+
+    def _check_frames(self, sample: dict) -> None:
+        key = sample.get("key", "?")
+        frames = sample.get("frames")
+        if frames is None or len(frames) == 0:
+            raise SampleError(f"sample {key!r} has no frames, but {self.cfg.model_path} ({self.layout.model_type}) "
+                              "needs video frames: were the shards written by vtt-prep with frames?")
+        for arr in (np.asarray(f) for f in frames):
+            if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or min(arr.shape[:2]) < 1:
+                raise SampleError(f"sample {key!r}: frames must be uint8 RGB (T,H,W,3), got a frame of shape "
+                                  f"{arr.shape} dtype {arr.dtype}")
+
+    def _prompt_ids(self, sample: dict) -> tuple[list[int], int]:
+        """Prompt token ids holding ONE placeholder token, and its index."""
+        text = render(self.prompt, sample, "prompt").replace("<video>", self.placeholder)
+        ids = self.tokenizer(text).input_ids
+        where = [i for i, t in enumerate(ids) if t == self.layout.token_id]
+        if len(where) != 1:
+            raise ValueError(f"prompt {text!r} tokenizes to {len(where)} {self.placeholder!r} tokens, expected 1")
+        return ids, where[0]
+
+    def _answer_ids(self, sample: dict) -> list[int]:
+        target = render(self.cfg.target_template, sample, "target_template").strip()
+        ids = self.tokenizer(self.answer_sep + target, add_special_tokens=False).input_ids
+        return ids[: self.cfg.max_target_len] + [self.tokenizer.eos_token_id]
+
+    def _frames(self, frames, t: int) -> np.ndarray:
+        frames = np.stack(frames) if isinstance(frames, list) else np.asarray(frames)
+        if self.cfg.num_frames:  # uniform resample (repeats frames of short clips)
+            idx = np.linspace(0, len(frames) - 1, self.cfg.num_frames).round().astype(int)
+            frames = frames[idx]
+        if len(frames) < t:  # pad to the batch's longest clip by repeating the last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], t - len(frames), axis=0)])
+        return frames
+
+    def _pixels(self, samples: list[dict]) -> tuple[torch.Tensor, int]:
+        from vtt.trainer.images import to_pixel_values
+        t = self.cfg.num_frames or max(len(s["frames"]) for s in samples)
+        size = (self.layout.image_size, self.layout.image_size)
+        pix = torch.stack([to_pixel_values(self._frames(s["frames"], t), size, self.mean, self.std)
+                           for s in samples])
+        return pix, t
+
+    def _pixel_kwargs(self, pix: torch.Tensor) -> dict:
+        if self.layout.pixel_key == "pixel_values":
+            return {"pixel_values": pix.flatten(0, 1)}
+        return {"pixel_values_videos": pix}
+
+    def _expand(self, prompt: list[int], at: int, t: int) -> list[int]:
+        return prompt[:at] + [self.layout.token_id] * self.layout.num_tokens(t) + prompt[at + 1:]
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """Model kwargs: right-padded ids, mask, labels (-100 except answer + eos), pixel values."""
+        for s in samples:
+            self.check_sample(s)
+        pix, t = self._pixels(samples)
+        ids, labels = [], []
+        for s in samples:
+            prompt, at = self._prompt_ids(s)
+            prompt = self._expand(prompt, at, t)
+            answer = self._answer_ids(s)
+            ids.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        input_ids = pad_right(ids, self.tokenizer.pad_token_id)
+        attention = pad_right([[1] * len(x) for x in ids], 0)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": pad_right(labels, -100),
+                **self._pixel_kwargs(pix)}
+
+    def num_tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+    # -- output ------------------------------------------------------------------------------------------------
+    def export(self, model, out_dir, state_dict=None):
+        """Loadable with from_pretrained; LoRA merged; processor JSON copied (written if the source had none)."""
+        out = save_checkpoint(model, out_dir, self.tokenizer, self.cfg.model_path, PROCESSOR_FILES, state_dict)
+        if not (out / "preprocessor_config.json").is_file():
+            from vtt.trainer.presets import PROCESSOR_CLASSES, write_vision_processor_files
+            write_vision_processor_files(out, size=self.layout.image_size, mean=self.mean, std=self.std,
+                                         patch_size=self.config.vision_config.patch_size,
+                                         processor_class=PROCESSOR_CLASSES[self.layout.model_type])
+        return out
+
+    @torch.no_grad()
+    def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
+        """Greedy captions for samples (left-padded prompts, same frames handling as training)."""
+        for s in samples:
+            self._check_frames(s)
+        pix, t = self._pixels(samples)
+        prompts = [self._expand(*self._prompt_ids(s), t) for s in samples]
+        dev = model_device(model)
+        module = unwrap(model)
+        was_training = module.training
+        module.eval()
+        kwargs = {k: v.to(dev, dtype=next(module.parameters()).dtype) for k, v in self._pixel_kwargs(pix).items()}
+        out = module.generate(input_ids=pad_left(prompts, self.tokenizer.pad_token_id).to(dev),
+                              attention_mask=pad_left([[1] * len(p) for p in prompts], 0).to(dev),
+                              max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        module.train(was_training)
+        width = max(len(p) for p in prompts)
+        return [x.strip() for x in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]

@@ -1,0 +1,107 @@
+"""Seq2seq adapter (NLLB / M2M100 or any AutoModelForSeq2SeqLM): source and target text from templates over the
+sidecar fields, NLLB language codes (source prefix, target prefix = forced BOS at generation)."""
+from __future__ import annotations
+
+import torch
+
+from vtt.trainer.adapters import (ModelConfig, apply_lora, common_load, enable_gradient_checkpointing,
+                                  load_tokenizer, model_device, pad_right, render, save_checkpoint, unwrap)
+
+# Files some tokenizers keep beside tokenizer.json (NLLB's sentencepiece model) - copied on export if present.
+EXTRA_FILES = ("sentencepiece.bpe.model",)
+
+
+class Seq2SeqAdapter:
+    needs_frames = False
+    # M2M100's sinusoidal position table is an fp32 buffer: under DeepSpeed bf16 it must be cast with the weights.
+    cast_buffers = True
+
+    def __init__(self, cfg: ModelConfig):
+        from transformers import AutoConfig
+        self.cfg = cfg
+        self.config = AutoConfig.from_pretrained(cfg.model_path)
+        if not getattr(self.config, "is_encoder_decoder", False):
+            raise ValueError(f"{cfg.model_path} ({self.config.model_type}) is not an encoder-decoder model: "
+                             "--model seq2seq needs one (NLLB/M2M100, T5, BART, ...)")
+        self.hidden_size = getattr(self.config, "d_model", None) or self.config.hidden_size
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.src_id = self._lang_id(cfg.src_lang, "src_lang")
+        self.tgt_id = self._lang_id(cfg.tgt_lang, "tgt_lang")
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and max(cfg.max_source_len, cfg.max_target_len) > limit:
+            raise ValueError(f"max_source_len/max_target_len ({cfg.max_source_len}/{cfg.max_target_len}) exceed "
+                             f"the {limit} positions of {cfg.model_path}")
+
+    def _lang_id(self, code: str | None, what: str) -> int | None:
+        if code is None:
+            return None
+        tid = self.tokenizer.convert_tokens_to_ids(code)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"{what} {code!r} is not a token of {self.cfg.model_path}'s tokenizer "
+                             "(NLLB codes look like eng_Latn, fra_Latn)")
+        return tid
+
+    def load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+        model = common_load(AutoModelForSeq2SeqLM, self.cfg)
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if self.cfg.lora:
+            return apply_lora(model, self.cfg, keep_trainable=[])
+        return model
+
+    def _encode(self, text: str, lang: int | None, limit: int) -> list[int]:
+        """NLLB layout: [lang] tokens </s>; without a language, the tokenizer's own specials (+ </s>)."""
+        eos = self.tokenizer.eos_token_id
+        if lang is not None:
+            body = self.tokenizer(text, add_special_tokens=False).input_ids
+            return [lang] + body[: limit - 2] + [eos]
+        ids = self.tokenizer(text).input_ids
+        ids = ids if ids and ids[-1] == eos else ids + [eos]
+        return ids[: limit - 1] + [eos] if len(ids) > limit else ids
+
+    def _source(self, sample: dict) -> list[int]:
+        return self._encode(render(self.cfg.source_template, sample, "source_template"), self.src_id,
+                            self.cfg.max_source_len)
+
+    def _target(self, sample: dict) -> list[int]:
+        return self._encode(render(self.cfg.target_template, sample, "target_template"), self.tgt_id,
+                            self.cfg.max_target_len)
+
+    def check_sample(self, sample: dict) -> None:
+        """Raise SampleError naming the sample when a template field is missing."""
+        render(self.cfg.source_template, sample, "source_template")
+        render(self.cfg.target_template, sample, "target_template")
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """input_ids/attention_mask (source) and labels (target, -100 padding); the model shifts labels itself."""
+        for s in samples:
+            self.check_sample(s)
+        src = [self._source(s) for s in samples]
+        tgt = [self._target(s) for s in samples]
+        return {"input_ids": pad_right(src, self.tokenizer.pad_token_id),
+                "attention_mask": pad_right([[1] * len(x) for x in src], 0),
+                "labels": pad_right(tgt, -100)}
+
+    def num_tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+
+    def export(self, model, out_dir, state_dict=None):
+        # Plain `model.generate` on the export should produce the trained target language.
+        updates = {"forced_bos_token_id": self.tgt_id} if self.tgt_id is not None else None
+        return save_checkpoint(model, out_dir, self.tokenizer, self.cfg.model_path, EXTRA_FILES, state_dict,
+                               generation_updates=updates)
+
+    @torch.no_grad()
+    def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
+        src = [self._source(s) for s in samples]
+        dev = model_device(model)
+        module = unwrap(model)
+        was_training = module.training
+        module.eval()
+        kwargs = {"forced_bos_token_id": self.tgt_id} if self.tgt_id is not None else {}
+        out = module.generate(input_ids=pad_right(src, self.tokenizer.pad_token_id).to(dev),
+                              attention_mask=pad_right([[1] * len(x) for x in src], 0).to(dev),
+                              max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        module.train(was_training)
+        return [x.strip() for x in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,123 @@
+"""`vtt-caption MODEL INPUT...`: caption video files or shard samples with a model exported by vtt-train.
+
+MODEL is RUN/final (or RUN): the exported weights plus vtt_model.json, which says how the model was trained
+(kind, prompt/templates, frame settings of its shards). Video files go through vtt-prep's own frame
+extraction with those settings, so the model sees frames made exactly as in training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from vtt.trainer.loop import FINAL_DIR, MODEL_INFO_FILE
+
+
+def model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / FINAL_DIR / "config.json").is_file():
+        p = p / FINAL_DIR
+    if not (p / "config.json").is_file():
+        raise click.UsageError(f"{path}: no exported model (config.json) here or in {FINAL_DIR}/")
+    return p
+
+
+def load_info(mdir: Path, kind: str | None) -> dict:
+    """vtt_model.json, or a minimal one for a checkpoint not made by vtt-train (needs --model)."""
+    p = mdir / MODEL_INFO_FILE
+    if p.is_file():
+        return json.loads(p.read_text())
+    if not kind:
+        raise click.UsageError(f"{mdir} has no {MODEL_INFO_FILE} (not exported by vtt-train): pass --model")
+    return {"model": {"kind": kind}, "frames": {}}
+
+
+def model_config(mdir: Path, info: dict, kind: str | None):
+    """The training ModelConfig pointed at the export: LoRA is merged there, freezing is moot."""
+    from vtt.trainer.adapters import ModelConfig
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    m = {k: v for k, v in info["model"].items() if k in fields}
+    m.update(model_path=str(mdir), lora=False, freeze_vision=False, freeze_llm=False, projector_only=False,
+             gradient_checkpointing=False)
+    if kind:
+        m["kind"] = kind
+    return ModelConfig(**m)
+
+
+def frame_spec(settings: dict, num_frames: int | None):
+    from vtt.pipeline.frames import FrameSpec
+    fields = {f.name for f in dataclasses.fields(FrameSpec)}
+    kw = {k: (tuple(v) if k == "size" else v) for k, v in settings.items() if k in fields}
+    if num_frames:
+        kw.update(num_frames=num_frames, fps=None)
+    return FrameSpec(**kw)
+
+
+def video_sample(path: Path, spec) -> dict:
+    """A sample dict like trainer/data.py yields, from a video file (vtt-prep's extraction)."""
+    from PIL import Image
+
+    from vtt.pipeline.extract import extract_frames
+    res = extract_frames(path, spec)
+    frames = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in res.frames])
+    return {"key": path.stem, "meta": {"video_id": path.stem, "description": ""}, "text": "", "frames": frames}
+
+
+def shard_samples(folder: Path, keys: tuple[str, ...], limit: int, decode_frames: bool) -> list[dict]:
+    """Samples of a shards folder in index order: the given keys, else the first `limit`."""
+    from vtt.trainer.data import DataConfig, build_loader
+    cfg = DataConfig(str(folder), eval_shards=str(folder), decode_frames=decode_frames)  # eval: index order
+    loader = build_loader(cfg, list, micro_batch=1, split="eval")
+    out, want = [], set(keys)
+    for (s,) in loader:
+        if (not want and len(out) < limit) or s["key"] in want:
+            out.append(s)
+        if (want and {x["key"] for x in out} >= want) or (not want and len(out) >= limit):
+            break
+    missing = want - {s["key"] for s in out}
+    if missing:
+        raise click.UsageError(f"{folder}: no sample(s) with key {sorted(missing)}")
+    return out
+
+
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nINPUT: video files and/or shards folders.")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Only for exports without "
+              "vtt_model.json.")
+@click.option("--key", "keys", multiple=True, help="Shard sample key(s) to caption [default: the first --limit].")
+@click.option("--limit", default=4, show_default=True, help="Samples per shards folder.")
+@click.option("--num-frames", type=int, help="Frames per video [default: as in the training shards].")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if available].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, as_json):
+    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device):
+        click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")
+
+
+def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new_tokens=32, device=None):
+    """[(key, caption)] for every input (video files, shards folders)."""
+    import torch
+
+    from vtt.trainer.adapters import get_adapter
+    mdir = model_dir(model)
+    info = load_info(mdir, kind)
+    adapter = get_adapter(model_config(mdir, info, kind))
+    net = adapter.load_model().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = []
+    for inp in map(Path, inputs):
+        if inp.is_dir():
+            samples += shard_samples(inp, keys, limit, adapter.needs_frames)
+        else:
+            samples.append(video_sample(inp, frame_spec(info.get("frames") or {}, num_frames)))
+    texts = adapter.generate(net, samples, max_new_tokens=max_new_tokens) if samples else []
+    return [(s["key"], t) for s, t in zip(samples, texts)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`vtt-train`: flags -> TrainConfig -> loop.train(). `--num-gpus N` re-runs this command under the
+deepspeed launcher; under `deepspeed`, `torchrun` or MPI each process runs it as is."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import click
+
+# Flags -> (section, field). Every flag left out (None) keeps the YAML/default value.
+FLAG_FIELDS = {
+    "kind": ("model", "kind"), "model_path": ("model", "model_path"), "lora": ("model", "lora"),
+    "num_frames": ("model", "num_frames"), "gradient_checkpointing": ("model", "gradient_checkpointing"),
+    "shards": ("data", "shards"), "eval_shards": ("data", "eval_shards"),
+    "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
+    "data_seed": ("data", "seed"), "on_corrupt": ("data", "on_corrupt"),
+    "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
+    "grad_clip": ("optim", "grad_clip"),
+    "ds_file": ("deepspeed", "config_file"), "zero_stage": ("deepspeed", "zero_stage"),
+    "precision": ("deepspeed", "precision"), "micro_batch": ("deepspeed", "micro_batch_size"),
+    "grad_accum": ("deepspeed", "grad_accum"), "offload_optimizer": ("deepspeed", "offload_optimizer"),
+    "output_dir": ("run", "output_dir"), "max_steps": ("run", "max_steps"), "epochs": ("run", "epochs"),
+    "save_every": ("run", "save_every"), "keep_last": ("run", "keep_last"), "eval_every": ("run", "eval_every"),
+    "log_every": ("run", "log_every"), "seed": ("run", "seed"), "resume": ("run", "resume"),
+    "preset": ("run", "preset"), "export": ("run", "export"),
+    "wandb_project": ("tracking", "wandb_project"), "wandb_mode": ("tracking", "wandb_mode"),
+}
+LAUNCH_FLAGS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
+
+
+def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
+    from vtt.trainer.config import merge, parse_set
+    tree: dict = {}
+    for name, value in flags.items():
+        if value is not None and name in FLAG_FIELDS:
+            section, key = FLAG_FIELDS[name]
+            tree.setdefault(section, {})[key] = value
+    run = tree.get("run", {})
+    if "max_steps" in run and "epochs" not in run:  # a flag replaces the YAML's length, whichever kind
+        run["epochs"] = None
+    elif "epochs" in run and "max_steps" not in run:
+        run["max_steps"] = None
+    return merge(tree, parse_set(sets))  # --set wins: it is the most specific
+
+
+def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, hostfile: str | None,
+                     master_port: int | None) -> list[str]:
+    """This same command under `deepspeed` (python -m deepspeed.launcher.runner), launch flags removed."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = "=" not in a
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus)]
+    if num_nodes:
+        cmd += ["--num_nodes", str(num_nodes)]
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    if master_port:
+        cmd += ["--master_port", str(master_port)]
+    return cmd + ["--module", "vtt.trainer.cli", *rest]
+
+
+HELP = """Train a LLaVA-family video model or a seq2seq (NLLB/M2M100) model on vtt shards with DeepSpeed.
+
+\b
+Examples:
+  vtt-train --model llava --preset tiny --shards SHARDS --output-dir RUN --max-steps 50
+  vtt-train --config configs/llava.yaml --shards SHARDS --output-dir RUN --deepspeed configs/ds_config.json
+  vtt-train ... --num-gpus 4            # re-runs itself under the deepspeed launcher
+  deepspeed --num_gpus 8 --module vtt.trainer.cli ...   /   torchrun --nproc_per_node 8 -m vtt.trainer.cli ...
+
+Settings: dataclass defaults < --config YAML < flags < --set section.field=value (any field, e.g.
+--set model.lora_r=64). RUN gets config.yaml and ds_config.json (what was actually used), metrics.jsonl,
+train.log, checkpoints/ and final/ (the exported Hugging Face model).
+"""
+
+
+@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Model kind.")
+@click.option("--model-path", help="Hub id (from the local cache) or checkpoint folder.")
+@click.option("--preset", type=click.Choice(["tiny"]), help="Build a random tiny model into RUN/preset-<model> "
+              "and train it (overrides --model-path).")
+@click.option("--shards", help="Shards folder written by vtt-prep (index.json + tars).")
+@click.option("--eval-shards", help="Held-out shards folder for the eval loss.")
+@click.option("--eval-fraction", type=float, help="Or: hold out this fraction of keys of --shards.")
+@click.option("--output-dir", "-o", help="Run folder (configs, logs, checkpoints, final model).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with the sections "
+              "model/data/optim/deepspeed/run/tracking (see configs/llava.yaml).")
+@click.option("--deepspeed", "ds_file", type=click.Path(dir_okay=False), help="External DeepSpeed JSON; "
+              "\"auto\" values are filled from the settings. Default: generated from the settings.")
+@click.option("--zero-stage", type=click.IntRange(0, 3), help="ZeRO stage [default: 2].")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="[default: bf16]; fp32 only when asked.")
+@click.option("--micro-batch", type=int, help="Micro batch per GPU [default: 4].")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 1].")
+@click.option("--offload-optimizer/--no-offload-optimizer", default=None, help="ZeRO-Offload optimizer to CPU.")
+@click.option("--lr", type=float, help="Peak learning rate [default: 1e-4].")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 3% of the steps].")
+@click.option("--weight-decay", type=float)
+@click.option("--grad-clip", type=float, help="Max grad norm, 0 = off [default: 1.0].")
+@click.option("--max-steps", type=int, help="Optimizer steps [default: --epochs 1 from the index counts].")
+@click.option("--epochs", type=float)
+@click.option("--save-every", type=int, help="Checkpoint every N steps [default: 500]; also one at the end (--set run.save_final=false: none).")
+@click.option("--keep-last", type=int, help="Checkpoints kept [default: 2]; 0 = all.")
+@click.option("--eval-every", type=int, help="Eval loss every N steps (needs --eval-shards/--eval-fraction).")
+@click.option("--log-every", type=int, help="metrics.jsonl line every N steps [default: 10].")
+@click.option("--seed", type=int, help="Model/dropout seed [default: 0].")
+@click.option("--data-seed", type=int, help="Shard/sample order seed [default: 0].")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None,
+              help="Resume from RUN's latest checkpoint (bare flag) or from a checkpoint folder.")
+@click.option("--lora/--no-lora", default=None, help="LoRA (peft) on the language model.")
+@click.option("--num-frames", type=int, help="LLaVA: resample every clip to N frames.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--num-workers", type=int, help="DataLoader workers per rank [default: 0].")
+@click.option("--on-corrupt", type=click.Choice(["skip", "stop"]), help="Corrupt samples [default: skip].")
+@click.option("--export/--no-export", default=None, help="Write RUN/final [default: on].")
+@click.option("--wandb-project", help="W&B project (global rank 0 logs).")
+@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]),
+              help="[default: online with --wandb-project, else disabled].")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE", help="Set any config field.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+@click.option("--num-gpus", type=int, help="Start N processes per node with the deepspeed launcher.")
+@click.option("--num-nodes", type=int, help="With --num-gpus: nodes from --hostfile.")
+@click.option("--hostfile", help="With --num-gpus: deepspeed hostfile for multi-node runs.")
+@click.option("--master-port", type=int, help="With --num-gpus: rendezvous port.")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True)
+def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
+    if num_gpus:
+        cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
+        click.echo("vtt-train: " + shlex.join(cmd), err=True)
+        sys.exit(subprocess.call(cmd))
+    from vtt.trainer.config import ConfigError, dump_yaml, load_config
+    try:
+        cfg = load_config(config_file, overrides_from_flags(flags, sets))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if print_config:
+        click.echo(dump_yaml(cfg), nl=False)
+        return
+    run(cfg, local_rank)
+
+
+def run(cfg, local_rank: int | None) -> None:
+    """train() with vtt's known errors turned into one clear line and exit status 1."""
+    from vtt.trainer import loop
+    try:
+        result = loop.train(cfg, local_rank=local_rank)
+    except known_errors() as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = f"vtt-train (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else "vtt-train"
+        click.echo(f"{prefix}: error: {e}", err=True)
+        sys.exit(1)
+    if int(os.environ.get("RANK", 0)) == 0:
+        last = result.losses.get(result.steps)
+        click.echo(f"vtt-train: {result.steps} steps in {result.wall_s:.1f}s, final loss "
+                   f"{last if last is None else round(last, 4)}; run folder {result.run_dir}"
+                   + (f"; model in {result.export_dir}" if result.export_dir else ""), err=True)
+    shutdown()
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    from vtt.shards.format import ShardFormatError
+    from vtt.trainer.adapters import SampleError
+    from vtt.trainer.checkpoint import CheckpointError
+    from vtt.trainer.config import ConfigError
+    from vtt.trainer.data import CorruptSampleError
+    from vtt.trainer.loop import NonFiniteLossError
+    from vtt.trainer.tracking import TrackingError
+    return (ShardFormatError, SampleError, CheckpointError, ConfigError, CorruptSampleError, NonFiniteLossError,
+            TrackingError)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""TrainConfig: every vtt-train setting in one typed tree, loaded from YAML and overridden by flags.
+
+Sections: model (ModelConfig, adapters.py), data (DataConfig, data.py), optim, deepspeed, run, tracking.
+Precedence: dataclass defaults < --config YAML < flags (`--set section.field=value` reaches any field).
+Unknown sections or keys stop with the list of valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vtt.trainer.adapters import ModelConfig
+from vtt.trainer.data import DataConfig
+
+PRECISIONS = ("bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("online", "offline", "disabled")
+PRESETS = ("tiny",)
+DEFAULT_ZERO_STAGE = 2
+DEFAULT_PRECISION = "bf16"
+DEFAULT_MICRO_BATCH = 4
+DEFAULT_GRAD_ACCUM = 1
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown, mistyped or contradicts another one."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (torch's: nothing compiles) with linear warmup then cosine decay to min_lr_ratio x lr."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # not applied to biases and norm weights
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    warmup_steps: int | None = None  # None: warmup_ratio x total steps
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and grad_clip must be >= 0, eps > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1), min_lr_ratio in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return int(self.warmup_ratio * total_steps)
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of lr for optimizer step `step` (0-based)."""
+        warmup = self.warmup_for(total_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What the DeepSpeed config is generated from, or fills an external JSON's "auto" values with.
+
+    None means: the external JSON's value when it has a concrete one, else the DEFAULT_* constant."""
+    config_file: str | None = None  # external DeepSpeed JSON (may hold "auto")
+    zero_stage: int | None = None  # 0..3, default 2
+    precision: str | None = None  # bf16 | fp32, default bf16; fp32 only when asked for
+    micro_batch_size: int | None = None  # per GPU, default 4
+    grad_accum: int | None = None  # default 1
+    train_batch_size: int | None = None  # optional check: must equal world x micro x accumulation
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states (and step) on CPU
+    offload_param: bool = False  # ZeRO-3 only: parameters on CPU
+    torch_adam: bool = True  # torch AdamW; False = DeepSpeed FusedAdam/CPUAdam (compiled on first use)
+    overlap_comm: bool | None = None  # None: on for GPUs, off on DeepSpeed's CPU accelerator (nothing to overlap)
+    # ZeRO-3: partition weights while from_pretrained loads them (zero.Init), for models too big for one
+    # process's RAM. Off by default: LoRA layers added after loading would then differ in dtype.
+    zero3_init: bool = False
+    timeout_minutes: int = 30  # process-group timeout: a rank that dies surfaces as an error, not a hang
+
+    def __post_init__(self):
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r} "
+                              "(fp16 is not offered: M2M100/NLLB gives NaN losses in fp16)")
+        for name in ("micro_batch_size", "grad_accum", "train_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"deepspeed.{name} must be >= 1, got {v}")
+        if self.config_file and not Path(self.config_file).is_file():
+            raise ConfigError(f"deepspeed.config_file {self.config_file}: no such file")
+        if self.timeout_minutes < 1:
+            raise ConfigError("deepspeed.timeout_minutes must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str
+    max_steps: int | None = None  # optimizer steps; None: epochs x steps per epoch (from index counts)
+    epochs: float | None = None  # None and no max_steps: 1 epoch
+    save_every: int = 500  # optimizer steps between checkpoints; 0 = only the final one
+    keep_last: int = 2  # checkpoints kept (the newest); 0 = keep all
+    eval_every: int = 0  # 0 = no evaluation during training (a final one runs when an eval set exists)
+    eval_max_batches: int | None = None  # cap per evaluation pass (per rank); None = the whole eval set
+    log_every: int = 10
+    seed: int = 0  # model init / dropout RNG (the data order has its own data.seed)
+    resume: str | None = None  # "latest" | a checkpoint folder | None
+    preset: str | None = None  # "tiny": build a random tiny checkpoint into RUN/preset-<kind> and train it
+    export: bool = True  # write RUN/final (save_pretrained) at the end
+    save_final: bool = True  # a checkpoint at the last step too (to continue training later)
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("run.output_dir is required (--output-dir)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"run.max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"run.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("give run.max_steps or run.epochs, not both")
+        for name in ("save_every", "keep_last", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name} must be >= 0")
+        if self.log_every < 1:
+            raise ConfigError("run.log_every must be >= 1")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ConfigError("run.eval_max_batches must be >= 1")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"run.preset must be one of {PRESETS}, got {self.preset!r}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases, global rank 0 only. Offline/disabled need no key or network."""
+    wandb_project: str | None = None
+    wandb_mode: str | None = None  # online | offline | disabled; None: online with a project, else disabled
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"tracking.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+
+    @property
+    def mode(self) -> str:
+        """Explicit mode, else WANDB_MODE from the environment when a project is set, else disabled."""
+        if self.wandb_mode:
+            return self.wandb_mode
+        if not self.wandb_project:
+            return "disabled"
+        env = os.environ.get("WANDB_MODE", "").strip()
+        return env if env in WANDB_MODES else "online"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    run: RunConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if self.run.preset and Path(self.model.model_path) != preset_dir(self.run.output_dir, self.model.kind):
+            raise ConfigError(f"run.preset={self.run.preset!r} trains {preset_dir(self.run.output_dir, self.model.kind)}"
+                              f", but model.model_path is {self.model.model_path!r}: give one or the other")
+        if self.run.eval_every and not self.data.has_eval:
+            raise ConfigError("run.eval_every needs an eval set: data.eval_shards (--eval-shards) or "
+                              "data.eval_fraction (--eval-fraction)")
+        ds = self.deepspeed
+        if ds.offload_param and ds.zero_stage not in (None, 3):
+            raise ConfigError("deepspeed.offload_param needs zero_stage 3")
+        if ds.zero3_init and self.model.lora:
+            raise ConfigError("deepspeed.zero3_init and model.lora do not mix (peft adds unpartitioned layers "
+                              "after zero.Init): load with model.load_dtype=bfloat16 instead")
+
+    def to_dict(self) -> dict:
+        return to_plain(dataclasses.asdict(self))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "optim": OptimConfig,
+                             "deepspeed": DeepSpeedSettings, "tracking": TrackingConfig}
+
+
+def preset_dir(output_dir: str | Path, kind: str) -> Path:
+    return Path(output_dir) / f"preset-{kind}"
+
+
+def to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_plain(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------ building from nested dicts
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML/flag value against a dataclass field type (str, int, float, bool, tuples,
+    optionals, dicts); a mismatch names the key."""
+    if isinstance(value, RawValue):
+        value = _from_raw(value, tp, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (list, dict) or tp in (dict, list, Any):
+        want = origin or tp
+        if want is not Any and not isinstance(value, want):
+            raise ConfigError(f"{where}: expected a {want.__name__}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp in (int, float, str):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_keys(cls: type, values: dict, name: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"{name} has: {', '.join(names)}")
+
+
+def build_section(cls: type, values: dict, name: str):
+    """Instantiate one section dataclass from a dict, rejecting unknown keys by name."""
+    check_keys(cls, values, name)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+def config_from_dict(tree: dict) -> TrainConfig:
+    unknown = sorted(set(tree) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
+    for name, cls in SECTIONS.items():  # misspelt keys first: they often explain the other errors
+        check_keys(cls, tree.get(name) or {}, name)
+    tree = apply_preset(tree)
+    parts = {name: build_section(cls, tree.get(name) or {}, name) for name, cls in SECTIONS.items()
+             if name in tree or name not in ("model", "data", "run")}
+    for required, hint in (("model", "--model/--model-path"), ("data", "--shards"), ("run", "--output-dir")):
+        if required not in parts:
+            raise ConfigError(f"config section {required!r} is missing ({hint})")
+    return TrainConfig(**parts)
+
+
+def apply_preset(tree: dict) -> dict:
+    """--preset tiny: the model is the one built into RUN/preset-<kind>, loaded like any checkpoint."""
+    run, model = dict(tree.get("run") or {}), dict(tree.get("model") or {})
+    if run.get("preset") and run.get("output_dir"):  # overrides the YAML's model_path
+        model["model_path"] = str(preset_dir(run["output_dir"], model.get("kind", "llava")))
+        return {**tree, "model": model}
+    return tree
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections ({list(SECTIONS)})")
+    return tree
+
+
+class RawValue(str):
+    """A --set value as typed: a string field keeps it verbatim (templates like `{description_fr}` are not
+    YAML mappings); any other field parses it as YAML (`true`, `3`, `[0.9, 0.95]`, `null`)."""
+
+
+def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
+    """`section.field=value` strings -> nested dict of RawValue (typed when the section is built)."""
+    tree: dict = {}
+    for a in assignments:
+        key, sep, raw = a.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {a!r}: expected section.field=value, e.g. model.lora=true")
+        tree.setdefault(parts[0], {})[parts[1]] = RawValue(raw)
+    return tree
+
+
+def _from_raw(value: RawValue, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value.strip() in ("", "null", "~", "None") and type(None) in args:
+        return None
+    if str in args:
+        return str(value)
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {value!r} is not valid YAML: {e}") from e
+
+
+def load_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < YAML file < overrides (nested dict, e.g. from CLI flags)."""
+    tree = load_yaml(config_file) if config_file else {}
+    return config_from_dict(merge(tree, overrides or {}))
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=1000)
+
+
+def load_saved(run_dir: str | Path) -> dict:
+    """The resolved config a run wrote (for comparing on resume)."""
+    p = Path(run_dir) / "config.yaml"
+    return yaml.safe_load(p.read_text()) if p.is_file() else {}
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return diffs
