@@ -24,6 +24,8 @@ from .proc import ProcMissing, ProcTimeout, run, tail
 # Cost of one more seeking input in decoded-frame equivalents (open, seek, decoder start): measured
 # ~20-25 ms per input on 720p H.264, where a P-frame decodes in ~4 ms.
 SEEK_OVERHEAD_FRAMES = 6
+# Below a 10% predicted saving a single pass is kept: equal within measurement noise, one input.
+SINGLE_PASS_MARGIN = 0.9
 MAX_RETRIES = 3
 MAX_RUNS = 500
 # Every seeking input keeps its own decoder (reference frames and all) until ffmpeg exits: ~15 MB per
@@ -122,9 +124,16 @@ def plan_groups(frames: list[int], info: dict, plan: str = "auto") -> list[Group
                 groups[-1].append(f)
                 continue
         groups.append([f])
+    if len(groups) > 1 and _plan_cost(groups, keyframe_before) >= SINGLE_PASS_MARGIN * (groups[-1][-1] + 1):
+        groups = [[f for g in groups for f in g]]  # seeking would save too little to be sure of a gain
     groups = [part for g in groups for part in _split(g)]
     return [Group(g, None if keyframe_before(g[0]) == key_idx[0] else _seek_point(g[0], times))
             for g in groups]
+
+
+def _plan_cost(groups: list[list[int]], keyframe_before) -> float:
+    """Frames decoded (keyframe to last target of each group) plus the per-seek overhead."""
+    return sum(g[-1] - keyframe_before(g[0]) + 1 + SEEK_OVERHEAD_FRAMES for g in groups)
 
 
 def _split(frames: list[int]) -> list[list[int]]:
