@@ -11,6 +11,9 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= $(shell $(PY) -c "import shutil; print('cuda' if shutil.which('nvidia-smi') else 'cpu')")
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed compiles its CPU comm op once per torch build; keep the cache with the venv so two
+# checkouts do not keep recompiling over each other's cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test test-all install sysdeps bench clean
 

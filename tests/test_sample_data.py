@@ -92,8 +92,8 @@ def test_heldout_combos_never_in_training_and_every_value_trained():
     for i, values in enumerate((SPEC.colours, SPEC.shapes, SPEC.directions)):
         assert {t[i] for t in train} == set(values)
     # held-out clips are new clips even where the combination is not
-    train_params = {(c.start, c.speed, c.side, c.background) for c in plan.split("train")}
-    assert not any((c.start, c.speed, c.side, c.background) in train_params for c in held)
+    looks = {sd._look(c) for c in plan.split("train")}
+    assert not any(sd._look(c) in looks for c in held)
 
 
 def test_plan_is_deterministic_and_balanced():
@@ -135,3 +135,19 @@ def test_bad_spec_is_named(kwargs, match):
 def test_missing_ffmpeg_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="ffmpeg not found"):
         make_sample_data(tmp_path, 1, 0, spec=SampleSpec(ffmpeg="no-such-ffmpeg-here"))
+
+
+def test_ring_and_cross_render_as_named(tmp_path):
+    """The optional shapes: a ring is hollow, a cross has empty corners and a filled centre."""
+    spec = SampleSpec(shapes=("ring", "cross"), colours=("red",), directions=("right",), unseen_combos=0)
+    made = make_sample_data(tmp_path, n_train=2, n_heldout=0, seed=0, spec=spec)
+    for clip in made.clips:
+        frame = _decode(made.train_dir / f"{clip.video_id}.mp4")[0]
+        m = _mask(frame, "red")
+        ys, xs = np.nonzero(m)
+        box = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        h, w = box.shape
+        centre = box[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2].mean()
+        corners = np.mean([box[:3, :3].mean(), box[:3, -3:].mean(), box[-3:, :3].mean(), box[-3:, -3:].mean()])
+        assert (centre, corners) == ((0.0, 0.0) if clip.shape == "ring" else (1.0, 0.0)), clip
+        assert sd.parse_description_fr(clip.description_fr, spec)["shape"] == clip.shape

@@ -119,8 +119,9 @@ def contact_sheet(shards_dir, png, n_samples: int = 6, max_frames: int = 8,
     if not samples:
         raise ValueError(f"{shards_dir}: no samples to show")
     cols = min(max_frames, max(len(s["frames"]) for s in samples)) or 1
-    fig, axes = plt.subplots(len(samples), cols, figsize=(1.3 * cols, 1.65 * len(samples)), dpi=100,
-                             squeeze=False)
+    lines = 2 if captions else 1
+    fig, axes = plt.subplots(len(samples), cols, figsize=(max(1.4 * cols, 5.5), (1.4 + 0.2 * lines) * len(samples)),
+                             dpi=100, squeeze=False, gridspec_kw={"hspace": 0.2 + 0.25 * lines, "wspace": 0.05})
     for row, sample in zip(axes, samples):
         for i, ax in enumerate(row):
             ax.axis("off")
@@ -129,8 +130,8 @@ def contact_sheet(shards_dir, png, n_samples: int = 6, max_frames: int = 8,
         title = f"{sample['key']}: {sample['text']}"
         if captions and sample["key"] in captions:
             title += f"\nmodel: {captions[sample['key']]}"
-        row[0].set_title(title, loc="left", fontsize=8, x=0.0, ha="left")
-    fig.tight_layout()
+        # left-aligned over the whole row: the title may run past the first frame's axes
+        row[0].set_title(title, loc="left", fontsize=8)
     return _save(fig, png, wandb_key)
 
 
