@@ -12,9 +12,9 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from vtt.shards.format import TMP_PREFIX, fsync_dir, sha256_file, shard_name
+from vtt.shards.format import TMP_PREFIX, Members, fsync_dir, read_samples, sha256_file, shard_name
 from vtt.shards.index import ShardEntry
 
 from .faults import crash_point
@@ -23,9 +23,6 @@ TAR_FORMAT = tarfile.PAX_FORMAT
 BLOCK = tarfile.BLOCKSIZE
 # A closed tar ends with two zero blocks, padded up to a whole record; budget it when cutting.
 TAR_TRAILER_MAX = tarfile.RECORDSIZE + 2 * BLOCK
-
-Members = list[tuple[str, bytes]]  # (member name, data) in tar order
-
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
@@ -46,12 +43,6 @@ def member_bytes(name: str, size: int) -> int:
 
 def sample_bytes(members: Members) -> int:
     return sum(member_bytes(n, len(d)) for n, d in members)
-
-
-def key_of(member_name: str) -> str:
-    """WebDataset's rule: the key is the member name up to the first dot (keys carry no dots)."""
-    base, _, _ = member_name.partition(".")
-    return base
 
 
 @dataclass
@@ -125,23 +116,6 @@ class ShardWriter:
         if cur is not None:
             cur.file.close()
             cur.tmp.unlink(missing_ok=True)
-
-
-def read_samples(shard: Path) -> Iterator[tuple[str, Members]]:
-    """(key, members) per sample of a shard, in tar order."""
-    with tarfile.open(shard, mode="r") as tar:
-        key, members = None, []
-        for info in tar:
-            if not info.isfile():
-                continue
-            k = key_of(info.name)
-            if members and k != key:
-                yield key, members
-                members = []
-            key = k
-            members.append((info.name, tar.extractfile(info).read()))
-        if members:
-            yield key, members
 
 
 def rewrite_shard(old: Path, change: Callable[[str, Members], tuple[str, Members] | None],

@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tarfile
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 FORMAT_VERSION = 1
 SHARD_PREFIX = "shard-"
@@ -68,6 +70,32 @@ def make_key(video_id: str) -> str:
         return safe
     digest = hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:8]
     return f"{safe or 'id'}_{digest}"
+
+
+Members = list[tuple[str, bytes]]  # (member name, data) of one sample, in tar order
+
+
+def key_of(member_name: str) -> str:
+    """WebDataset's rule: the key is the member name up to the first dot (keys carry no dots)."""
+    base, _, _ = member_name.partition(".")
+    return base
+
+
+def read_samples(shard: str | os.PathLike) -> Iterator[tuple[str, Members]]:
+    """(key, members) per sample of a shard, in tar order: the one reader for tools outside training."""
+    with tarfile.open(shard, mode="r") as tar:
+        key, members = None, []
+        for info in tar:
+            if not info.isfile():
+                continue
+            k = key_of(info.name)
+            if members and k != key:
+                yield key, members
+                members = []
+            key = k
+            members.append((info.name, tar.extractfile(info).read()))
+        if members:
+            yield key, members
 
 
 def frame_field(index: int, ext: str) -> str:

@@ -14,7 +14,8 @@ from vtt.pipeline.ledger import SettingsChanged
 from vtt.pipeline.report import EXIT_FAILED_VIDEOS
 from vtt.pipeline.run import LockBusy, run_extract
 from vtt.pipeline.verify import verify_shards
-from vtt.pipeline.writer import TAR_TRAILER_MAX, ShardWriter, read_samples, sample_bytes
+from vtt.pipeline.writer import TAR_TRAILER_MAX, ShardWriter, sample_bytes
+from vtt.shards.format import read_samples
 from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import read_ledger
 

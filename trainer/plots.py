@@ -8,7 +8,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vtt.shards.format import frame_fields  # noqa: E402
+from vtt.shards.format import frame_fields, read_samples  # noqa: E402
 from vtt.shards.index import read_index  # noqa: E402
 
 
@@ -84,19 +83,8 @@ def iter_shard_samples(shards_dir):
     """Samples of a shards folder in index order as {key, text, frames: [PIL.Image]} (no trainer deps)."""
     folder = Path(shards_dir)
     for entry in read_index(folder).shards:
-        current, fields = None, {}
-        with tarfile.open(folder / entry.url) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, field = member.name.partition(".")
-                if key != current and current is not None:
-                    yield _sample(current, fields)
-                    fields = {}
-                current = key
-                fields[field] = tar.extractfile(member).read()
-        if current is not None:
-            yield _sample(current, fields)
+        for key, members in read_samples(folder / entry.url):
+            yield _sample(key, {name.partition(".")[2]: data for name, data in members})
 
 
 def _sample(key: str, fields: dict[str, bytes]) -> dict:
