@@ -57,6 +57,7 @@ class PrepConfig:
     image_format: str = "jpg"
     jpeg_quality: int = 90
     short_clip: str = "repeat"
+    pick: str = "fast"
     shard_size: int = 10**9                     # bytes per tar, cut before a sample would exceed it
     shard_max_samples: int = 10_000
     workers: int = field(default_factory=lambda: usable_cpus())
@@ -94,7 +95,7 @@ class PrepConfig:
             return FrameSpec(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
                              size=self.size, resize=self.resize, image_format=self.image_format,
                              jpeg_quality=self.jpeg_quality, timeout_s=self.timeout, ffmpeg=self.ffmpeg,
-                             ffprobe=self.ffprobe, short_clip=self.short_clip)
+                             ffprobe=self.ffprobe, short_clip=self.short_clip, pick=self.pick)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
 

@@ -36,8 +36,11 @@ _SHOWINFO = re.compile(r"\[(?:Parsed_)?showinfo(?:_\d+)?@g(\d+) @ [^\]]*\] n:\s*
 
 @dataclass
 class Group:
-    frames: list[int]  # frame indices (into probe frame_times), ascending
-    seek: float | None  # input -ss, None = decode from the start
+    frames: list[int]  # target frame indices (into probe frame_times), ascending
+    seek: float | None  # input -ss (lands on the keyframe at or before it), None = decode from the start
+    # Decode reference frames only (-skip_frame noref): each target then yields its own frame or the
+    # next one, whichever is a reference frame (pick='fast'). Needs targets >= 2 frames apart.
+    noref: bool = False
 
 
 def ffmpeg_version(spec: FrameSpec = FrameSpec()) -> str:
@@ -100,23 +103,28 @@ def choose_frames(info: dict, spec: FrameSpec) -> tuple[list[int], list[str]]:
     return idx, warnings
 
 
-def plan_groups(frames: list[int], info: dict, plan: str = "auto") -> list[Group]:
+def plan_groups(frames: list[int], info: dict, plan: str = "auto", noref: bool = False) -> list[Group]:
     """Split the wanted frames into seeking inputs, minimising decoded frames plus a per-seek cost.
 
     plan='single' forces one pass from the start, 'seek' one seeking input per frame (benchmarks, tests).
+    noref: decode reference frames only where the targets allow it (see Group.noref).
     """
     times = info["frame_times"]
-    if plan == "single":
-        return [Group(sorted(set(frames)), None)]
-    if plan == "seek":
-        return [Group([f], _seek_point(f, times)) for f in sorted(set(frames))]
     key_idx = sorted({max(0, bisect.bisect_left(times, k - 1e-6)) for k in info["keyframes"]}) or [0]
 
     def keyframe_before(i: int) -> int:
         return key_idx[max(0, bisect.bisect_right(key_idx, i) - 1)]
 
+    frames = sorted(set(frames))
+    # Adjacent targets would compete for the same fallback frame: then every frame is decoded.
+    noref = noref and all(b - a >= 2 for a, b in zip(frames, frames[1:]))
+    if plan == "single":
+        return [Group(frames, None, noref)]
+    if plan == "seek":
+        return [Group([f], _key_seek_point(keyframe_before(f), key_idx, times), noref) for f in frames]
+
     groups: list[list[int]] = []
-    for f in sorted(set(frames)):
+    for f in frames:
         if groups:
             last, k = groups[-1][-1], keyframe_before(f)
             # Decoding on from `last` costs f - last; a fresh seek costs f - k plus the overhead.
@@ -127,8 +135,7 @@ def plan_groups(frames: list[int], info: dict, plan: str = "auto") -> list[Group
     if len(groups) > 1 and _plan_cost(groups, keyframe_before) >= SINGLE_PASS_MARGIN * (groups[-1][-1] + 1):
         groups = [[f for g in groups for f in g]]  # seeking would save too little to be sure of a gain
     groups = [part for g in groups for part in _split(g)]
-    return [Group(g, None if keyframe_before(g[0]) == key_idx[0] else _seek_point(g[0], times))
-            for g in groups]
+    return [Group(g, _key_seek_point(keyframe_before(g[0]), key_idx, times), noref) for g in groups]
 
 
 def _plan_cost(groups: list[list[int]], keyframe_before) -> float:
@@ -148,8 +155,18 @@ def _split(frames: list[int]) -> list[list[int]]:
     return parts
 
 
+def _key_seek_point(k: int, key_idx: list[int], times: list[float]) -> float | None:
+    """-ss that lands on keyframe k (None for the first: no seek). Input seeking goes to the last
+    keyframe whose pts <= T, so aim just past k's pts; frames are then picked by timestamp."""
+    if k == key_idx[0]:
+        return None
+    gap = times[k + 1] - times[k] if k + 1 < len(times) else 0.002
+    return times[k] + min(gap / 2, 0.001)
+
+
 def _seek_point(i: int, times: list[float]) -> float:
-    # -ss returns the first frame with pts >= T: aim just below the frame, never at or past the one before.
+    # Accurate seeking (the seek-per-frame baseline) returns the first frame with pts >= T: aim just
+    # below the frame, never at or past the one before.
     gap = times[i] - times[i - 1] if i > 0 else 0.002
     return max(0.0, times[i] - min(gap / 2, 0.001))
 
@@ -188,23 +205,44 @@ def build_command(path, info: dict, groups: list[Group], spec: FrameSpec, outdir
     src = safe_input(path)
     for g in groups:
         cmd += ["-threads", str(spec.threads)]
-        cmd += ["-ss", f"{g.seek:.6f}"] if g.seek is not None else []
+        cmd += ["-skip_frame", "noref"] if g.noref else []
+        # Not accurate: ffmpeg would drop what precedes T; the select below picks frames by pts.
+        cmd += ["-noaccurate_seek", "-ss", f"{g.seek:.6f}"] if g.seek is not None else []
         cmd += ["-an", "-sn", "-dn", "-i", src]
     scale = scale_filters(info, spec)
     enc = (["-c:v", "mjpeg", "-q:v", str(spec.jpeg_qscale)] if spec.image_format == "jpg"
            else ["-c:v", "png"])
     for gi, g in enumerate(groups):
-        off = g.seek or 0.0
-        wins = [(_window(a, times, last_dur)[0] - off, _window(b, times, last_dur)[1] - off)
-                for a, b in runs(g.frames)]
-        expr = _balanced_sum([f"between(t,{a:.6f},{b:.6f})" for a, b in wins])
-        vf = f"trim=end={wins[-1][1]:.6f},select='{expr}',{scale},showinfo@g{gi}"
+        wins = group_windows(g, times, last_dur)
+        vf = f"trim=end={wins[-1][1]:.6f},select='{select_expr(g, wins)}',{scale},showinfo@g{gi}"
         cmd += ["-map", f"{gi}:{info['stream_index']}", "-vf", vf, "-fps_mode", "passthrough",
                 "-frames:v", str(len(g.frames)), *enc, "-threads", "1",
                 "-fflags", "+bitexact", "-flags:v", "+bitexact",
                 "-f", "image2", "-start_number", "0",
                 os.path.join(outdir, f"g{gi:03d}_%05d.{spec.image_format}")]
     return cmd
+
+
+def group_windows(g: Group, times: list[float], last_dur: float) -> list[tuple[float, float]]:
+    """Time windows (on the input's timeline, which starts at -ss) that the select filter keeps.
+
+    Exact groups: one window per run of consecutive frames. noref groups: one window per target
+    spanning the target frame and the next, of which the filter keeps the first that decodes.
+    """
+    off = g.seek or 0.0
+    if g.noref:
+        spans = [(i, min(i + 1, len(times) - 1)) for i in g.frames]
+    else:
+        spans = runs(g.frames)
+    return [(_window(a, times, last_dur)[0] - off, _window(b, times, last_dur)[1] - off) for a, b in spans]
+
+
+def select_expr(g: Group, wins: list[tuple[float, float]]) -> str:
+    if not g.noref:
+        return _balanced_sum([f"between(t,{a:.6f},{b:.6f})" for a, b in wins])
+    # Keep a frame only if none was kept in its window yet (windows ascend, frames come in pts order).
+    return _balanced_sum([f"between(t,{a:.6f},{b:.6f})*(isnan(prev_selected_t)+lt(prev_selected_t,{a:.6f}))"
+                          for a, b in wins])
 
 
 def runs(frames: list[int]) -> list[tuple[int, int]]:
@@ -250,7 +288,7 @@ def batches(groups: list[Group], info: dict) -> list[list[Group]]:
     return [groups[i:i + size] for i in range(0, len(groups), size)]
 
 
-def run_batches(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[dict[int, bytes], str, int]:
+def run_batches(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[dict[int, tuple[int, bytes]], str, int]:
     got, tails, worst = {}, [], 0
     for batch in batches(groups, info):
         g, t, rc = run_groups(path, info, batch, spec)
@@ -260,8 +298,8 @@ def run_batches(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple
     return got, tail("\n".join(tails)), worst
 
 
-def run_groups(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[dict[int, bytes], str, int]:
-    """Run one ffmpeg for all groups; returns {frame index: image bytes}, stderr tail, exit status."""
+def run_groups(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[dict[int, tuple[int, bytes]], str, int]:
+    """Run one ffmpeg for all groups; returns {target: (frame index it got, image bytes)}, stderr tail, rc."""
     times = info["frame_times"]
     with tempfile.TemporaryDirectory(prefix="vtt-frames-") as outdir:
         cmd = build_command(path, info, groups, spec, outdir)
@@ -275,10 +313,11 @@ def run_groups(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[
         for m in _SHOWINFO.finditer(res.stderr.decode("utf-8", "replace")):
             gi, n, t = int(m.group(1)), int(m.group(2)), float(m.group(3))
             g = groups[gi]
-            i = _match_frame(t + (g.seek or 0.0), set(g.frames), times, info["last_frame_duration"])
+            allowed = set(g.frames) | ({i + 1 for i in g.frames} if g.noref else set())
+            j = _match_frame(t + (g.seek or 0.0), allowed, times, info["last_frame_duration"])
             fname = os.path.join(outdir, f"g{gi:03d}_{n:05d}.{spec.image_format}")
-            if i is not None and os.path.exists(fname):
-                got[i] = Path(fname).read_bytes()
+            if j is not None and os.path.exists(fname):
+                got[j if j in g.frames else j - 1] = (j, Path(fname).read_bytes())
         return got, _clean_tail(res.stderr), res.returncode
 
 
@@ -334,17 +373,26 @@ def _extract(path: Path, info: dict, spec: FrameSpec, plan: str) -> ExtractResul
     wanted, warnings = choose_frames(info, spec)
     warnings = list(info["warnings"]) + warnings
     images, bad, calls, methods, complaints = {}, set(), 0, [], []
-    todo = sorted(set(wanted))
+    todo, noref = sorted(set(wanted)), spec.pick == "fast"
     while todo:
-        groups = plan_groups(todo, info, plan)
+        groups = plan_groups(todo, info, plan, noref)
         methods.append(_method(groups))
         got, stderr_tail, rc = run_batches(path, info, groups, spec)
-        calls += 1
+        if noref and decode_complaints(stderr_tail):
+            # Error concealment in a damaged stream may draw on the frames that were skipped.
+            noref, methods[-1] = False, methods[-1] + "(damaged)"
+            continue
         complaints = complaints or decode_complaints(stderr_tail)
         images.update(got)
         missing = [i for i in todo if i not in got]
         if not missing:
             break
+        if any(g.noref for g in groups):
+            # Neither the target nor the next frame is a reference frame (or they did not decode):
+            # decode every frame for those targets before calling anything undecodable.
+            noref, todo = False, missing
+            continue
+        calls += 1
         if not images and rc != 0:
             raise _failure(path, info, missing, images, rc, stderr_tail)
         if calls > MAX_RETRIES or not got:  # neighbours fail too: find out what decodes at all
@@ -355,7 +403,7 @@ def _extract(path: Path, info: dict, spec: FrameSpec, plan: str) -> ExtractResul
         warnings.append(f"ffmpeg reported {len(complaints)} decode problem(s), e.g. {complaints[0]!r}")
     times = info["frame_times"]
     return ExtractResult(
-        frames=[images[i] for i in wanted], timestamps=[times[i] for i in wanted],
+        frames=[images[i][1] for i in wanted], timestamps=[times[images[i][0]] for i in wanted],
         probe=public_probe(info), method="+".join(methods), warnings=warnings)
 
 
@@ -417,4 +465,5 @@ def _failure(path, info, missing, images, rc, stderr_tail) -> ExtractError:
 
 def _method(groups: list[Group]) -> str:
     seeks = sum(g.seek is not None for g in groups)
-    return "single" if seeks == 0 and len(groups) == 1 else f"seek{len(groups)}"
+    name = "single" if seeks == 0 and len(groups) == 1 else f"seek{len(groups)}"
+    return name + ("-noref" if any(g.noref for g in groups) else "")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 RESIZE_MODES = ("crop", "pad", "stretch")
 IMAGE_FORMATS = ("jpg", "png")
 SHORT_CLIP_POLICIES = ("repeat", "fail")
+PICKS = ("fast", "on_screen")
 
 # Failure classes a caller may see in ExtractError.error_class (histogrammed in report.json).
 ERROR_CLASSES = (
@@ -54,6 +55,10 @@ class FrameSpec:
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     short_clip: str = "repeat"
+    # on_screen: the frame displayed at each target time. fast: that frame, or the next one when only
+    # the next is a reference frame: the decoder then skips non-reference frames (B-frames, ~half of
+    # a typical H.264 stream) while it runs up to the target. Either way within one frame of the target.
+    pick: str = "fast"
     threads: int = 1  # decoder threads per ffmpeg; one per video and one video per core scales best
 
     def __post_init__(self):
@@ -70,6 +75,7 @@ class FrameSpec:
         _choice("resize", self.resize, RESIZE_MODES)
         _choice("image_format", self.image_format, IMAGE_FORMATS)
         _choice("short_clip", self.short_clip, SHORT_CLIP_POLICIES)
+        _choice("pick", self.pick, PICKS)
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
         if not self.timeout_s > 0:

@@ -2,6 +2,7 @@
 import io
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -30,6 +31,51 @@ def clips(tmp_path_factory):
 def _centre_frames(n_frames: int, n: int) -> list[int]:
     """Frame on screen at the centre of each of n equal segments of a CFR clip with n_frames frames."""
     return [int((i + 0.5) * n_frames / n) for i in range(n)]
+
+
+def _assert_within_one(got: list[int], centres: list[int]) -> int:
+    """pick='fast': the frame on screen at each centre or the next one; returns how many were next."""
+    assert all(g in (c, c + 1) for g, c in zip(got, centres)) and len(got) == len(centres), (got, centres)
+    return sum(g == c + 1 for g, c in zip(got, centres))
+
+
+@pytest.fixture(scope="module")
+def bclips(clips):
+    """x264 with 3 B-frames between references: the middle one a reference (pyramid) or none of them."""
+    d = clips["dir"]
+    return {name: make_clip(d / f"{name}.mp4", seconds=8, fps=25, gop=25,
+                            extra=("-x264-params", f"bframes=3:b-adapt=0:b-pyramid={pyr}"))
+            for name, pyr in (("pyramid", "normal"), ("flat", "none"))}
+
+
+@pytest.mark.parametrize("n", [10, 32])  # seeking inputs / one pass
+def test_fast_pick_skips_non_reference_frames(bclips, n):
+    spec = FrameSpec(num_frames=n, **STRIPES)
+    exact = extract_frames(bclips["pyramid"], replace(spec, pick="on_screen"))
+    assert [read_counter(f) for f in exact.frames] == _centre_frames(200, n) and "noref" not in exact.method
+    fast = extract_frames(bclips["pyramid"], spec)
+    got = [read_counter(f) for f in fast.frames]
+    # I b B b P b B b P .. (keyframe every 25): references sit at even offsets from the keyframe, so
+    # a centre at an odd offset moves to the next frame, which is one.
+    moved = _assert_within_one(got, _centre_frames(200, n))
+    assert fast.method.endswith("-noref") and "+" not in fast.method
+    assert fast.timestamps == pytest.approx([g / 25 for g in got], abs=1e-6)
+    assert moved == sum(c % 25 % 2 == 1 for c in _centre_frames(200, n)) > 0
+
+
+def test_fast_pick_falls_back_when_neither_frame_is_a_reference(bclips):
+    res = extract_frames(bclips["flat"], FrameSpec(num_frames=32, **STRIPES))
+    got = [read_counter(f) for f in res.frames]
+    _assert_within_one(got, _centre_frames(200, 32))
+    # P b b b P: a centre on the first or second b has no reference frame within one frame.
+    assert "-noref+" in res.method
+    assert res.timestamps == pytest.approx([g / 25 for g in got], abs=1e-6)
+
+
+def test_fast_pick_needs_targets_two_frames_apart(clips):
+    info = probe_video(clips["gop1s"])
+    assert all(g.noref for g in plan_groups([10, 12, 50], info, noref=True))
+    assert not any(g.noref for g in plan_groups([10, 11, 50], info, noref=True))
 
 
 @pytest.mark.parametrize("clip", ["gop1s", "gop10s"])
@@ -152,7 +198,7 @@ def test_high_bit_depth_and_444(clips, pix_fmt, codec):
     for fmt, mode in (("jpg", "RGB"), ("png", "RGB")):
         res = extract_frames(src, FrameSpec(num_frames=4, image_format=fmt, **STRIPES))
         imgs = [Image.open(io.BytesIO(f)) for f in res.frames]
-        assert [read_counter(i) for i in imgs] == _centre_frames(15, 4)
+        _assert_within_one([read_counter(i) for i in imgs], _centre_frames(15, 4))  # x265 has B-frames
         assert all(i.convert("RGB").mode == mode and i.size == (96, 32) for i in imgs)
         if fmt == "jpg":
             assert all(i.mode in ("RGB", "YCbCr") for i in imgs)  # baseline 8-bit JPEG, PIL-readable
