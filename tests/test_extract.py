@@ -177,6 +177,17 @@ def test_output_sizes(clips, size, mode):
         assert img.size == size and img.format == "JPEG"
 
 
+def test_non_square_pixels_are_resized_as_displayed(clips):
+    # 32x32 stored with 2:1 pixels is a 64x32 picture on screen: padded into 64x64 it has bars.
+    src = make_clip(clips["dir"] / "sar2.mp4", seconds=0.2, size=(32, 32), pattern="halves", extra=("-aspect", "2:1"))
+    info = probe_video(src)
+    assert (info["width"], info["display_width"], info["display_height"]) == (32, 64, 32)
+    res = extract_frames(src, FrameSpec(num_frames=1, size=(64, 64), resize="pad", image_format="png"))
+    pad = Image.open(io.BytesIO(res.frames[0]))
+    assert _white_fraction(pad, (0, 0, 64, 15)) == 0 and _white_fraction(pad, (0, 17, 30, 47)) > 0.95
+    assert _white_fraction(pad, (34, 17, 64, 47)) == 0
+
+
 def test_resize_modes_content(clips):
     def png(mode):
         res = extract_frames(clips["halves"], FrameSpec(num_frames=1, size=(64, 64), resize=mode,
