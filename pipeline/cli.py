@@ -8,7 +8,7 @@ import click
 
 from vtt.shards.format import ShardFormatError
 
-from .config import ConfigError, PrepConfig
+from .config import CompactConfig, ConfigError, PrepConfig
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -80,6 +80,31 @@ def extract(**kwargs):
         return
     click.echo(report.summary())
     sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shard-size", default="1GB", show_default=True, help="Max bytes per merged shard.")
+@click.option("--shard-max-samples", type=int, default=10_000, show_default=True, help="Max samples per merged shard.")
+@click.option("--min-fill", type=float, default=0.5, show_default=True,
+              help="Merge the shards holding less than this fraction of both limits.")
+@click.option("--dry-run", is_flag=True, help="Print which shards would merge; touch nothing.")
+def compact(shards, **kwargs):
+    """Merge the small shards that incremental runs leave behind into full ones.
+
+    Samples are copied byte for byte into new shard numbers; ledger and index switch to them in one
+    commit, then the old files are deleted (kill -9 at any moment loses nothing). Exit 4 if another
+    vtt-prep run holds the folder.
+    """
+    from .compact import compact_shards
+    from .run import LockBusy
+    try:
+        result = compact_shards(CompactConfig(out_dir=shards, **kwargs))
+    except LockBusy as e:
+        _fail(str(e), EXIT_LOCKED)
+    except (ConfigError, ShardFormatError) as e:
+        _fail(str(e))
+    click.echo(result.text())
 
 
 @main.command()

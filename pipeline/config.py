@@ -45,6 +45,10 @@ def parse_size(value: str | int | tuple) -> tuple[int, int]:
     return (w, int(m.group(2)) if m.group(2) else w)
 
 
+SHARD_SIZE = 10**9
+SHARD_MAX_SAMPLES = 10_000
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     data_dir: Path
@@ -58,8 +62,8 @@ class PrepConfig:
     jpeg_quality: int = 90
     short_clip: str = "repeat"
     pick: str = "fast"
-    shard_size: int = 10**9                     # bytes per tar, cut before a sample would exceed it
-    shard_max_samples: int = 10_000
+    shard_size: int = SHARD_SIZE                # bytes per tar, cut before a sample would exceed it
+    shard_max_samples: int = SHARD_MAX_SAMPLES
     workers: int = field(default_factory=lambda: usable_cpus())
     timeout: float = 120.0                      # seconds per ffmpeg/ffprobe call
     ffmpeg: str = field(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg")
@@ -106,3 +110,25 @@ class PrepConfig:
     def settings_hash(self) -> str:
         blob = json.dumps(self.output_settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """`vtt-prep compact`: merge the shards below `min_fill` of both limits into full ones."""
+    out_dir: Path
+    shard_size: int = SHARD_SIZE
+    shard_max_samples: int = SHARD_MAX_SAMPLES
+    min_fill: float = 0.5
+    dry_run: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
+        if not (self.out_dir / "ledger.json").is_file():
+            raise ConfigError(f"{self.out_dir}: no ledger.json (not a vtt-prep shards folder)")
+        if self.shard_size < 4096:
+            raise ConfigError(f"shard_size {self.shard_size}: must be at least 4096 bytes")
+        if self.shard_max_samples < 1:
+            raise ConfigError(f"shard_max_samples {self.shard_max_samples}: must be >= 1")
+        if not 0 < self.min_fill <= 1:
+            raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")

@@ -1,0 +1,82 @@
+"""`vtt-prep compact`: merge the small shards that incremental runs leave behind into full ones.
+
+Every rerun that adds a few videos writes a new, small shard; a year of daily runs gives hundreds of
+them, and small shards mean more files to open and a coarser shuffle per shard for the trainer. The
+merge uses extract's commit protocol: samples are copied unchanged (same member bytes) into new shard
+numbers, the ledger (the single commit point) then switches to them, and only after that are the old
+files deleted. A crash before the commit leaves the old state (the next run or compact removes the
+unlisted new files); a crash after it leaves only stale files that reconcile removes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from vtt.shards.ledger import Ledger, read_ledger, write_ledger
+
+from .config import CompactConfig
+from .faults import crash_point
+from .ledger import reconcile, sync_index
+from .run import folder_lock
+from .writer import ShardWriter, rewrite_shard
+
+
+@dataclass
+class CompactResult:
+    merged: list[str]                 # old shards whose samples moved
+    written: list[str] = field(default_factory=list)
+    samples: int = 0
+    dry_run: bool = False
+
+    def text(self) -> str:
+        if len(self.merged) < 2:
+            return "nothing to compact (fewer than two shards below --min-fill)"
+        verb = "would merge" if self.dry_run else "merged"
+        out = f"{verb} {len(self.merged)} shards ({self.samples} samples)"
+        return out + (f" into {len(self.written)}: {', '.join(self.written)}" if self.written else "")
+
+
+def small_shards(ledger: Ledger, cfg: CompactConfig) -> list[str]:
+    """Shards below min_fill of the size limit and of the sample limit (full by either is left alone)."""
+    return sorted(url for url, e in ledger.shards.items()
+                  if e.filesize < cfg.min_fill * cfg.shard_size and e.nsamples < cfg.min_fill * cfg.shard_max_samples)
+
+
+def compact_shards(cfg: CompactConfig) -> CompactResult:
+    if cfg.dry_run:
+        ledger = read_ledger(cfg.out_dir) or Ledger()
+        small = small_shards(ledger, cfg)
+        return CompactResult(small, samples=sum(ledger.shards[u].nsamples for u in small), dry_run=True)
+    with folder_lock(cfg.out_dir):
+        ledger, _ = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+        small = small_shards(ledger, cfg)
+        if len(small) < 2:
+            return CompactResult(small)
+        return _merge(cfg, ledger, small)
+
+
+def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResult:
+    out = cfg.out_dir
+    by_key = {r.key: r for r in ledger.ok_records() if r.shard in small}
+    written = []
+    # No commit when a new shard closes: the old ones stay listed until every sample has moved.
+    writer = ShardWriter(out, ledger.next_shard_number(), cfg.shard_size, cfg.shard_max_samples,
+                         on_close=lambda entry, keys: written.append(entry))
+    try:
+        moved = [m for url in small for m in rewrite_shard(out / url, lambda k, m: (k, m), writer)]
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for old_key, url in moved:
+        rec = by_key[old_key]
+        ledger.records[rec.source] = replace(rec, shard=url)
+    for url in small:
+        del ledger.shards[url]
+    ledger.shards.update({e.url: e for e in written})
+    write_ledger(out, ledger)
+    crash_point("ledger-written")
+    sync_index(out, ledger)
+    crash_point("rewrite-committed")
+    for url in small:
+        (out / url).unlink(missing_ok=True)
+    return CompactResult(small, [e.url for e in written], len(moved))
