@@ -112,22 +112,33 @@ def plan_groups(frames: list[int], info: dict, plan: str = "auto", noref: bool =
     """Split the wanted frames into seeking inputs, minimising decoded frames plus a per-seek cost.
 
     plan='single' forces one pass from the start, 'seek' one seeking input per frame (benchmarks, tests).
-    noref: decode reference frames only where the targets allow it (see Group.noref).
+    noref: decode reference frames only where the targets allow it (see Group.noref). Targets whose
+    frame and next frame both look non-reference (probe's `likely_nonref`) get inputs of their own
+    that decode every frame, rather than a noref pass that would miss them.
     """
+    frames = sorted(set(frames))
+    # Adjacent targets would compete for the same fallback frame: then every frame is decoded.
+    noref = noref and all(b - a >= 2 for a, b in zip(frames, frames[1:]))
+    if not noref:
+        return _plan(frames, info, plan, False)
+    guess = set(info.get("likely_nonref", ()))
+    unservable = [f for f in frames if f in guess and f + 1 in guess]
+    servable = [f for f in frames if f not in set(unservable)]
+    return ((_plan(servable, info, plan, True) if servable else [])
+            + (_plan(unservable, info, plan, False) if unservable else []))
+
+
+def _plan(frames: list[int], info: dict, plan: str, noref: bool) -> list[Group]:
     times = info["frame_times"]
     key_idx = sorted({max(0, bisect.bisect_left(times, k - 1e-6)) for k in info["keyframes"]}) or [0]
 
     def keyframe_before(i: int) -> int:
         return key_idx[max(0, bisect.bisect_right(key_idx, i) - 1)]
 
-    frames = sorted(set(frames))
-    # Adjacent targets would compete for the same fallback frame: then every frame is decoded.
-    noref = noref and all(b - a >= 2 for a, b in zip(frames, frames[1:]))
     if plan == "single":
         return [Group(frames, None, noref)]
     if plan == "seek":
         return [Group([f], _key_seek_point(keyframe_before(f), key_idx, times), noref) for f in frames]
-
     groups: list[list[int]] = []
     for f in frames:
         if groups:

@@ -84,8 +84,31 @@ def _video_stream(data: dict, path) -> dict:
     return videos[0]
 
 
-def _frame_packets(data: dict, index: int) -> tuple[list[float], list[float], list[float]]:
-    """(sorted frame times, keyframe times, packet durations) of stream `index`; AVI lacks pts: use dts."""
+def likely_nonref(decode_order: list[float]) -> set[float]:
+    """Frame times that are probably non-reference frames, from the packet order alone (no decoding).
+
+    B-frames are the frames shown before one decoded earlier; they come in runs after each anchor
+    (I/P). Inside a run, a B-frame followed by one shown before it is the middle of a B-pyramid: a
+    reference. Of a run of two, the first is taken for a pyramid reference too (x264's default; a
+    flat pair looks the same). Every other B-frame is guessed non-reference. Exact on x264/x265
+    output; a wrong guess only costs speed (a target is then decoded twice or in full).
+    """
+    out, latest, run = set(), float("-inf"), []
+    for t in decode_order + [float("inf")]:
+        if t < latest:
+            run.append(t)
+            continue
+        for k, b in enumerate(run):
+            pyramid = any(c < b for c in run[k + 1:]) or (k == 0 and len(run) == 2)
+            if not pyramid:
+                out.add(b)
+        latest, run = t, []
+    return out
+
+
+def _frame_packets(data: dict, index: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(sorted frame times, keyframe times, packet durations, frame times in decode order) of stream
+    `index`; AVI lacks pts: use dts."""
     times, keys, durs = [], [], []
     for p in data.get("packets", []):
         if p.get("stream_index") != index or "D" in p.get("flags", ""):
@@ -100,7 +123,7 @@ def _frame_packets(data: dict, index: int) -> tuple[list[float], list[float], li
         d = _num(p.get("duration_time"))
         if d is not None and d > 0:
             durs.append(d)
-    return sorted(set(times)), sorted(set(keys)), durs
+    return sorted(set(times)), sorted(set(keys)), durs, times
 
 
 def _display_size(stream: dict, rotation: int) -> tuple[int, int]:
@@ -124,7 +147,8 @@ def probe_video(path: str | os.PathLike, spec: FrameSpec = FrameSpec()) -> dict:
 def summarize(data: dict, path) -> dict:
     stream = _video_stream(data, path)
     fmt = data.get("format", {})
-    times, keys, durs = _frame_packets(data, stream.get("index"))
+    times, keys, durs, decoded = _frame_packets(data, stream.get("index"))
+    nonref = likely_nonref(decoded)
     if not times:
         raise ExtractError("no_frames", f"{path}: the video stream holds no frames", data.get("_stderr_tail", ""))
     # ffmpeg's filters (and -ss) count time from the container's start_time: so must we.
@@ -153,6 +177,7 @@ def summarize(data: dict, path) -> dict:
         "stream_index": stream.get("index"),
         "keyframes": [round(k - start, 6) for k in keys],
         "frame_times": [round(t - start, 6) for t in times],
+        "likely_nonref": [i for i, t in enumerate(times) if t in nonref],
         "last_frame_duration": last_dur,
         "warnings": _probe_warnings(end - start, fmt, stream, len(times)),
     }
@@ -190,7 +215,7 @@ def _probe_warnings(real: float, fmt: dict, stream: dict, n: int) -> list[str]:
 
 def public_probe(info: dict) -> dict:
     """The probe facts worth storing with a sample (no per-frame lists)."""
-    out = {k: v for k, v in info.items() if k not in ("frame_times", "keyframes")}
+    out = {k: v for k, v in info.items() if k not in ("frame_times", "keyframes", "likely_nonref")}
     keys = info["keyframes"]
     out["num_keyframes"] = len(keys)
     gaps = [b - a for a, b in zip(keys, keys[1:] + [info["duration"]])]

@@ -10,7 +10,8 @@ from PIL import Image
 from clips import expected_time, make_clip, read_counter
 from vtt.pipeline.extract import choose_frames, extract_frames, ffmpeg_version, make_distinct, plan_groups
 from vtt.pipeline.frames import ExtractError, FrameSpec
-from vtt.pipeline.probe import probe_video
+from vtt.pipeline import probe as probe_mod
+from vtt.pipeline.probe import likely_nonref, probe_video
 
 STRIPES = dict(size=(96, 32), resize="stretch")
 
@@ -63,12 +64,27 @@ def test_fast_pick_skips_non_reference_frames(bclips, n):
     assert moved == sum(c % 25 % 2 == 1 for c in _centre_frames(200, n)) > 0
 
 
-def test_fast_pick_falls_back_when_neither_frame_is_a_reference(bclips):
+def test_likely_nonref_from_decode_order():
+    assert likely_nonref([0, 4, 2, 1, 3, 8, 6, 5, 7]) == {1, 3, 5, 7}  # B-pyramid: 2 and 6 are references
+    assert likely_nonref([0, 3, 1, 2, 5, 4]) == {2, 4}  # pyramid of two: the first is the reference
+    assert likely_nonref([0, 4, 1, 2, 3, 8, 5, 6, 7]) == {1, 2, 3, 5, 6, 7}  # flat runs of three
+    assert likely_nonref([0, 1, 2, 3]) == set()  # no reordering: P-frames only
+
+
+def test_fast_pick_plans_around_unservable_targets(bclips):
+    # P b b b P: a centre on the first or second b has no reference frame within one frame; the
+    # packet order says so, and those targets' groups decode every frame from the start.
+    res = extract_frames(bclips["flat"], FrameSpec(num_frames=32, **STRIPES))
+    _assert_within_one([read_counter(f) for f in res.frames], _centre_frames(200, 32))
+    assert "+" not in res.method
+
+
+def test_fast_pick_falls_back_when_the_guess_is_wrong(bclips, monkeypatch):
+    monkeypatch.setattr(probe_mod, "likely_nonref", lambda decode_order: set())  # no guess at all
     res = extract_frames(bclips["flat"], FrameSpec(num_frames=32, **STRIPES))
     got = [read_counter(f) for f in res.frames]
     _assert_within_one(got, _centre_frames(200, 32))
-    # P b b b P: a centre on the first or second b has no reference frame within one frame.
-    assert "-noref+" in res.method
+    assert "-noref+" in res.method  # the unserved targets were decoded again, every frame
     assert res.timestamps == pytest.approx([g / 25 for g in got], abs=1e-6)
 
 
