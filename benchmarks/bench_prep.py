@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from vtt.pipeline.extract import Group, _seek_point, choose_frames, extract_frames, run_groups, scale_filters
+from vtt.pipeline.extract import Group, choose_frames, extract_frames, run_groups, scale_filters
 from vtt.pipeline.frames import FrameSpec
 from vtt.pipeline.probe import probe_video, safe_input
 
@@ -82,6 +82,13 @@ def measure(fn, repeat: int) -> tuple[float, float]:
 def full_decode(path: Path) -> None:
     subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-threads", "1", "-i", safe_input(path),
                     "-map", "0:v:0", "-f", "null", "-"], check=True)
+
+
+def _seek_point(i: int, times: list[float]) -> float:
+    # Accurate input seeking returns the first frame with pts >= T: aim just below the frame, never
+    # at or past the one before.
+    gap = times[i] - times[i - 1] if i > 0 else 0.002
+    return max(0.0, times[i] - min(gap / 2, 0.001))
 
 
 def _baseline(path: Path, spec: FrameSpec, separate: bool) -> None:

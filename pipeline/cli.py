@@ -8,7 +8,7 @@ import click
 
 from vtt.shards.format import ShardFormatError
 
-from .config import CompactConfig, ConfigError, PrepConfig
+from .config import SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -25,6 +25,14 @@ Exit status:
 def _fail(message: str, code: int = EXIT_USAGE):
     click.echo(f"vtt-prep: error: {message}", err=True)
     sys.exit(code)
+
+
+def shard_limits(command):
+    """--shard-size and --shard-max-samples, the same for extract and compact."""
+    command = click.option("--shard-max-samples", type=int, default=SHARD_MAX_SAMPLES, show_default=True,
+                           help="Max samples per shard.")(command)
+    return click.option("--shard-size", default="1GB", show_default=True,
+                        help="Max bytes per shard (1GB, 500MB, 64MiB).")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,8 +56,7 @@ def main():
 @click.option("--pick", type=click.Choice(["fast", "on_screen"]), default="fast", show_default=True,
               help="on_screen: the frame displayed at each target time. fast: that frame or the next one "
                    "(within one frame), whichever lets the decoder skip non-reference frames (~1.5x less decoding).")
-@click.option("--shard-size", default="1GB", show_default=True, help="Max bytes per shard (1GB, 500MB, 64MiB).")
-@click.option("--shard-max-samples", type=int, default=10_000, show_default=True, help="Max samples per shard.")
+@shard_limits
 @click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per ffmpeg/ffprobe call.")
 @click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
@@ -84,8 +91,7 @@ def extract(**kwargs):
 
 @main.command()
 @click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--shard-size", default="1GB", show_default=True, help="Max bytes per merged shard.")
-@click.option("--shard-max-samples", type=int, default=10_000, show_default=True, help="Max samples per merged shard.")
+@shard_limits
 @click.option("--min-fill", type=float, default=0.5, show_default=True,
               help="Merge the shards holding less than this fraction of both limits.")
 @click.option("--dry-run", is_flag=True, help="Print which shards would merge; touch nothing.")

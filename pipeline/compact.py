@@ -17,7 +17,7 @@ from .config import CompactConfig
 from .faults import crash_point
 from .ledger import reconcile, sync_index
 from .run import folder_lock
-from .writer import ShardWriter, rewrite_shard
+from .writer import copy_to_new_shards
 
 
 @dataclass
@@ -57,16 +57,8 @@ def compact_shards(cfg: CompactConfig) -> CompactResult:
 def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResult:
     out = cfg.out_dir
     by_key = {r.key: r for r in ledger.ok_records() if r.shard in small}
-    written = []
-    # No commit when a new shard closes: the old ones stay listed until every sample has moved.
-    writer = ShardWriter(out, ledger.next_shard_number(), cfg.shard_size, cfg.shard_max_samples,
-                         on_close=lambda entry, keys: written.append(entry))
-    try:
-        moved = [m for url in small for m in rewrite_shard(out / url, lambda k, m: (k, m), writer)]
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    moved, written = copy_to_new_shards(out, small, lambda k, m: (k, m), ledger.next_shard_number(),
+                                        cfg.shard_size, cfg.shard_max_samples)
     for old_key, url in moved:
         rec = by_key[old_key]
         ledger.records[rec.source] = replace(rec, shard=url)

@@ -49,6 +49,13 @@ SHARD_SIZE = 10**9
 SHARD_MAX_SAMPLES = 10_000
 
 
+def check_shard_limits(shard_size: int, shard_max_samples: int) -> None:
+    if shard_size < 4096:
+        raise ConfigError(f"shard_size {shard_size}: must be at least 4096 bytes")
+    if shard_max_samples < 1:
+        raise ConfigError(f"shard_max_samples {shard_max_samples}: must be >= 1")
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     data_dir: Path
@@ -83,10 +90,7 @@ class PrepConfig:
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ConfigError(f"shards folder {self.out_dir} exists and is not a folder")
-        if self.shard_size < 4096:
-            raise ConfigError(f"shard_size {self.shard_size}: must be at least 4096 bytes")
-        if self.shard_max_samples < 1:
-            raise ConfigError(f"shard_max_samples {self.shard_max_samples}: must be >= 1")
+        check_shard_limits(self.shard_size, self.shard_max_samples)
         if self.workers < 1:
             raise ConfigError(f"workers {self.workers}: must be >= 1")
         if self.timeout <= 0:
@@ -126,9 +130,6 @@ class CompactConfig:
         object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
         if not (self.out_dir / "ledger.json").is_file():
             raise ConfigError(f"{self.out_dir}: no ledger.json (not a vtt-prep shards folder)")
-        if self.shard_size < 4096:
-            raise ConfigError(f"shard_size {self.shard_size}: must be at least 4096 bytes")
-        if self.shard_max_samples < 1:
-            raise ConfigError(f"shard_max_samples {self.shard_max_samples}: must be >= 1")
+        check_shard_limits(self.shard_size, self.shard_max_samples)
         if not 0 < self.min_fill <= 1:
             raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")

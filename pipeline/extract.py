@@ -121,9 +121,10 @@ def plan_groups(frames: list[int], info: dict, plan: str = "auto", noref: bool =
     noref = noref and all(b - a >= 2 for a, b in zip(frames, frames[1:]))
     if not noref:
         return _plan(frames, info, plan, False)
-    guess = set(info.get("likely_nonref", ()))
-    unservable = [f for f in frames if f in guess and f + 1 in guess]
-    servable = [f for f in frames if f not in set(unservable)]
+    times, guess = info["frame_times"], set(info.get("likely_nonref", ()))
+    looks_nonref = [t in guess for t in times] + [False]
+    servable = [f for f in frames if not (looks_nonref[f] and looks_nonref[f + 1])]
+    unservable = [f for f in frames if looks_nonref[f] and looks_nonref[f + 1]]
     return ((_plan(servable, info, plan, True) if servable else [])
             + (_plan(unservable, info, plan, False) if unservable else []))
 
@@ -178,13 +179,6 @@ def _key_seek_point(k: int, key_idx: list[int], times: list[float]) -> float | N
         return None
     gap = times[k + 1] - times[k] if k + 1 < len(times) else 0.002
     return times[k] + min(gap / 2, 0.001)
-
-
-def _seek_point(i: int, times: list[float]) -> float:
-    # Accurate seeking (the seek-per-frame baseline) returns the first frame with pts >= T: aim just
-    # below the frame, never at or past the one before.
-    gap = times[i] - times[i - 1] if i > 0 else 0.002
-    return max(0.0, times[i] - min(gap / 2, 0.001))
 
 
 def _window(i: int, times: list[float], last_dur: float) -> tuple[float, float]:
@@ -330,11 +324,12 @@ def run_groups(path, info: dict, groups: list[Group], spec: FrameSpec) -> tuple[
         except ProcTimeout as exc:
             raise ExtractError("timeout", f"{path}: ffmpeg {exc}", exc.stderr_tail) from None
         got: dict[int, bytes] = {}
+        # A noref group's target may come out as the next frame.
+        allowed = [set(g.frames) | ({i + 1 for i in g.frames} if g.noref else set()) for g in groups]
         for m in _SHOWINFO.finditer(res.stderr.decode("utf-8", "replace")):
             gi, n, t = int(m.group(1)), int(m.group(2)), float(m.group(3))
             g = groups[gi]
-            allowed = set(g.frames) | ({i + 1 for i in g.frames} if g.noref else set())
-            j = _match_frame(t + (g.seek or 0.0), allowed, times, info["last_frame_duration"])
+            j = _match_frame(t + (g.seek or 0.0), allowed[gi], times, info["last_frame_duration"])
             fname = os.path.join(outdir, f"g{gi:03d}_{n:05d}.{spec.image_format}")
             if j is not None and os.path.exists(fname):
                 got[j if j in g.frames else j - 1] = (j, Path(fname).read_bytes())
@@ -398,16 +393,17 @@ def _extract(path: Path, info: dict, spec: FrameSpec, plan: str) -> ExtractResul
         groups = plan_groups(todo, info, plan, noref)
         methods.append(_method(groups))
         got, stderr_tail, rc = run_batches(path, info, groups, spec)
-        if noref and decode_complaints(stderr_tail):
+        skipped, found = any(g.noref for g in groups), decode_complaints(stderr_tail)
+        if skipped and found:
             # Error concealment in a damaged stream may draw on the frames that were skipped.
             noref, methods[-1] = False, methods[-1] + "(damaged)"
             continue
-        complaints = complaints or decode_complaints(stderr_tail)
+        complaints = complaints or found
         images.update(got)
         missing = [i for i in todo if i not in got]
         if not missing:
             break
-        if any(g.noref for g in groups):
+        if skipped:
             # Neither the target nor the next frame is a reference frame (or they did not decode):
             # decode every frame for those targets before calling anything undecodable.
             noref, todo = False, missing

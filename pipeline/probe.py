@@ -177,7 +177,7 @@ def summarize(data: dict, path) -> dict:
         "stream_index": stream.get("index"),
         "keyframes": [round(k - start, 6) for k in keys],
         "frame_times": [round(t - start, 6) for t in times],
-        "likely_nonref": [i for i, t in enumerate(times) if t in nonref],
+        "likely_nonref": [round(t - start, 6) for t in times if t in nonref],
         "last_frame_duration": last_dur,
         "warnings": _probe_warnings(end - start, fmt, stream, len(times)),
     }

@@ -33,7 +33,7 @@ from .faults import crash_point
 from .ledger import Work, fingerprint, make_plan, reconcile, sync_index
 from .report import EXIT_FAILED_VIDEOS, Report
 from .task import Outcome, Task, process_video, residecar_members
-from .writer import ShardWriter, rewrite_shard
+from .writer import ShardWriter, copy_to_new_shards
 
 
 class LockBusy(RuntimeError):
@@ -172,11 +172,8 @@ def rewrite_shards(run: _Run, work: Work, deleted: list[str]) -> None:
             return v.key, members
         return None if rec is None or rec.source in gone else (key, members)
 
-    written = []
-    writer = ShardWriter(out, ledger.next_shard_number(), run.cfg.shard_size, run.cfg.shard_max_samples,
-                         on_close=lambda entry, keys: written.append(entry))
-    moved = [m for url in affected for m in rewrite_shard(out / url, change, writer)]
-    writer.close()
+    moved, written = copy_to_new_shards(out, affected, change, ledger.next_shard_number(),
+                                        run.cfg.shard_size, run.cfg.shard_max_samples)
     for s in gone:
         ledger.records.pop(s, None)
     for old_key, url in moved:

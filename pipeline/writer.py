@@ -128,3 +128,21 @@ def rewrite_shard(old: Path, change: Callable[[str, Members], tuple[str, Members
         if new is not None:
             moved.append((key, writer.add(new[0], new[1])))
     return moved
+
+
+def copy_to_new_shards(folder: Path, urls: list[str], change: Callable[[str, Members], tuple[str, Members] | None],
+                       first_number: int, shard_size: int, max_samples: int) -> tuple[list[tuple[str, str]], list]:
+    """rewrite_shard over `urls` into new shards numbered from `first_number`: (moved, new entries).
+
+    Nothing is committed here: the new shards stay unlisted (a crash leaves them to the next run's
+    cleanup) until the caller switches the ledger to them."""
+    written = []
+    writer = ShardWriter(folder, first_number, shard_size, max_samples,
+                         on_close=lambda entry, keys: written.append(entry))
+    try:
+        moved = [m for url in urls for m in rewrite_shard(folder / url, change, writer)]
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return moved, written
