@@ -11,6 +11,7 @@ import torch
 from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
                                   enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
                                   read_json, render, save_checkpoint, set_trainable, unwrap)
+from vtt.trainer.text import encode, render_spans
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
 PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
@@ -129,8 +130,8 @@ class LlavaAdapter:
 
     def _prompt_ids(self, sample: dict) -> tuple[list[int], int]:
         """Prompt token ids holding ONE placeholder token, and its index."""
-        text = render(self.prompt, sample, "prompt").replace("<video>", self.placeholder)
-        ids = self.tokenizer(text).input_ids
+        text, data = render_spans(self.prompt, sample, "prompt", markup={"<video>": self.placeholder})
+        ids = encode(self.tokenizer, text, data)
         where = [i for i, t in enumerate(ids) if t == self.layout.token_id]
         if len(where) != 1:
             raise ValueError(f"prompt {text!r} tokenizes to {len(where)} {self.placeholder!r} tokens, expected 1")
@@ -138,7 +139,8 @@ class LlavaAdapter:
 
     def _answer_ids(self, sample: dict) -> list[int]:
         target = render(self.cfg.target_template, sample, "target_template").strip()
-        ids = self.tokenizer(self.answer_sep + target, add_special_tokens=False).input_ids
+        text = self.answer_sep + target  # the answer is data through and through
+        ids = encode(self.tokenizer, text, [(0, len(text))], add_special_tokens=False)
         return ids[: self.cfg.max_target_len] + [self.tokenizer.eos_token_id]
 
     def _frames(self, frames, t: int) -> np.ndarray:

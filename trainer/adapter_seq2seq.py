@@ -6,6 +6,7 @@ import torch
 
 from vtt.trainer.adapters import (ModelConfig, apply_lora, common_load, enable_gradient_checkpointing,
                                   load_tokenizer, model_device, pad_right, render, save_checkpoint, unwrap)
+from vtt.trainer.text import encode, render_spans
 
 # Files some tokenizers keep beside tokenizer.json (NLLB's sentencepiece model) - copied on export if present.
 EXTRA_FILES = ("sentencepiece.bpe.model",)
@@ -50,22 +51,24 @@ class Seq2SeqAdapter:
             return apply_lora(model, self.cfg, keep_trainable=[])
         return model
 
-    def _encode(self, text: str, lang: int | None, limit: int) -> list[int]:
-        """NLLB layout: [lang] tokens </s>; without a language, the tokenizer's own specials (+ </s>)."""
+    def _encode(self, rendered: tuple[str, list], lang: int | None, limit: int) -> list[int]:
+        """NLLB layout: [lang] tokens </s>; without a language, the tokenizer's own specials (+ </s>).
+        Field values are text, never special tokens (vtt.trainer.text)."""
         eos = self.tokenizer.eos_token_id
+        text, data = rendered
         if lang is not None:
-            body = self.tokenizer(text, add_special_tokens=False).input_ids
+            body = encode(self.tokenizer, text, data, add_special_tokens=False)
             return [lang] + body[: limit - 2] + [eos]
-        ids = self.tokenizer(text).input_ids
+        ids = encode(self.tokenizer, text, data)
         ids = ids if ids and ids[-1] == eos else ids + [eos]
         return ids[: limit - 1] + [eos] if len(ids) > limit else ids
 
     def _source(self, sample: dict) -> list[int]:
-        return self._encode(render(self.cfg.source_template, sample, "source_template"), self.src_id,
+        return self._encode(render_spans(self.cfg.source_template, sample, "source_template"), self.src_id,
                             self.cfg.max_source_len)
 
     def _target(self, sample: dict) -> list[int]:
-        return self._encode(render(self.cfg.target_template, sample, "target_template"), self.tgt_id,
+        return self._encode(render_spans(self.cfg.target_template, sample, "target_template"), self.tgt_id,
                             self.cfg.max_target_len)
 
     def check_sample(self, sample: dict) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vtt.trainer.text import SampleError, render, template_fields  # noqa: F401 (re-exported)
 
 KINDS = ("llava", "seq2seq")
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,35 +91,6 @@ def get_adapter(cfg: ModelConfig):
         return LlavaAdapter(cfg)
     from vtt.trainer.adapter_seq2seq import Seq2SeqAdapter
     return Seq2SeqAdapter(cfg)
-
-
-class SampleError(ValueError):
-    """A sample the model cannot take; the message names the sample key and the problem."""
-
-
-def template_fields(template: str, what: str = "template") -> list[str]:
-    """Top-level field names a str.format template uses."""
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise ValueError(f"{what} {template!r} is not a valid format template: {e}") from None
-    if any(n == "" or n.isdigit() for n in names):
-        raise ValueError(f"{what} {template!r} needs named fields like {{description}}, not positional ones")
-    return [re.split(r"[.\[]", n, maxsplit=1)[0] for n in names]
-
-
-def render(template: str, sample: dict, what: str) -> str:
-    """Fill template from the sample's sidecar fields (+ text, key); missing fields name field and sample."""
-    fields = {**(sample.get("meta") or {}), "text": sample.get("text", ""), "key": sample.get("key", "")}
-    missing = [f for f in template_fields(template, what) if fields.get(f) is None]
-    if missing:
-        how = "which is null in the sample" if missing[0] in fields else "which the sample lacks"
-        raise SampleError(f"sample {sample.get('key', '?')!r}: {what} {template!r} needs field {missing[0]!r}, "
-                          f"{how} (has: {sorted(k for k, v in fields.items() if v is not None)})")
-    try:
-        return template.format_map(fields)
-    except (KeyError, IndexError, AttributeError, TypeError) as e:
-        raise SampleError(f"sample {sample.get('key', '?')!r}: {what} {template!r} failed: {e!r}") from None
 
 
 def unwrap(model):
