@@ -21,9 +21,10 @@ sysdeps:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; }
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints-min.txt pins every dependency to its setup.cfg floor: the floors are what the tests run on.
+$(STAMP): setup.cfg pyproject.toml constraints-min.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(FIND_LINKS) "torch==2.13.0" -e ".[test]"
+	$(BIN)/pip install -q $(FIND_LINKS) -c constraints-min.txt "torch==2.13.0" -e ".[test]"
 	touch $(STAMP)
 
 install: sysdeps $(STAMP)

@@ -40,6 +40,7 @@ def test_shipped_yaml_loads_and_flags_override(tmp_path, name, kind):
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.precision == "bf16"
     if kind == "llava":
         assert cfg.model.lora and cfg.model.lora_r == 64
+        assert cfg.model.load_dtype == "bfloat16"  # a 7B model never passes through fp32 on the host
     else:
         assert cfg.model.src_lang == "eng_Latn" and cfg.deepspeed.micro_batch_size == 16
 
