@@ -69,9 +69,21 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def state_files(out: Path) -> dict[str, bytes]:
-    """What must equal a clean run's: shards, index and ledger (not the lock or the report)."""
+    """What must equal a clean run's: shards (live and retired), index and ledger (not the lock or the
+    report; the ledger's retirement times are the wall clock of the run that retired them)."""
     keep = [p for p in sorted(out.iterdir()) if p.name.startswith("shard-") or p.name in ("index.json", "ledger.json")]
-    return {p.name: p.read_bytes() for p in keep}
+    files = {p.name: p.read_bytes() for p in keep}
+    if "ledger.json" in files:
+        ledger = json.loads(files["ledger.json"])
+        for r in ledger.get("retired", []):
+            r["retired_at"] = "(time)"
+        files["ledger.json"] = json.dumps(ledger, indent=1, sort_keys=True).encode()
+    return files
+
+
+def live_shards(out: Path) -> list[str]:
+    """The shards index.json lists (retired ones stay on disk but are not listed)."""
+    return [e["url"] for e in json.loads((out / "index.json").read_text())["shardlist"]]
 
 
 def read_back(out: Path) -> dict[str, dict]:
