@@ -37,14 +37,16 @@ def copy_corpus(src: Path, dst: Path) -> Path:
     return dst
 
 
-def logging_ffmpeg(folder: Path) -> tuple[Path, Path, Path]:
-    """(ffmpeg, ffprobe, log): wrappers that append each call to `log`, then run the real binary."""
+def logging_ffmpeg(folder: Path, before: str = "") -> tuple[Path, Path, Path]:
+    """(ffmpeg, ffprobe, log): wrappers that append each call to `log`, run the shell code `before`
+    (with $TOOL = ffmpeg|ffprobe, $LOG and the call's arguments in "$@"), then the real binary."""
     log = folder / "ffmpeg-calls.log"
     out = []
     for name in ("ffmpeg", "ffprobe"):
         real = shutil.which(name)
         w = folder / f"logged-{name}"
-        w.write_text(f"#!/bin/sh\necho {name} \"$@\" >> '{log}'\nexec '{real}' \"$@\"\n")
+        w.write_text(f"#!/bin/sh\nTOOL={name}\nLOG='{log}'\necho {name} \"$@\" >> '{log}'\n{before}\n"
+                     f"exec '{real}' \"$@\"\n")
         w.chmod(w.stat().st_mode | stat.S_IXUSR)
         out.append(w)
     return out[0], out[1], log
