@@ -130,7 +130,12 @@ class _Run:
         of those changes. Without `version` (ffmpeg never ran for it) it is retried every run."""
         error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
         video = Fingerprint(*outcome.stat, outcome.sha256) if outcome is not None and outcome.sha256 else None
-        sidecar = fingerprint(v.sidecar_path) if video is not None and v.sidecar_path is not None else None
+        sidecar = None
+        if video is not None and v.sidecar_path is not None:
+            try:
+                sidecar = fingerprint(v.sidecar_path)
+            except OSError:  # gone meanwhile: a record without it is retried next run
+                pass
         limits = {"timeout": self.cfg.timeout, "video_timeout": self.cfg.video_timeout}
         self.failures[v.source] = VideoRecord(
             source=v.source, status=STATUS_FAILED, video_id=v.video_id, key=v.key, video=video,

@@ -24,8 +24,8 @@ def test_unchanged_failure_is_not_retried_until_something_changes(tmp_path):
     version.write_text("1")
     # the wrapper reports a version we control, so "ffmpeg changed" can be shown with the real binary
     ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path, before=(
-        f'if [ "$TOOL" = ffmpeg ] && [ "$*" = "-hide_banner -version" ]; then echo "ffmpeg version test-$(cat {version})"; '
-        f'exit 0; fi'))
+        f'if [ "$TOOL" = ffmpeg ] && [ "$*" = "-hide_banner -version" ]; then '
+        f'echo "ffmpeg version test-$(cat {version})"; exit 0; fi'))
     mk = lambda **kw: cfg(data, tmp_path / "out", ffmpeg=str(ffmpeg), ffprobe=str(ffprobe), **kw)  # noqa: E731
     r = run_extract(mk())
     assert r.videos_failed == 1 and r.failed[0]["class"] == "probe_failed"
@@ -83,8 +83,9 @@ def test_video_timeout_budget_covers_all_calls_of_one_video(tmp_path):
 
 
 def test_budget_is_checked_before_each_call_and_shared():
-    from vtt.pipeline.proc import BudgetExceeded, ProcTimeout, budget, run
     import pytest
+
+    from vtt.pipeline.proc import BudgetExceeded, ProcTimeout, budget, run
     with budget(0.5):
         run(["sleep", "0.3"], timeout=10)
         with pytest.raises(BudgetExceeded, match="2 ffmpeg/ffprobe call"):
