@@ -8,7 +8,7 @@ import click
 
 from vtt.shards.format import ShardFormatError
 
-from .config import SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig
+from .config import RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -35,6 +35,15 @@ def shard_limits(command):
                         help="Max bytes per shard (1GB, 500MB, 64MiB).")(command)
 
 
+def retention(command):
+    """--retention-hours, the same for extract and compact."""
+    return click.option("--retention-hours", type=float, default=RETENTION_HOURS, show_default=True,
+                        help="Shards replaced by a rewrite, compact or rebuild stay on disk (listed as retired "
+                             "in ledger.json, not in index.json) for trainers still reading an older index; "
+                             "a later extract/compact deletes those retired longer ago than this. "
+                             "0 deletes them at once.")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """vtt-prep: videos + JSON sidecars -> exact frames (ffmpeg) -> WebDataset tar shards."""
@@ -59,17 +68,25 @@ def main():
 @shard_limits
 @click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per ffmpeg/ffprobe call.")
+@click.option("--video-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds for all of one video's ffmpeg/ffprobe calls together; past it the video fails "
+                   "with error class video_timeout.")
 @click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
 @click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
 @click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
-@click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed).")
+@click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed); the old "
+              "shards stay valid until the new set is complete.")
+@click.option("--retry-failed", is_flag=True, help="Retry earlier failures even when neither file, sidecar, "
+              "settings, ffmpeg nor a larger timeout gives a reason to.")
+@retention
 @click.option("--dry-run", is_flag=True, help="Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(**kwargs):
     """Extract frames from the videos under DATA_DIR into WebDataset shards in OUT_DIR.
 
     Reruns are incremental: unchanged videos cost no ffmpeg call, new ones go into new shards,
-    changed and deleted ones replace/remove their samples, earlier failures are retried.
+    changed and deleted ones replace/remove their samples, earlier failures are retried when their
+    file, sidecar, the settings, ffmpeg or a timeout that stopped them changed (or with --retry-failed).
     Writes shard-NNNNNN.tar, index.json, ledger.json and report.json.
     """
     from .run import LockBusy, run_extract
@@ -92,6 +109,7 @@ def extract(**kwargs):
 @main.command()
 @click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
 @shard_limits
+@retention
 @click.option("--min-fill", type=float, default=0.5, show_default=True,
               help="Merge the shards holding less than this fraction of both limits.")
 @click.option("--dry-run", is_flag=True, help="Print which shards would merge; touch nothing.")
@@ -99,8 +117,8 @@ def compact(shards, **kwargs):
     """Merge the small shards that incremental runs leave behind into full ones.
 
     Samples are copied byte for byte into new shard numbers; ledger and index switch to them in one
-    commit, then the old files are deleted (kill -9 at any moment loses nothing). Exit 4 if another
-    vtt-prep run holds the folder.
+    commit, then the old files are retired (kept --retention-hours for running trainers; kill -9 at
+    any moment loses nothing). Exit 4 if another vtt-prep run holds the folder.
     """
     from .compact import compact_shards
     from .run import LockBusy
@@ -137,8 +155,12 @@ def verify(shards):
     result = verify_shards(shards)
     for p in result.problems:
         click.echo(f"PROBLEM: {p}")
+    for r in result.retired:
+        click.echo(f"RETIRED: {r}")
+    retired = f", {len(result.retired)} retired shards (not in index.json; kept for running trainers)" \
+        if result.retired else ""
     click.echo(f"{'OK' if result.ok else 'FAILED'}: {result.shards} shards, {result.samples} samples, "
-               f"{result.frames} frames decoded, {len(result.problems)} problems")
+               f"{result.frames} frames decoded, {len(result.problems)} problems{retired}")
     sys.exit(0 if result.ok else 1)
 
 

@@ -3,9 +3,10 @@
 Every rerun that adds a few videos writes a new, small shard; a year of daily runs gives hundreds of
 them, and small shards mean more files to open and a coarser shuffle per shard for the trainer. The
 merge uses extract's commit protocol: samples are copied unchanged (same member bytes) into new shard
-numbers, the ledger (the single commit point) then switches to them, and only after that are the old
-files deleted. A crash before the commit leaves the old state (the next run or compact removes the
-unlisted new files); a crash after it leaves only stale files that reconcile removes.
+numbers, the ledger (the single commit point) then switches to them and lists the old files as
+retired (kept --retention-hours for trainers still reading the older index.json, then deleted by a
+later extract or compact). A crash before the commit leaves the old state (the next run or compact
+removes the unlisted new files). Cost: reads and writes the small shards only.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vtt.shards.ledger import Ledger, read_ledger, write_ledger
 from .config import CompactConfig
 from .faults import crash_point
 from .ledger import reconcile, sync_index
+from .retire import purge, retire
 from .run import folder_lock
 from .writer import copy_to_new_shards
 
@@ -26,13 +28,18 @@ class CompactResult:
     written: list[str] = field(default_factory=list)
     samples: int = 0
     dry_run: bool = False
+    purged: list[str] = field(default_factory=list)   # retired earlier, past retention, deleted now
+    retired: list[str] = field(default_factory=list)  # merged shards kept on disk for running readers
 
     def text(self) -> str:
+        purged = f"\ndeleted {len(self.purged)} retired shards past --retention-hours" if self.purged else ""
         if len(self.merged) < 2:
-            return "nothing to compact (fewer than two shards below --min-fill)"
+            return "nothing to compact (fewer than two shards below --min-fill)" + purged
         verb = "would merge" if self.dry_run else "merged"
         out = f"{verb} {len(self.merged)} shards ({self.samples} samples)"
-        return out + (f" into {len(self.written)}: {', '.join(self.written)}" if self.written else "")
+        out += f" into {len(self.written)}: {', '.join(self.written)}" if self.written else ""
+        out += f"; {len(self.retired)} old shards kept as retired for running trainers" if self.retired else ""
+        return out + purged
 
 
 def small_shards(ledger: Ledger, cfg: CompactConfig) -> list[str]:
@@ -48,10 +55,13 @@ def compact_shards(cfg: CompactConfig) -> CompactResult:
         return CompactResult(small, samples=sum(ledger.shards[u].nsamples for u in small), dry_run=True)
     with folder_lock(cfg.out_dir):
         ledger, _ = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+        purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
         small = small_shards(ledger, cfg)
         if len(small) < 2:
-            return CompactResult(small)
-        return _merge(cfg, ledger, small)
+            return CompactResult(small, purged=purged)
+        result = _merge(cfg, ledger, small)
+        result.purged = purged
+        return result
 
 
 def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResult:
@@ -62,13 +72,12 @@ def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResul
     for old_key, url in moved:
         rec = by_key[old_key]
         ledger.records[rec.source] = replace(rec, shard=url)
-    for url in small:
-        del ledger.shards[url]
+    to_delete = retire(ledger, small, cfg.retention_hours)
     ledger.shards.update({e.url: e for e in written})
     write_ledger(out, ledger)
     crash_point("ledger-written")
     sync_index(out, ledger)
     crash_point("rewrite-committed")
-    for url in small:
+    for url in to_delete:
         (out / url).unlink(missing_ok=True)
-    return CompactResult(small, [e.url for e in written], len(moved))
+    return CompactResult(small, [e.url for e in written], len(moved), retired=sorted(set(small) & set(ledger.retired)))

@@ -47,6 +47,14 @@ def parse_size(value: str | int | tuple) -> tuple[int, int]:
 
 SHARD_SIZE = 10**9
 SHARD_MAX_SAMPLES = 10_000
+# Retired shards (replaced by a rewrite, compact or rebuild) stay on disk this long for trainers that
+# still read an older index.json; the next extract/compact after that deletes them. 0: at once.
+RETENTION_HOURS = 72.0
+
+
+def check_retention(hours: float) -> None:
+    if not hours >= 0:
+        raise ConfigError(f"retention_hours {hours}: must be >= 0 (0 deletes replaced shards at once)")
 
 
 def check_shard_limits(shard_size: int, shard_max_samples: int) -> None:
@@ -73,10 +81,13 @@ class PrepConfig:
     shard_max_samples: int = SHARD_MAX_SAMPLES
     workers: int = field(default_factory=lambda: usable_cpus())
     timeout: float = 120.0                      # seconds per ffmpeg/ffprobe call
+    video_timeout: float = 600.0                # seconds for all of one video's calls together
     ffmpeg: str = field(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg")
     ffprobe: str = field(default_factory=lambda: os.environ.get("VTT_FFPROBE") or "ffprobe")
     allow_missing_sidecar: bool = False
     rebuild: bool = False
+    retry_failed: bool = False                  # retry earlier failures even if nothing changed
+    retention_hours: float = RETENTION_HOURS
     dry_run: bool = False
     quiet: bool = False
 
@@ -95,6 +106,9 @@ class PrepConfig:
             raise ConfigError(f"workers {self.workers}: must be >= 1")
         if self.timeout <= 0:
             raise ConfigError(f"timeout {self.timeout}: must be > 0 seconds")
+        if not self.video_timeout > 0:
+            raise ConfigError(f"video_timeout {self.video_timeout}: must be > 0 seconds")
+        check_retention(self.retention_hours)
         self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
 
     def frame_spec(self):
@@ -102,7 +116,8 @@ class PrepConfig:
         try:
             return FrameSpec(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
                              size=self.size, resize=self.resize, image_format=self.image_format,
-                             jpeg_quality=self.jpeg_quality, timeout_s=self.timeout, ffmpeg=self.ffmpeg,
+                             jpeg_quality=self.jpeg_quality, timeout_s=self.timeout,
+                             video_timeout_s=self.video_timeout, ffmpeg=self.ffmpeg,
                              ffprobe=self.ffprobe, short_clip=self.short_clip, pick=self.pick)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
@@ -123,6 +138,7 @@ class CompactConfig:
     shard_size: int = SHARD_SIZE
     shard_max_samples: int = SHARD_MAX_SAMPLES
     min_fill: float = 0.5
+    retention_hours: float = RETENTION_HOURS
     dry_run: bool = False
 
     def __post_init__(self):
@@ -133,3 +149,4 @@ class CompactConfig:
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if not 0 < self.min_fill <= 1:
             raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")
+        check_retention(self.retention_hours)

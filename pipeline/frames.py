@@ -16,6 +16,7 @@ ERROR_CLASSES = (
     "no_video_stream",  # readable container without a video stream
     "no_frames",        # a video stream without a single packet/frame
     "timeout",          # ffmpeg/ffprobe ran past FrameSpec.timeout_s and was killed
+    "video_timeout",    # one video's ffmpeg/ffprobe calls together ran past FrameSpec.video_timeout_s
     "decode_failed",    # the frames needed did not decode
     "truncated",        # the file ends before the frames needed (and nothing usable replaces them)
     "too_short",        # fewer decodable frames than requested and short_clip='fail'
@@ -52,6 +53,7 @@ class FrameSpec:
     image_format: str = "jpg"
     jpeg_quality: int = 90
     timeout_s: float = 120.0
+    video_timeout_s: float | None = None  # all of one video's calls together (None: no shared limit)
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     short_clip: str = "repeat"
@@ -80,6 +82,8 @@ class FrameSpec:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.video_timeout_s is not None and not self.video_timeout_s > 0:
+            raise ValueError(f"video_timeout_s must be > 0 or None, got {self.video_timeout_s}")
         if not 0 <= self.threads <= 64:
             raise ValueError(f"threads must be 0 (ffmpeg's choice)..64, got {self.threads}")
         if not self.ffmpeg or not self.ffprobe:
@@ -93,7 +97,7 @@ class FrameSpec:
     def settings(self) -> dict:
         """The settings that change the frames (goes into ledger/index/sample meta; binaries excluded)."""
         d = asdict(self)
-        for k in ("timeout_s", "ffmpeg", "ffprobe", "threads"):
+        for k in ("timeout_s", "video_timeout_s", "ffmpeg", "ffprobe", "threads"):
             d.pop(k)
         d["size"] = list(self.size)
         if self.fps is None:

@@ -2,7 +2,12 @@
 
 The ledger (vtt.shards.ledger) is the only truth; `reconcile` makes the folder match it after a crash,
 `make_plan` compares the data folder with it. Fingerprints take the stat fast path and hash only when
-stat differs, so a touched-but-unchanged file costs a hash, never an ffmpeg call.
+stat differs, so a touched-but-unchanged file costs a hash, never an ffmpeg call. Failed videos keep
+their fingerprints too: an unchanged broken file is not tried again (with all its timeouts) on every
+run, only when its file, sidecar, key, the settings, the ffmpeg version or a timeout that stopped it
+changed, or with --retry-failed.
+Cost: one stat per video and ledger record; a hash per touched file; no ffmpeg for unchanged videos
+(one `ffmpeg -version` when unchanged failures exist, to see whether ffmpeg changed).
 """
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from vtt.shards.format import INDEX_FILE, LEDGER_FILE, TMP_PREFIX, ShardFormatError, sha256_file
-from vtt.shards.index import index_bytes
 from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord, write_ledger
 
 from .discover import Video
@@ -65,7 +70,7 @@ def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str
     todo = []
     for v in videos:
         rec = ledger.records.get(v.source)
-        if rec is not None and rec.status == STATUS_OK:
+        if rec is not None and rec.video is not None:
             todo += [p for p, fp in ((v.path, rec.video), (v.sidecar_path, rec.sidecar)) if _needs_hash(p, fp)]
     if not todo:
         return {}
@@ -88,14 +93,50 @@ class Work:
         """Store new stats of touched files (the record itself may have moved shards meanwhile)."""
         for source, (video, sidecar) in self.refreshed.items():
             rec = ledger.records.get(source)
-            if rec is not None and rec.status == STATUS_OK:
+            if rec is not None and rec.video is not None:
                 ledger.records[source] = replace(rec, video=video, sidecar=sidecar)
 
 
-def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hashes: dict) -> str:
+@dataclass
+class RetryPolicy:
+    """When an earlier failure is tried again; `ffmpeg_version` is called at most once, lazily."""
+    settings_hash: str
+    limits: dict                                  # {"timeout": s, "video_timeout": s} of this run
+    ffmpeg_version: Callable[[], str | None] = lambda: None
+    always: bool = False                          # --retry-failed
+    _version: list = field(default_factory=list)
+
+    def version(self) -> str | None:
+        if not self._version:
+            self._version.append(self.ffmpeg_version())
+        return self._version[0]
+
+    def retry(self, v: Video, rec: VideoRecord, work: Work, hashes: dict) -> bool:
+        """Whether anything that decided the failure changed (records from before ffmpeg ran, e.g.
+        sidecar problems or no ffmpeg at all, carry no ffmpeg version and are always retried)."""
+        if self.always or rec.video is None or rec.ffmpeg_version is None:
+            return True
+        same_v, fresh_v = _same(v.path, rec.video, hashes)
+        same_s, fresh_s = _same(v.sidecar_path, rec.sidecar, hashes) if same_v else (False, None)
+        if not (same_v and same_s) or v.key != rec.key or rec.settings_hash != self.settings_hash:
+            return True
+        if rec.error["class"] in ("timeout", "video_timeout") and any(
+                self.limits[k] > (rec.limits or {}).get(k, 0) for k in self.limits):
+            return True
+        if self.version() != rec.ffmpeg_version:
+            return True
+        if fresh_v or fresh_s:
+            work.refreshed[v.source] = (fresh_v or rec.video, fresh_s or rec.sidecar)
+        return False
+
+
+def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hashes: dict,
+              policy: RetryPolicy) -> str:
     if rec is None:
         kind = "new"
     elif rec.status != STATUS_OK:
+        if v.ok and not rebuild and not policy.retry(v, rec, work, hashes):
+            return "failed_unchanged"
         kind = "failed"
     elif rebuild:
         kind = "changed"
@@ -118,8 +159,11 @@ def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hash
 
 
 def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: bool,
-              workers: int = 1) -> tuple[Plan, Work]:
-    """Compare the data folder with the ledger. Raises SettingsChanged unless `rebuild`."""
+              workers: int = 1, policy: RetryPolicy | None = None) -> tuple[Plan, Work]:
+    """Compare the data folder with the ledger. Raises SettingsChanged unless `rebuild`.
+
+    Cost: O(videos + records) stats, plus hashes of touched files (in `workers` threads)."""
+    policy = policy or RetryPolicy(settings_hash, {}, always=True)
     has_samples = bool(ledger.ok_records())
     if has_samples and ledger.settings_hash != settings_hash and not rebuild:
         raise SettingsChanged(
@@ -131,7 +175,7 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
     seen = set()
     for v in videos:
         seen.add(v.source)
-        kind = _classify(v, ledger.records.get(v.source), rebuild, work, hashes)
+        kind = _classify(v, ledger.records.get(v.source), rebuild, work, hashes, policy)
         getattr(plan, kind).append(v.source)
         if not v.ok:
             plan.invalid.append(v.source)
@@ -146,9 +190,11 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
 def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
     """Make `folder` match its ledger after whatever happened (crash, kill -9, manual deletes).
 
-    Removes temp files and shards the ledger does not list (renamed just before a crash), drops
-    ledger shards that are missing or have the wrong size (their videos are re-extracted), and
-    rewrites index.json from the ledger when it differs. Returns the ledger and what was repaired.
+    Removes temp files and shards the ledger lists neither as live nor as retired (renamed just
+    before a crash), drops ledger shards that are missing or have the wrong size (their videos are
+    re-extracted) and retired shards someone already deleted, and rewrites index.json from the
+    ledger when it differs. Returns the ledger and what was repaired.
+    Cost: one stat per shard (live and retired) and one directory listing.
     """
     notes = []
     for p in sorted(folder.glob(TMP_PREFIX + "*")):
@@ -162,16 +208,21 @@ def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
         ledger = Ledger()
     broken = [u for u, e in ledger.shards.items()
               if not (folder / u).is_file() or (folder / u).stat().st_size != e.filesize]
+    gone = sorted(u for u in ledger.retired if not (folder / u).is_file())
+    for u in gone:
+        notes.append(f"retired {u} is already gone (deleted by hand?): dropped from {LEDGER_FILE}")
+        del ledger.retired[u]
     if broken:
         for u in broken:
             notes.append(f"{u} is missing or has the wrong size: its videos will be extracted again")
             del ledger.shards[u]
         ledger.records = {s: r for s, r in ledger.records.items() if r.shard not in broken}
+    if broken or gone:
         write_ledger(folder, ledger)
     if not fresh:  # a fresh folder gets its index with its first ledger, never before
         sync_index(folder, ledger)  # before deleting: the index must never list a missing shard
     for p in sorted(folder.glob("shard-*.tar")):
-        if p.name not in ledger.shards:
+        if p.name not in ledger.shards and p.name not in ledger.retired:
             p.unlink()
             notes.append(f"removed {p.name}: not in {LEDGER_FILE} (written by an interrupted run, "
                          f"or damaged)")
@@ -181,7 +232,7 @@ def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
 def sync_index(folder: Path, ledger: Ledger) -> None:
     """index.json = f(ledger); written only when it differs, so a no-op run touches nothing."""
     from vtt.shards.format import atomic_write_bytes
-    data = index_bytes(ledger.index())
+    data = ledger.index_bytes()
     path = folder / INDEX_FILE
     if not path.is_file() or path.read_bytes() != data:
         atomic_write_bytes(path, data)

@@ -2,6 +2,8 @@
 
 Decoders can hang on broken input (dmlc/decord#373 is the classic), so every external call goes through
 `run`, which starts the child in its own session and SIGKILLs the group when the deadline passes.
+Besides each call's own timeout, `budget(seconds)` bounds all calls made inside it together: one
+video's dozen chained calls (probe, passes, retries, a full decode) then cannot add up to hours.
 """
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 STDERR_TAIL_CHARS = 2000
 
@@ -43,6 +48,49 @@ class ProcTimeout(Exception):
         self.stderr_tail = tail(stderr)
 
 
+class BudgetExceeded(Exception):
+    """The calls inside one `budget` together ran past it; the running one (if any) was killed.
+
+    Deliberately not a ProcTimeout: callers that turn a call's timeout into a retry or an error class
+    of their own must let this one through to whoever set the budget."""
+
+    def __init__(self, seconds: float, calls: int, stderr: bytes = b""):
+        super().__init__(f"the {calls} ffmpeg/ffprobe call(s) for one video ran past its budget of {seconds:g}s")
+        self.seconds, self.calls, self.stderr_tail = seconds, calls, tail(stderr)
+
+
+@dataclass
+class _Budget:
+    deadline: float      # time.monotonic()
+    seconds: float
+    calls: int = 0
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("vtt_proc_budget", default=None)
+
+
+@contextmanager
+def budget(seconds: float | None) -> Iterator[None]:
+    """Every `run` inside shares one wall-clock deadline `seconds` from now (None: no shared limit)."""
+    token = _BUDGET.set(_Budget(time.monotonic() + seconds, seconds) if seconds else None)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def _limit(timeout: float) -> tuple[float, _Budget | None]:
+    """(seconds this call may run, the budget when it, not `timeout`, is the tighter limit)."""
+    b = _BUDGET.get()
+    if b is None:
+        return timeout, None
+    b.calls += 1
+    left = b.deadline - time.monotonic()
+    if left <= 0:
+        raise BudgetExceeded(b.seconds, b.calls - 1)
+    return (left, b) if left < timeout else (timeout, None)
+
+
 class ProcMissing(Exception):
     """The executable does not exist or cannot be run."""
 
@@ -58,8 +106,10 @@ def run(cmd: list[str], timeout: float, stdin: bytes | None = None) -> ProcResul
     """Run `cmd` (no shell) and capture its output; raise ProcTimeout after `timeout` seconds.
 
     The child leads a new session, so killing its group also kills anything it spawned. A non-zero
-    exit status is returned, not raised: callers classify failures themselves.
+    exit status is returned, not raised: callers classify failures themselves. Inside `budget`, the
+    call gets at most what is left of it and raises BudgetExceeded when that runs out.
     """
+    limit, by_budget = _limit(timeout)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -68,10 +118,12 @@ def run(cmd: list[str], timeout: float, stdin: bytes | None = None) -> ProcResul
     except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
         raise ProcMissing(f"cannot run {cmd[0]!r}: {exc}") from exc
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=limit)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
+        if by_budget is not None:
+            raise BudgetExceeded(by_budget.seconds, by_budget.calls, err) from None
         raise ProcTimeout(list(cmd), timeout, err) from None
     except BaseException:  # KeyboardInterrupt etc.: never leave a decoder running
         _kill_group(proc)

@@ -16,22 +16,25 @@ EXIT_LOCKED = 4         # another vtt-prep run holds the shards folder
 
 @dataclass
 class Plan:
-    """What a run will do, by source path; `failed` are earlier failures that are tried again."""
+    """What a run will do, by source path; `failed` are earlier failures that are tried again,
+    `failed_unchanged` earlier failures that nothing gives a reason to retry (--retry-failed does)."""
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)   # sidecar problems found now (no ffmpeg needed)
+    failed_unchanged: list[str] = field(default_factory=list)
     rebuild: bool = False
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict:
-        return {k: len(getattr(self, k)) for k in ("new", "changed", "deleted", "unchanged", "failed", "invalid")}
+        return {k: len(getattr(self, k)) for k in ("new", "changed", "deleted", "unchanged", "failed", "invalid",
+                                                   "failed_unchanged")}
 
     def text(self) -> str:
         lines = [f"{k:>9}: {v}" for k, v in self.counts().items()]
-        for k in ("new", "changed", "deleted", "failed", "invalid"):
+        for k in ("new", "changed", "deleted", "failed", "invalid", "failed_unchanged"):
             lines += [f"  {k} {s}" for s in getattr(self, k)[:50]]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -42,15 +45,19 @@ class Report:
     out_dir: str
     plan: dict = field(default_factory=dict)
     videos_ok: int = 0                 # samples written this run
-    videos_failed: int = 0
+    videos_failed: int = 0             # failed this run
+    videos_failed_unchanged: int = 0   # earlier failures not retried (nothing changed); also in `failed`
     videos_unchanged: int = 0
     samples_removed: int = 0
     frames: int = 0
     bytes_written: int = 0             # tar bytes of the samples written this run
     shards_written: list[str] = field(default_factory=list)
-    shards_removed: list[str] = field(default_factory=list)
+    shards_removed: list[str] = field(default_factory=list)   # taken out of index.json this run
+    shards_retired: list[str] = field(default_factory=list)   # of those, kept on disk for running readers
+    shards_purged: list[str] = field(default_factory=list)    # retired earlier, deleted this run
     seconds: dict = field(default_factory=dict)   # stage -> wall seconds (worker stages: summed)
-    failed: list[dict] = field(default_factory=list)   # {"source", "class", "reason", "stderr_tail"}
+    # {"source", "class", "reason", "stderr_tail"}; earlier failures not retried add "unchanged": True
+    failed: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     exit_code: int = EXIT_OK
@@ -68,6 +75,10 @@ class Report:
         d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         return d
 
+    def _kept(self) -> str:
+        n = self.videos_failed_unchanged
+        return f" (+{n} earlier failures unchanged, not retried; --retry-failed)" if n else ""
+
     def write(self, folder: Path) -> None:
         data = json.dumps(self.to_json(), indent=1, sort_keys=True).encode() + b"\n"
         atomic_write_bytes(Path(folder) / REPORT_FILE, data)
@@ -75,15 +86,20 @@ class Report:
     def summary(self) -> str:
         d = self.to_json()
         lines = [f"vtt-prep: {self.videos_ok} written, {self.videos_unchanged} unchanged, "
-                 f"{self.videos_failed} failed, {self.samples_removed} removed; {self.frames} frames, "
+                 f"{self.videos_failed} failed{self._kept()}, {self.samples_removed} removed; {self.frames} frames, "
                  f"{self.bytes_written / 1e6:.1f} MB in {self.wall:.1f} s "
                  f"({d['videos_per_s']} videos/s, {d['frames_per_s']} frames/s)"]
         if self.shards_written or self.shards_removed:
             lines.append(f"shards written: {', '.join(self.shards_written) or '-'}; "
-                         f"removed: {', '.join(self.shards_removed) or '-'}")
+                         f"removed: {', '.join(self.shards_removed) or '-'}"
+                         + (f" ({len(self.shards_retired)} kept as retired for running trainers)"
+                            if self.shards_retired else ""))
+        if self.shards_purged:
+            lines.append(f"retired shards deleted (past --retention-hours): {', '.join(self.shards_purged)}")
         if d["error_classes"]:
             lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in d["error_classes"].items()))
-        lines += [f"  FAILED {f['source']}: [{f['class']}] {f['reason']}" for f in self.failed[:20]]
+        lines += [f"  FAILED {f['source']}: [{f['class']}] {f['reason']}"
+                  + (" (earlier failure, unchanged)" if f.get("unchanged") else "") for f in self.failed[:20]]
         if len(self.failed) > 20:
             lines.append(f"  ... {len(self.failed) - 20} more in {REPORT_FILE}")
         lines += [f"warning: {w}" for w in self.warnings[:20]]

@@ -1,25 +1,23 @@
 """`vtt-prep extract`: data folder -> shards, incrementally and crash-safely (run_extract).
 
-Stages: lock -> reconcile the folder with its ledger -> discover -> plan -> rewrite the shards holding
-changed or deleted videos (survivors copied to new shard numbers; a sample whose sidecar alone changed is
-rebuilt from its old frames; one commit) -> extract new/changed/failed videos in sorted order through a
-bounded process pool into new shards (one ledger commit per finished shard) -> final commit.
+Stages: lock -> reconcile the folder with its ledger -> delete retired shards past retention ->
+discover -> plan -> rewrite the shards holding changed or deleted videos (survivors copied to new shard
+numbers; a sample whose sidecar alone changed is rebuilt from its old frames; the old shards retired;
+one commit) -> extract new/changed/retried videos in sample order (a hash of the key, so a shard mixes
+folders) through a process pool into new shards (one ledger commit per finished shard) -> final commit.
+--rebuild writes the whole new set under new shard numbers and switches to it in one commit.
 The ledger write is the only commit point, so kill -9 anywhere leaves the old or the new state.
+Cost: reconcile/plan O(videos) stats; ffmpeg and shard writes only for what changed.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
+import hashlib
 import sys
-import threading
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import filelock
 
@@ -30,8 +28,10 @@ from vtt.shards.ledger import (STATUS_FAILED, STATUS_OK, Fingerprint, Ledger, Vi
 from .config import PrepConfig
 from .discover import Video, discover
 from .faults import crash_point
-from .ledger import Work, fingerprint, make_plan, reconcile, sync_index
+from .ledger import RetryPolicy, Work, fingerprint, make_plan, reconcile, sync_index
+from .pool import ordered_map
 from .report import EXIT_FAILED_VIDEOS, Report
+from .retire import purge, retire
 from .task import Outcome, Task, process_video, residecar_members
 from .writer import ShardWriter, copy_to_new_shards
 
@@ -64,54 +64,29 @@ def timed(report: Report, stage: str):
         report.seconds[stage] = report.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _watch_parent() -> None:
-    """Pool worker initializer: exit when the main process dies (kill -9 leaves no orphans behind)."""
-    parent = os.getppid()
-
-    def watch():
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn over items, results in input order, at most 2*workers tasks in flight (bounded memory).
-
-    Workers are spawned, not forked: a forked child would inherit the folder lock's descriptor and
-    keep the lock alive after the main process was killed.
-    """
-    if workers == 1:
-        yield from map(fn, items)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_watch_parent)
-    window = deque()
-    try:
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= 2 * workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-    except BrokenProcessPool as e:
-        raise RuntimeError(
-            "a vtt-prep worker process died (killed, or out of memory; a script that calls run_extract "
-            "with workers > 1 needs `if __name__ == '__main__':`, as worker processes are spawned)") from e
-    finally:
-        # on error or Ctrl-C, queued videos must not run on before we can exit
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 class _Run:
     """State of one extract run: the ledger being built and the report."""
 
-    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report):
+    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report, rebuild: bool = False):
         self.cfg, self.ledger, self.report = cfg, ledger, report
         self.settings, self.settings_hash = cfg.output_settings(), cfg.settings_hash()
-        self.pending: dict[str, VideoRecord] = {}    # ok records whose shard is not closed yet
+        self.pending: dict[str, VideoRecord] = {}    # ok records whose shard is not committed yet
         self.failures: dict[str, VideoRecord] = {}
+        self.rebuild = rebuild                       # new shards are staged, committed all at once
+        self.staged: list = []                       # rebuild: closed shards, not in the ledger yet
+        self.to_delete: list[str] = []               # old shards to unlink once the commit is done
+
+    def retire(self, urls: list[str]) -> None:
+        """Take `urls` out of the live set in the next commit (kept as retired unless retention is 0)."""
+        self.to_delete += retire(self.ledger, urls, self.cfg.retention_hours)
+        self.report.shards_removed += urls
+        self.report.shards_retired += [u for u in urls if u in self.ledger.retired]
+
+    def delete_retired(self) -> None:
+        """After a commit: unlink what retention 0 says goes at once (a crash before: leftovers)."""
+        for url in self.to_delete:
+            (self.cfg.out_dir / url).unlink(missing_ok=True)
+        self.to_delete = []
 
     def commit(self) -> None:
         """The commit point: ledger first (atomic), then the index derived from it."""
@@ -127,6 +102,10 @@ class _Run:
             sync_index(self.cfg.out_dir, self.ledger)
 
     def shard_closed(self, entry, keys) -> None:
+        if self.rebuild:  # committed by switch(): until then the old set stays the live one
+            self.staged.append(entry)
+            self.report.shards_written.append(entry.url)
+            return
         done = {s: r for s, r in self.pending.items() if r.shard == entry.url}
         self.ledger.shards[entry.url] = entry
         self.ledger.records.update(done)
@@ -135,11 +114,33 @@ class _Run:
         self.report.shards_written.append(entry.url)
         self.commit()
 
-    def fail(self, v: Video, error: dict) -> None:
+    def switch(self) -> None:
+        """--rebuild's one commit: the staged set replaces every old shard (retired, not deleted)."""
+        self.report.samples_removed += len(self.ledger.ok_records())
+        self.retire(sorted(self.ledger.shards))
+        self.ledger.records = dict(self.pending)
+        self.ledger.shards.update({e.url: e for e in self.staged})
+        self.pending, self.staged, self.rebuild = {}, [], False
+        self.commit()
+        crash_point("rewrite-committed")
+        self.delete_retired()
+
+    def fail(self, v: Video, error: dict, outcome: Outcome | None = None, version: str | None = None) -> None:
+        """Record a failure with what decided it (fingerprints, ffmpeg, limits): retried only when one
+        of those changes. Without `version` (ffmpeg never ran for it) it is retried every run."""
         error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
+        video = Fingerprint(*outcome.stat, outcome.sha256) if outcome is not None and outcome.sha256 else None
+        sidecar = None
+        if video is not None and v.sidecar_path is not None:
+            try:
+                sidecar = fingerprint(v.sidecar_path)
+            except OSError:  # gone meanwhile: a record without it is retried next run
+                pass
+        limits = {"timeout": self.cfg.timeout, "video_timeout": self.cfg.video_timeout}
         self.failures[v.source] = VideoRecord(
-            source=v.source, status=STATUS_FAILED, video_id=v.video_id, key=v.key,
-            settings_hash=self.settings_hash, error=error)
+            source=v.source, status=STATUS_FAILED, video_id=v.video_id, key=v.key, video=video,
+            sidecar=sidecar, settings_hash=self.settings_hash, ffmpeg_version=version if video else None,
+            error=error, limits=limits if video else None)
         self.report.failed.append({"source": v.source, **error})
         self.report.videos_failed += 1
 
@@ -148,9 +149,9 @@ def rewrite_shards(run: _Run, work: Work, deleted: list[str]) -> None:
     """Rewrite the shards holding samples of changed or deleted videos, then commit once.
 
     Survivors are copied into new shard numbers (a sample whose video is unchanged but whose sidecar
-    changed is rebuilt from its old frames on the way); the old files are deleted only after the
-    commit, so a crash in between leaves the old state (the new files are unlisted and the next run
-    removes them).
+    changed is rebuilt from its old frames on the way); the old files are retired in the same commit
+    (deleted after retention), so a crash before it leaves the old state (the new files are unlisted
+    and the next run removes them). Cost: reads and writes the affected shards only.
     """
     ledger, out = run.ledger, run.cfg.out_dir
     gone = {s: ledger.records[s] for s in sorted(work.remove)
@@ -178,16 +179,13 @@ def rewrite_shards(run: _Run, work: Work, deleted: list[str]) -> None:
         ledger.records.pop(s, None)
     for old_key, url in moved:
         ledger.records[by_key[old_key].source] = _moved_record(run, work, by_key[old_key], url, nbytes)
-    for url in affected:
-        del ledger.shards[url]
+    run.retire(affected)
     ledger.shards.update({e.url: e for e in written})
     run.report.samples_removed += len(gone) - len(work.residecar)
     run.report.shards_written += [e.url for e in written]
     run.commit()
     crash_point("rewrite-committed")
-    for url in affected:
-        (out / url).unlink(missing_ok=True)
-    run.report.shards_removed += affected
+    run.delete_retired()
 
 
 def _moved_record(run: _Run, work: Work, rec: VideoRecord, url: str, nbytes: dict) -> VideoRecord:
@@ -212,11 +210,21 @@ def _progress(cfg: PrepConfig, total: int):
                 dynamic_ncols=True, desc="vtt-prep")
 
 
+def sample_order(videos: list[Video]) -> list[Video]:
+    """Videos in the order their samples are written: by a hash of the key, so that a shard mixes
+    folders (classes) instead of following the sorted paths. Deterministic: same inputs, same bytes."""
+    return sorted(videos, key=lambda v: (hashlib.sha256(v.key.encode()).hexdigest(), v.source))
+
+
+def _size(outcome: Outcome) -> int:
+    return sum(len(d) for _, d in outcome.members)
+
+
 def _accept(run: _Run, writer: ShardWriter, v: Video, outcome: Outcome, ffmpeg_version: str) -> None:
     for stage, sec in outcome.seconds.items():
         run.report.seconds[f"worker_{stage}"] = run.report.seconds.get(f"worker_{stage}", 0.0) + sec
     if outcome.error:
-        run.fail(v, outcome.error)
+        run.fail(v, outcome.error, outcome, ffmpeg_version)
         return
     video = Fingerprint(outcome.stat[0], outcome.stat[1], outcome.sha256)  # the worker hashed it already
     with timed(run.report, "write"):
@@ -232,7 +240,10 @@ def _accept(run: _Run, writer: ShardWriter, v: Video, outcome: Outcome, ffmpeg_v
 
 
 def extract_all(run: _Run, work: Work) -> None:
-    """Extract `work.extract` in sorted order into new shards; record `work.invalid` as failed."""
+    """Extract `work.extract` in sample order into new shards; record `work.invalid` as failed.
+
+    Cost: one worker task per video to extract; the writer appends in the same order whatever the
+    pool's finishing order (pool.ordered_map), so the bytes do not depend on timing or workers."""
     from .extract import ffmpeg_version as get_version
     from .frames import ExtractError
     for v in work.invalid:
@@ -256,7 +267,8 @@ def extract_all(run: _Run, work: Work) -> None:
     try:
         with timed(run.report, "extract"):
             workers = min(run.cfg.workers, len(work.extract))  # 1: in this process, no pool to start
-            for outcome in ordered_map(process_video, _tasks(run, work.extract, version), workers):
+            videos = sample_order(work.extract)
+            for outcome in ordered_map(process_video, _tasks(run, videos, version), workers, size=_size):
                 _accept(run, writer, by_source[outcome.source], outcome, version)
                 bar.update(1)
                 bar.set_postfix(failed=run.report.videos_failed, refresh=False)
@@ -279,12 +291,17 @@ def run_extract(cfg: PrepConfig) -> Report:
     with folder_lock(cfg.out_dir):
         with timed(report, "reconcile"):
             ledger, notes = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+            report.shards_purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
         report.warnings += notes
         work = _plan(cfg, ledger, report)
-        run = _Run(cfg, ledger, report)
-        with timed(report, "rewrite"):
-            rewrite_shards(run, work, report.plan["deleted"])
+        run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
+        if not run.rebuild:
+            with timed(report, "rewrite"):
+                rewrite_shards(run, work, report.plan["deleted"])
         extract_all(run, work)
+        _keep_failures(ledger, report)
+        if run.rebuild:
+            run.switch()
         work.apply_refreshed(ledger)
         run.commit()
         report.seconds["total"] = time.perf_counter() - t0
@@ -293,11 +310,30 @@ def run_extract(cfg: PrepConfig) -> Report:
     return report
 
 
+def _keep_failures(ledger: Ledger, report: Report) -> None:
+    """Earlier failures that were not retried stay failed: listed in the report (and exit 3)."""
+    for source in report.plan["failed_unchanged"]:
+        rec = ledger.records[source]
+        report.failed.append({"source": source, **rec.error, "unchanged": True})
+        report.videos_failed_unchanged += 1
+
+
+def _ffmpeg_version(cfg: PrepConfig):
+    from .extract import ffmpeg_version
+    from .frames import ExtractError
+    try:
+        return ffmpeg_version(cfg.frame_spec())
+    except ExtractError:
+        return None  # no ffmpeg: retry, which records the failure again at once
+
+
 def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
     with timed(report, "discover"):
         videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir)
     with timed(report, "plan"):
-        plan, work = make_plan(videos, ledger, cfg.settings_hash(), cfg.rebuild, cfg.workers)
+        policy = RetryPolicy(cfg.settings_hash(), {"timeout": cfg.timeout, "video_timeout": cfg.video_timeout},
+                             lambda: _ffmpeg_version(cfg), always=cfg.retry_failed)
+        plan, work = make_plan(videos, ledger, cfg.settings_hash(), cfg.rebuild, cfg.workers, policy)
     report.plan = asdict(plan)
     report.videos_unchanged = len(plan.unchanged)
     return work

@@ -116,8 +116,9 @@ def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict) ->
 
 def process_video(task: Task) -> Outcome:
     """Hash, extract and package one video; failures come back as data with their class."""
-    from .frames import ExtractError
     from .extract import extract_frames
+    from .frames import ExtractError
+    from .proc import BudgetExceeded, budget
     out = Outcome(task.source, task.key)
     t0 = time.perf_counter()
     try:
@@ -125,7 +126,8 @@ def process_video(task: Task) -> Outcome:
         out.stat = (st.st_size, st.st_mtime_ns)
         out.sha256 = sha256_file(task.path)
         t1 = time.perf_counter()
-        result = extract_frames(task.path, task.spec)
+        with budget(task.spec.video_timeout_s):
+            result = extract_frames(task.path, task.spec)
         t2 = time.perf_counter()
         out.members = build_members(task, out.sha256, result)
         out.nframes = len(result.frames)
@@ -133,6 +135,9 @@ def process_video(task: Task) -> Outcome:
     except ExtractError as e:
         out.error = {"class": e.error_class, "reason": f"{task.path}: {e.message}",
                      "stderr_tail": (e.stderr_tail or "")[-_STDERR_TAIL:]}
+    except BudgetExceeded as e:
+        out.error = {"class": "video_timeout", "reason": f"{task.path}: {e} (--video-timeout)",
+                     "stderr_tail": e.stderr_tail[-_STDERR_TAIL:]}
     except OSError as e:
         out.error = {"class": "read_failed", "reason": f"{task.path}: {e}", "stderr_tail": ""}
     except Exception as e:  # a bug, recorded with its traceback so the run still finishes the rest

@@ -1,4 +1,8 @@
-"""`vtt-prep verify` and `vtt-prep status`: check a shards folder against its index and ledger."""
+"""`vtt-prep verify` and `vtt-prep status`: check a shards folder against its index and ledger.
+
+Retired shards (replaced, kept on disk for trainers reading an older index; see retire.py) are listed
+apart: they are neither in index.json nor a mismatch. Cost: verify reads every live shard once.
+"""
 from __future__ import annotations
 
 import io
@@ -14,6 +18,19 @@ from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
 
 
+def retired_urls(folder: Path) -> set[str]:
+    """Urls index.json lists as retired (vtt -> retired); index.json, not the big ledger, is read."""
+    try:
+        return set(json.loads((Path(folder) / "index.json").read_text()).get("vtt", {}).get("retired", []))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def folder_problems(folder: Path, index, checksums: bool = False) -> list[str]:
+    """check_index, where a retired shard on disk is no "shard on disk but not in index.json"."""
+    spared = {f"{Path(folder) / u}: shard on disk but not in index.json" for u in retired_urls(folder)}
+    return [p for p in check_index(folder, index, checksums=checksums) if p not in spared]
+
 
 @dataclass
 class VerifyResult:
@@ -21,6 +38,7 @@ class VerifyResult:
     samples: int = 0
     frames: int = 0
     problems: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)   # "url (retired at ..., N samples)" lines
 
     @property
     def ok(self) -> bool:
@@ -101,6 +119,20 @@ def _check_ledger(folder: Path, index, where_key: dict[str, str], result: Verify
         result.problems.append(f"{where_key[key]}: sample {key!r} is not in the ledger")
 
 
+def _retired_lines(folder: Path) -> list[str]:
+    """One line per retired shard: age, samples, and whether the file is still there."""
+    from .retire import age_hours
+    try:
+        ledger = read_ledger(folder)
+    except ShardFormatError:
+        return []  # reported by _check_ledger
+    if ledger is None:
+        return []
+    return [f"{u} (retired {r.retired_at}, {age_hours(r):.1f} h ago, {r.nsamples} samples"
+            + ("" if (folder / u).is_file() else ", file already gone") + ")"
+            for u, r in sorted(ledger.retired.items())]
+
+
 def verify_shards(folder: str | Path) -> VerifyResult:
     """Read every shard, check index sizes/checksums and the ledger, decode every frame."""
     folder, result = Path(folder), VerifyResult()
@@ -109,9 +141,10 @@ def verify_shards(folder: str | Path) -> VerifyResult:
     except ShardFormatError as e:
         result.problems.append(str(e))
         return result
-    result.problems += check_index(folder, index, checksums=True)
+    result.problems += folder_problems(folder, index, checksums=True)
     where_key = _check_shards(folder, index, result)
     _check_ledger(folder, index, where_key, result)
+    result.retired = _retired_lines(folder)
     result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(folder.glob(TMP_PREFIX + "*"))]
     return result
 
@@ -128,17 +161,24 @@ def status_text(folder: str | Path) -> tuple[str, bool]:
         ok = ledger.ok_records()
         failed = [r for r in ledger.records.values() if r.status != STATUS_OK]
         versions = Counter(r.ffmpeg_version for r in ok)
-        lines.append(f"videos: {len(ok)} ok, {len(failed)} failed (retried by the next extract run)")
+        lines.append(f"videos: {len(ok)} ok, {len(failed)} failed (retried by the next extract run when "
+                     f"their file, sidecar, settings or ffmpeg changed, or with --retry-failed)")
         lines += [f"ffmpeg: {v} ({n} samples)" for v, n in versions.items()]
         classes = Counter(r.error["class"] for r in failed)
         if classes:
             lines.append("errors: " + ", ".join(f"{k} x{n}" for k, n in sorted(classes.items())))
         lines += [f"  FAILED {r.source}: [{r.error['class']}] {r.error['reason']}" for r in failed[:50]]
+        if ledger.retired:
+            mb = sum(r.filesize for r in ledger.retired.values()) / 1e6
+            lines.append(f"retired: {len(ledger.retired)} shards ({mb:.1f} MB) replaced but kept for trainers "
+                         f"reading an older index.json; a later extract/compact deletes them after "
+                         f"--retention-hours")
+            lines += [f"  RETIRED {line}" for line in _retired_lines(folder)[:50]]
     report = folder / REPORT_FILE
     if report.is_file():
         rep = json.loads(report.read_text())
         lines.append(f"last run: {rep.get('videos_ok')} written, {rep.get('videos_unchanged')} unchanged, "
                      f"{rep.get('videos_failed')} failed in {rep.get('seconds', {}).get('total', 0):.1f} s")
-    problems = check_index(folder, index)
+    problems = folder_problems(folder, index)
     lines += [f"PROBLEM: {p}" for p in problems]
     return "\n".join(lines), not problems

@@ -37,14 +37,16 @@ def copy_corpus(src: Path, dst: Path) -> Path:
     return dst
 
 
-def logging_ffmpeg(folder: Path) -> tuple[Path, Path, Path]:
-    """(ffmpeg, ffprobe, log): wrappers that append each call to `log`, then run the real binary."""
+def logging_ffmpeg(folder: Path, before: str = "") -> tuple[Path, Path, Path]:
+    """(ffmpeg, ffprobe, log): wrappers that append each call to `log`, run the shell code `before`
+    (with $TOOL = ffmpeg|ffprobe, $LOG and the call's arguments in "$@"), then the real binary."""
     log = folder / "ffmpeg-calls.log"
     out = []
     for name in ("ffmpeg", "ffprobe"):
         real = shutil.which(name)
         w = folder / f"logged-{name}"
-        w.write_text(f"#!/bin/sh\necho {name} \"$@\" >> '{log}'\nexec '{real}' \"$@\"\n")
+        w.write_text(f"#!/bin/sh\nTOOL={name}\nLOG='{log}'\necho {name} \"$@\" >> '{log}'\n{before}\n"
+                     f"exec '{real}' \"$@\"\n")
         w.chmod(w.stat().st_mode | stat.S_IXUSR)
         out.append(w)
     return out[0], out[1], log
@@ -69,9 +71,21 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def state_files(out: Path) -> dict[str, bytes]:
-    """What must equal a clean run's: shards, index and ledger (not the lock or the report)."""
+    """What must equal a clean run's: shards (live and retired), index and ledger (not the lock or the
+    report; the ledger's retirement times are the wall clock of the run that retired them)."""
     keep = [p for p in sorted(out.iterdir()) if p.name.startswith("shard-") or p.name in ("index.json", "ledger.json")]
-    return {p.name: p.read_bytes() for p in keep}
+    files = {p.name: p.read_bytes() for p in keep}
+    if "ledger.json" in files:
+        ledger = json.loads(files["ledger.json"])
+        for r in ledger.get("retired", []):
+            r["retired_at"] = "(time)"
+        files["ledger.json"] = json.dumps(ledger, indent=1, sort_keys=True).encode()
+    return files
+
+
+def live_shards(out: Path) -> list[str]:
+    """The shards index.json lists (retired ones stay on disk but are not listed)."""
+    return [e["url"] for e in json.loads((out / "index.json").read_text())["shardlist"]]
 
 
 def read_back(out: Path) -> dict[str, dict]:

@@ -2,7 +2,8 @@
 import subprocess
 
 import pytest
-from prep_helpers import add_video, calls, cfg, content, env, logging_ffmpeg, make_corpus, prep_cmd, snapshot
+from prep_helpers import (add_video, calls, cfg, content, env, live_shards, logging_ffmpeg, make_corpus, prep_cmd,
+                          snapshot)
 
 from vtt.pipeline.compact import compact_shards
 from vtt.pipeline.config import CompactConfig, ConfigError
@@ -14,12 +15,13 @@ from vtt.shards.ledger import read_ledger
 
 
 def _raw(out):
-    """key -> members exactly as stored, whatever shard holds them."""
-    return {k: m for p in sorted(out.glob("shard-*.tar")) for k, m in read_samples(p)}
+    """key -> members exactly as stored, whatever live shard holds them."""
+    return {k: m for u in live_shards(out) for k, m in read_samples(out / u)}
 
 
 def _shards(out):
-    return sorted(p.name for p in out.glob("shard-*.tar"))
+    """Live shards (merged ones stay on disk as retired until --retention-hours passed)."""
+    return live_shards(out)
 
 
 @pytest.fixture()
@@ -44,6 +46,8 @@ def test_compact_merges_only_small_shards(grown):
     res = compact_shards(small)
     assert res.merged == ["shard-000002.tar", "shard-000003.tar"] and res.written == ["shard-000004.tar"]
     assert _shards(out) == ["shard-000000.tar", "shard-000001.tar", "shard-000004.tar"]
+    assert sorted(read_ledger(out).retired) == res.retired == ["shard-000002.tar", "shard-000003.tar"]
+    assert all((out / u).is_file() for u in res.retired)  # a running trainer may still read them
     assert _raw(out) == raw and content(out) == before  # same member bytes, read back by WebDataset
     assert verify_shards(out).ok
     moved = {r.key for r in read_ledger(out).ok_records() if r.shard == "shard-000004.tar"}

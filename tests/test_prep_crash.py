@@ -62,10 +62,11 @@ KILL_POINTS = {
 }
 
 
-def run_and_kill(data, out, point, workers, wrap):
+def run_and_kill(data, out, point, workers, wrap, extra=()):
     """Start vtt-prep in its own process group, SIGKILL the main process at `point`."""
     commits = Commits(out)
-    proc = subprocess.Popen(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", str(workers), *wrap),
+    proc = subprocess.Popen(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", str(workers), *wrap,
+                                     *extra),
                             env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     hit, deadline = False, time.time() + 60
     while proc.poll() is None and time.time() < deadline:
@@ -91,8 +92,8 @@ def _no_orphans(pgid):
     pytest.fail("vtt-prep worker processes outlived the killed main process")
 
 
-def finish(data, out, wrap):
-    res = subprocess.run(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", "2", *wrap),
+def finish(data, out, wrap, extra=()):
+    res = subprocess.run(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", "2", *wrap, *extra),
                          env=env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -157,9 +158,9 @@ def test_kill9_twice_during_incremental_run_then_rerun(incremental, clean, tmp_p
     assert_same(out, reference)
 
 
-def crash_at(data, out, point):
+def crash_at(data, out, point, extra=()):
     """Run vtt-prep so that it SIGKILLs itself at `point` (pipeline/faults.py); it must die there."""
-    res = subprocess.run(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", "1"),
+    res = subprocess.run(prep_cmd("extract", str(data), str(out), *FLAGS, "--workers", "1", *extra),
                          env={**env(), ENV: point}, capture_output=True, text=True, timeout=120)
     assert res.returncode == -signal.SIGKILL, f"{point} not reached: rc={res.returncode} {res.stderr[-2000:]}"
 
@@ -205,3 +206,79 @@ def test_crash_between_rename_and_commit_is_undone(corpus, clean, tmp_path):
     r = run_extract(cfg(corpus, out, shard_max_samples=1))
     assert r.videos_ok == 1 and any("shard-000098.tar" in w for w in r.warnings)
     assert_same(out, clean)
+
+
+REBUILD = ("--rebuild", "--num-frames", "2")
+
+
+@pytest.fixture(scope="module")
+def rebuilt(corpus, clean, tmp_path_factory):
+    """An uninterrupted --rebuild of `clean` with other settings."""
+    out = tmp_path_factory.mktemp("rebuilt") / "out"
+    shutil.copytree(clean, out)
+    r = run_extract(cfg(corpus, out, shard_max_samples=1, num_frames=2, rebuild=True))
+    assert r.videos_ok == 6 and len(r.shards_retired) == 6
+    return out
+
+
+def assert_old_state(out, clean):
+    """The folder still serves the old set: ledger, index and every listed shard as they were."""
+    old = state_files(clean)
+    now = state_files(out)
+    assert now["ledger.json"] == old["ledger.json"] and now["index.json"] == old["index.json"]
+    assert all(now[u] == old[u] for u in old if u.startswith("shard-"))
+    assert verify_shards(clean).ok
+
+
+@pytest.mark.parametrize("point, switched", [("shard-renamed:2", False), ("ledger-written:1", True),
+                                             ("rewrite-committed", True)])
+def test_sigkill_during_rebuild_leaves_the_old_or_the_new_set(corpus, clean, rebuilt, tmp_path, point, switched):
+    """shard-renamed:2 = two new shards on disk, none listed; ledger-written:1 = the switch committed,
+    index.json not yet; rewrite-committed = switched, old shards just retired. Until the switch the
+    old shards serve readers unchanged; after it the new set does, and the old files remain."""
+    out = tmp_path / "out"
+    shutil.copytree(clean, out)
+    crash_at(corpus, out, point, REBUILD)
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert (ledger["settings"]["num_frames"] == 2) == switched
+    if switched:  # a plain rerun with the new settings completes it; no second rebuild needed
+        assert all((out / u).is_file() for u in state_files(clean) if u.startswith("shard-"))
+        finish(corpus, out, [], ("--num-frames", "2"))
+    else:
+        assert_old_state(out, clean)
+        finish(corpus, out, [], REBUILD)
+    assert_same(out, rebuilt)
+
+
+def test_kill9_during_rebuild_keeps_old_shards_serving(corpus, clean, rebuilt, tmp_path):
+    wrap = slow_ffmpeg(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(clean, out)
+    run_and_kill(corpus, out, "temp-shard-open", 2, wrap, REBUILD)
+    assert_old_state(out, clean)
+    finish(corpus, out, wrap, REBUILD)
+    assert_same(out, rebuilt)
+
+
+def test_sigkill_while_deleting_retired_shards(incremental, clean, tmp_path):
+    """Retired shards past retention: the ledger drops them first, then the files go; killed in
+    between, the next run removes the files as leftovers."""
+    data, reference = incremental
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    ledger = json.loads((out / "ledger.json").read_text())
+    retired = [r["url"] for r in ledger["retired"]]
+    assert retired
+    for r in ledger["retired"]:
+        r["retired_at"] = "2000-01-01T00:00:00Z"
+    (out / "ledger.json").write_text(json.dumps(ledger))
+    crash_at(data, out, "purge-committed")
+    assert json.loads((out / "ledger.json").read_text())["retired"] == []
+    finish(data, out, [])
+    assert not any((out / u).exists() for u in retired)
+    expected = {k: v for k, v in state_files(reference).items() if k not in retired}
+    got = state_files(out)
+    assert got.keys() == expected.keys() and got["index.json"] != expected["index.json"]  # no retired list
+    assert {k: v for k, v in got.items() if k.startswith("shard-")} == \
+        {k: v for k, v in expected.items() if k.startswith("shard-")}
+    assert verify_shards(out).ok

@@ -7,8 +7,8 @@ import time
 
 import pytest
 from clips import read_counter
-from prep_helpers import (FPS, add_video, calls, cfg, content, copy_corpus, logging_ffmpeg, make_corpus,
-                          read_back, snapshot, state_files)
+from prep_helpers import (FPS, add_video, calls, cfg, content, copy_corpus, live_shards, logging_ffmpeg,
+                          make_corpus, read_back, snapshot, state_files)
 
 from vtt.pipeline.ledger import SettingsChanged
 from vtt.pipeline.report import EXIT_FAILED_VIDEOS
@@ -139,11 +139,15 @@ def test_settings_change_refused_then_rebuild(data, tmp_path):
         run_extract(cfg(data, out, num_frames=2))
     assert {k: v for k, v in snapshot(out).items() if k != ".vtt-prep.lock"} == \
            {k: v for k, v in before.items() if k != ".vtt-prep.lock"}
+    old = (out / "shard-000000.tar").read_bytes()
     r = run_extract(cfg(data, out, num_frames=2, rebuild=True))
     assert r.videos_ok == 4 and r.samples_removed == 4
     assert all(len([k for k in s if k.endswith(".jpg")]) == 2 for s in read_back(out).values())
+    # the new set has new numbers; the old shard is retired, still readable by a running trainer
+    assert live_shards(out) == ["shard-000001.tar"] and r.shards_retired == ["shard-000000.tar"]
+    assert (out / "shard-000000.tar").read_bytes() == old and verify_shards(out).ok
     run_extract(cfg(data, tmp_path / "clean", num_frames=2))
-    assert state_files(out) == state_files(tmp_path / "clean")
+    assert (out / "shard-000001.tar").read_bytes() == (tmp_path / "clean" / "shard-000000.tar").read_bytes()
 
 
 def test_dry_run_prints_plan_and_touches_nothing(data, tmp_path):
@@ -178,12 +182,16 @@ def test_failures_are_recorded_run_continues_and_retried(data, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["error_classes"] == {"duplicate_video_id": 1, "probe_failed": 1, "sidecar_missing": 1}
     assert sorted(read_back(out)) == ["v00", "v01", "v02", "v03"]
-    # failed videos are retried: fix one, and it goes in
+    # a fixed video is retried and goes in; the unchanged junk file is not tried again, but still
+    # counts as failed (exit 3, listed as unchanged); the duplicate is re-checked (no ffmpeg needed)
     (data / "zz" / "nosidecar.webm").unlink()
     add_video(data, "zz/nosidecar.webm", codec="libvpx-vp9", description="now with sidecar")
     r = run_extract(cfg(data, out))
-    assert sorted(r.plan["failed"]) == ["zz/dup.mkv", "zz/junk.mp4", "zz/nosidecar.webm"]
-    assert r.videos_ok == 1 and r.videos_failed == 2
+    assert sorted(r.plan["failed"]) == ["zz/dup.mkv", "zz/nosidecar.webm"]
+    assert r.plan["failed_unchanged"] == ["zz/junk.mp4"]
+    assert r.videos_ok == 1 and r.videos_failed == 1 and r.videos_failed_unchanged == 1
+    assert r.exit_code == EXIT_FAILED_VIDEOS
+    assert {f["source"]: f.get("unchanged", False) for f in r.failed} == {"zz/dup.mkv": False, "zz/junk.mp4": True}
     assert read_back(out)["nosidecar"]["txt"] == "now with sidecar"
 
 
