@@ -22,16 +22,18 @@ def image_bytes(value: int, ext: str = "jpg", size=(6, 8)) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(folder, sizes, *, frames=2, ext="jpg", damage=None, start=0, prefix="v"):
-    """Shards of `sizes` samples each, keys v0000...; damage: {key: 'jpeg'|'json'|'frames'}."""
+def write_shards(folder, sizes, *, frames=2, ext="jpg", damage=None, start=0, prefix="v", meta=None, first=0):
+    """Shards of `sizes` samples each (numbered from `first`), keys v0000...; damage: {key: 'jpeg'|'json'|'frames'};
+    meta(key, n): extra sidecar fields."""
     folder.mkdir(parents=True, exist_ok=True)
     damage, entries, n = damage or {}, [], start
     for si, size in enumerate(sizes):
-        path = folder / shard_name(si)
+        path = folder / shard_name(first + si)
         with wds.TarWriter(str(path), mtime=0, encoder=False) as w:
             for _ in range(size):
                 key = f"{prefix}{n:04d}"
-                sample = {"__key__": key, "json": json.dumps({"video_id": key, "n": n}).encode(),
+                fields = {"video_id": key, "n": n, **(meta(key, n) if meta else {})}
+                sample = {"__key__": key, "json": json.dumps(fields).encode(),
                           "txt": f"text {key}".encode()}
                 for t in range(frames):
                     sample[frame_field(t, ext)] = image_bytes(n + t, ext)
