@@ -133,3 +133,21 @@ def test_interleave_change_refuses_exact_resume(tmp_path):
     take(loader, 1)
     with pytest.raises(ValueError, match="interleave_shards was 2, now 4"):
         build_loader(DataConfig(cfg.shards), keys_of, 2, start=loader.state())
+
+
+def test_new_data_fields_are_flags_and_set_keys(tmp_path):
+    from vtt.trainer.cli import main, overrides_from_flags
+    from vtt.trainer.config import ConfigError, load_config
+    argv = ["--model", "seq2seq", "--model-path", "M", "--shards", "S", "--output-dir", str(tmp_path),
+            "--interleave-shards", "2", "--data-resume", "next_epoch"]
+    params = main.make_context("vtt-train", argv).params
+    cfg = load_config(None, overrides_from_flags(params, params["sets"]))
+    assert cfg.data.interleave_shards == 2 and cfg.data.resume == "next_epoch"
+    over = overrides_from_flags({"kind": "seq2seq", "model_path": "M", "shards": "S", "output_dir": str(tmp_path)},
+                                ("data.interleave_shards=1", "data.resume=exact"))
+    cfg = load_config(None, over)
+    assert cfg.data.interleave_shards == 1 and cfg.data.resume == "exact"
+    with pytest.raises(ConfigError, match="interleave_shards must be >= 1"):
+        load_config(None, {**over, "data": {"shards": "S", "interleave_shards": 0}})
+    with pytest.raises(ConfigError, match="resume must be one of"):
+        load_config(None, {**over, "data": {"shards": "S", "resume": "sometimes"}})

@@ -94,7 +94,8 @@ def shard_samples(src: Source, j: int, start: int, want: Callable[[int], bool], 
     with open_shard(path, src.size(j)) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
+                while (info := tar.next()) is not None:
+                    tar.members.clear()  # TarFile keeps every header it read: O(members) memory otherwise
                     parts = split_member(info.name) if info.isfile() else None
                     if parts is None:
                         continue
