@@ -192,3 +192,42 @@ def test_ranks_take_rank_zeros_snapshot(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = sorted(line.split()[1:] for o, _ in outs for line in o.splitlines() if line.startswith("RESULT"))
     assert results == [["0", "8", "False", "8"], ["1", "12", "True", "8"]]
+
+
+EVAL_WHILE_PREP_COMMITS = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from prep_helpers import add_video, env, prep_cmd
+    from vtt.pipeline.faults import ENV
+    from vtt.trainer import cli, loop
+    data, out = Path(sys.argv[2]), sys.argv[3]
+    flags = ["--num-frames", "4", "--size", "96x32", "--resize", "stretch", "--shard-max-samples", "2", "-q"]
+    real, calls = loop.evaluate, []
+
+    def evaluate_while_prep_commits(*args, **kw):
+        calls.append(1)
+        add_video(data, f"late{len(calls)}.mp4")
+        crash = {ENV: "shard-renamed"} if len(calls) == 1 else {}  # 1st: a new shard on disk, not yet listed
+        p = subprocess.run(prep_cmd("extract", str(data), out, *flags), env={**env(), **crash})
+        assert p.returncode == (-9 if crash else 0), p.returncode
+        return real(*args, **kw)
+
+    loop.evaluate = evaluate_while_prep_commits
+    sys.argv = ["vtt-train"] + sys.argv[4:]
+    cli.main()
+""")
+
+
+def test_training_with_evals_while_vtt_prep_commits_to_the_same_folder(prep, tmp_path):
+    from train_helpers import PY, REPO, metrics, train_env
+    data, out = prep
+    run = tmp_path / "run"
+    args = ["--model", "seq2seq", "--preset", "tiny", "--shards", str(out), "--eval-fraction", "0.25",
+            "--eval-every", "1", "--max-steps", "3", "--micro-batch", "1", "--output-dir", str(run), "--no-export",
+            "--save-every", "0", "--log-every", "1"]
+    p = subprocess.run([PY, "-c", EVAL_WHILE_PREP_COMMITS, str(Path(__file__).parent), str(data), str(out), *args],
+                       cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [x["step"] for x in metrics(run)[1]] == [1, 2, 3]  # every eval ran on the pinned index
+    assert len(listed(out)) == N // 2 + 2  # vtt-prep did commit meanwhile: late1+late2, then late3
