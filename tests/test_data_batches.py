@@ -151,3 +151,16 @@ def test_new_data_fields_are_flags_and_set_keys(tmp_path):
         load_config(None, {**over, "data": {"shards": "S", "interleave_shards": 0}})
     with pytest.raises(ConfigError, match="resume must be one of"):
         load_config(None, {**over, "data": {"shards": "S", "resume": "sometimes"}})
+
+
+def test_positions_saved_before_snapshots_resume_as_one_shard_a_stream(tmp_path):
+    cfg = DataConfig(str(write_shards(tmp_path, [4] * 4)), interleave_shards=1, shuffle_buffer=3)
+    full = take(build_loader(cfg, keys_of, 2), 8)
+    loader = build_loader(cfg, keys_of, 2)
+    take(loader, 3)
+    old = {k: v for k, v in loader.state().items()  # what the reader wrote before this change
+           if k in ("epoch", "batch", "raw", "corrupt", "world_size", "num_workers", "micro_batch", "seed",
+                    "num_samples")}
+    assert take(build_loader(cfg, keys_of, 2, start=old), 5) == full[3:]
+    with pytest.raises(ValueError, match="interleave_shards was 1, now 4"):
+        build_loader(DataConfig(cfg.shards, shuffle_buffer=3), keys_of, 2, start=old)
