@@ -18,6 +18,7 @@ WebDataset splits the member name at the *first* dot to find the key, so keys ne
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tarfile
@@ -75,10 +76,30 @@ def make_key(video_id: str) -> str:
 Members = list[tuple[str, bytes]]  # (member name, data) of one sample, in tar order
 
 
+_FRAME_FIELD = re.compile(r"^(\d{4})\.(jpg|png)$", re.IGNORECASE)
+
+
+def split_member(member_name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member name, by WebDataset's rule (`base_plus_ext`): the key is the name up to
+    the first dot of its last path component, the field the rest (`v1.0003.jpg` -> `v1`, `0003.jpg`).
+    None for a name with no dot there (WebDataset skips such members too). The one parser of member names."""
+    head, sep, tail = member_name.rpartition("/")
+    base, dot, field = tail.partition(".")
+    if not dot or not base:
+        return None
+    return head + sep + base, field
+
+
 def key_of(member_name: str) -> str:
-    """WebDataset's rule: the key is the member name up to the first dot (keys carry no dots)."""
-    base, _, _ = member_name.partition(".")
-    return base
+    """The sample key of a member name (the whole name when it has no field)."""
+    parts = split_member(member_name)
+    return parts[0] if parts else member_name
+
+
+def frame_index(field: str) -> int | None:
+    """The frame number of a frame field (`0003.jpg` -> 3), None for any other field."""
+    m = _FRAME_FIELD.match(field)
+    return int(m.group(1)) if m else None
 
 
 def read_samples(shard: str | os.PathLike) -> Iterator[tuple[str, Members]]:
@@ -107,8 +128,16 @@ def frame_field(index: int, ext: str) -> str:
 
 def frame_fields(sample: dict) -> list[str]:
     """The frame fields of a WebDataset sample dict, in time order."""
-    fields = [k for k in sample if re.fullmatch(r"\d{4}\.(jpg|png)", k)]
-    return sorted(fields)
+    return sorted((k for k in sample if frame_index(k) is not None), key=lambda k: (frame_index(k), k))
+
+
+def decode_frame(data: bytes):
+    """One frame member (JPEG or PNG bytes) as a uint8 RGB array (H, W, 3): the one frame decoder.
+    Raises whatever Pillow raises for damaged data (OSError, SyntaxError, ...)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -61,18 +61,34 @@ def write_index(folder: str | os.PathLike, index: ShardIndex) -> None:
 
 def read_index(folder: str | os.PathLike) -> ShardIndex:
     """Read and structurally validate `folder/index.json`; errors name the file and the problem."""
+    return read_index_bytes(folder)[0]
+
+
+def read_index_bytes(folder: str | os.PathLike) -> tuple[ShardIndex, bytes]:
+    """(index, the exact bytes it was parsed from): one read, so a digest of the bytes names this index
+    even while vtt-prep replaces the file (it renames a new one into place, never edits it)."""
     path = Path(folder) / INDEX_FILE
     if not Path(folder).is_dir():
         raise ShardFormatError(f"{folder}: shards folder does not exist")
     if not path.is_file():
         raise ShardFormatError(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise ShardFormatError(f"{path}: unreadable index: {e}") from e
-    if raw.get("__kind__") != WIDS_KIND:
-        raise ShardFormatError(f"{path}: __kind__ is {raw.get('__kind__')!r}, expected {WIDS_KIND!r}")
-    version = raw.get("vtt", {}).get("format_version")
+    return parse_index(data, path), data
+
+
+def parse_index(data: bytes, path: str | os.PathLike = INDEX_FILE) -> ShardIndex:
+    """Validate index.json bytes (path only names the file in errors)."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: unreadable index: {e}") from e
+    if not isinstance(raw, dict) or raw.get("__kind__") != WIDS_KIND:
+        kind = raw.get("__kind__") if isinstance(raw, dict) else None
+        raise ShardFormatError(f"{path}: __kind__ is {kind!r}, expected {WIDS_KIND!r}")
+    version = (raw.get("vtt") or {}).get("format_version")
     if version != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: shard format version {version!r}, this vtt reads {FORMAT_VERSION}")
     try:
@@ -84,8 +100,13 @@ def read_index(folder: str | os.PathLike) -> ShardIndex:
 
 
 def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
-                checksums: bool = False) -> list[str]:
-    """Problems between the index and the tars on disk (missing file, size, checksum); [] if none."""
+                checksums: bool = False, unlisted: bool = True) -> list[str]:
+    """Problems between the index and the tars on disk (missing file, size, checksum); [] if none.
+
+    unlisted: also report tars on disk that the index does not list (vtt-prep verify). Readers pass
+    False: vtt-prep writes new shards before its commit and keeps retired ones for a while.
+    Cost: one stat per listed shard (+ one folder listing with `unlisted`, + reading every byte
+    with `checksums`)."""
     folder = Path(folder)
     index = index or read_index(folder)
     problems = []
@@ -98,7 +119,7 @@ def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
         elif checksums and sha256_file(p) != s.sha256:
             problems.append(f"{p}: sha256 differs from {INDEX_FILE}")
     listed = {s.url for s in index.shards}
-    for p in sorted(folder.glob("shard-*.tar")):
+    for p in [] if not unlisted else sorted(folder.glob("shard-*.tar")):
         if p.name not in listed:
             problems.append(f"{p}: shard on disk but not in {INDEX_FILE}")
     return problems

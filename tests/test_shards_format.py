@@ -41,3 +41,16 @@ def test_missing_index_is_a_clear_error(tmp_path):
         read_index(tmp_path)
     with pytest.raises(ShardFormatError, match="does not exist"):
         read_index(tmp_path / "nope")
+
+
+def test_member_names_parse_like_webdataset():
+    from webdataset.tariterators import base_plus_ext
+
+    from vtt.shards.format import frame_index, key_of, split_member
+    names = ["v1.json", "v1.0003.jpg", "clip-0001.0000.PNG", "a_b1234.txt", "dir.x/k.0001.jpg", "dir/k.json",
+             "noext", ".hidden.jpg", "k.", "sub/dir/"]
+    for name in names:
+        key, field = base_plus_ext(name)
+        assert split_member(name) == (None if key is None else (key, field)), name
+    assert key_of("v1.0003.jpg") == "v1" and key_of("noext") == "noext"
+    assert [frame_index(f) for f in ("0003.jpg", "0010.PNG", "json", "003.jpg", "0003.jpeg")] == [3, 10, None, None, None]

@@ -16,6 +16,7 @@ FLAG_FIELDS = {
     "shards": ("data", "shards"), "eval_shards": ("data", "eval_shards"),
     "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
     "data_seed": ("data", "seed"), "on_corrupt": ("data", "on_corrupt"),
+    "interleave_shards": ("data", "interleave_shards"), "data_resume": ("data", "resume"),
     "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "grad_clip": ("optim", "grad_clip"),
     "ds_file": ("deepspeed", "config_file"), "zero_stage": ("deepspeed", "zero_stage"),
@@ -120,6 +121,9 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--num-workers", type=int, help="DataLoader workers per rank [default: 0].")
 @click.option("--on-corrupt", type=click.Choice(["skip", "stop"]), help="Corrupt samples [default: skip].")
+@click.option("--interleave-shards", type=int, help="Shards each data stream reads at once [default: 4].")
+@click.option("--data-resume", type=click.Choice(["exact", "next_epoch"]),
+              help="Resume whose epoch cannot continue exactly: refuse, or start the next epoch [default: exact].")
 @click.option("--export/--no-export", default=None, help="Write RUN/final [default: on].")
 @click.option("--wandb-project", help="W&B project (global rank 0 logs).")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]),

@@ -23,7 +23,7 @@ from vtt.trainer import ds_config as dsc
 from vtt.trainer.adapters import get_adapter
 from vtt.trainer.checkpoint import CheckpointManager
 from vtt.trainer.config import TrainConfig, config_diff, dump_yaml, load_saved, preset_dir
-from vtt.trainer.data import build_loader, eval_batches, steps_per_epoch
+from vtt.trainer.data import agree_data, build_loader, eval_batches, pin_data, steps_per_epoch
 from vtt.trainer.tracking import Tracker, preflight as tracking_preflight
 
 log = logging.getLogger("vtt.train")
@@ -388,11 +388,14 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     ensure_preset(cfg)
     adapter = get_adapter(cfg.model)
     cfg = data_config_for(cfg, adapter)
+    pin_data(cfg.data)  # every loader of this run reads index.json as it is now, whatever vtt-prep commits
     plan = prepare(cfg, env, adapter)
     cfg = plan.cfg
     log.info("checks passed in %.1fs: %d steps, global batch %d", time.perf_counter() - t_start,
              plan.total_steps, plan.resolved.global_batch)
     device = init_distributed(env, cfg.deepspeed.timeout_minutes)
+    if agree_data(cfg.data):  # this rank read index.json across a vtt-prep commit: plan on rank 0's
+        plan = prepare(cfg, env, adapter)
     _quiet_deepspeed()
     if env.rank == 0:
         write_run_files(plan, run_dir)
