@@ -18,20 +18,6 @@ from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
 
 
-def retired_urls(folder: Path) -> set[str]:
-    """Urls index.json lists as retired (vtt -> retired); index.json, not the big ledger, is read."""
-    try:
-        return set(json.loads((Path(folder) / "index.json").read_text()).get("vtt", {}).get("retired", []))
-    except (OSError, ValueError, AttributeError):
-        return set()
-
-
-def folder_problems(folder: Path, index, checksums: bool = False) -> list[str]:
-    """check_index, where a retired shard on disk is no "shard on disk but not in index.json"."""
-    spared = {f"{Path(folder) / u}: shard on disk but not in index.json" for u in retired_urls(folder)}
-    return [p for p in check_index(folder, index, checksums=checksums) if p not in spared]
-
-
 @dataclass
 class VerifyResult:
     shards: int = 0
@@ -141,7 +127,7 @@ def verify_shards(folder: str | Path) -> VerifyResult:
     except ShardFormatError as e:
         result.problems.append(str(e))
         return result
-    result.problems += folder_problems(folder, index, checksums=True)
+    result.problems += check_index(folder, index, checksums=True)
     where_key = _check_shards(folder, index, result)
     _check_ledger(folder, index, where_key, result)
     result.retired = _retired_lines(folder)
@@ -179,6 +165,6 @@ def status_text(folder: str | Path) -> tuple[str, bool]:
         rep = json.loads(report.read_text())
         lines.append(f"last run: {rep.get('videos_ok')} written, {rep.get('videos_unchanged')} unchanged, "
                      f"{rep.get('videos_failed')} failed in {rep.get('seconds', {}).get('total', 0):.1f} s")
-    problems = folder_problems(folder, index)
+    problems = check_index(folder, index)
     lines += [f"PROBLEM: {p}" for p in problems]
     return "\n".join(lines), not problems

@@ -34,6 +34,9 @@ class ShardEntry:
 class ShardIndex:
     shards: tuple[ShardEntry, ...] = ()
     settings: dict = field(default_factory=dict)  # the prep settings that made every sample
+    # shards vtt-prep replaced but keeps on disk for its retention period (readers of an older index may
+    # still read them); not part of this index's samples
+    retired: tuple[str, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -47,7 +50,8 @@ class ShardIndex:
                 {"url": s.url, "nsamples": s.nsamples, "filesize": s.filesize, "sha256": s.sha256}
                 for s in self.shards
             ],
-            "vtt": {"format_version": FORMAT_VERSION, "settings": self.settings},
+            "vtt": {"format_version": FORMAT_VERSION, "settings": self.settings,
+                    **({"retired": sorted(self.retired)} if self.retired else {})},
         }
 
 
@@ -96,14 +100,18 @@ def parse_index(data: bytes, path: str | os.PathLike = INDEX_FILE) -> ShardIndex
                        for e in raw["shardlist"])
     except (KeyError, TypeError, ValueError) as e:
         raise ShardFormatError(f"{path}: malformed shardlist entry: {e}") from e
-    return ShardIndex(shards=shards, settings=raw["vtt"].get("settings", {}))
+    retired = raw["vtt"].get("retired") or []
+    if not isinstance(retired, list) or not all(isinstance(u, str) for u in retired):
+        raise ShardFormatError(f"{path}: vtt.retired must be a list of shard names")
+    return ShardIndex(shards=shards, settings=raw["vtt"].get("settings", {}), retired=tuple(sorted(retired)))
 
 
 def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
                 checksums: bool = False, unlisted: bool = True) -> list[str]:
     """Problems between the index and the tars on disk (missing file, size, checksum); [] if none.
 
-    unlisted: also report tars on disk that the index does not list (vtt-prep verify). Readers pass
+    unlisted: also report tars on disk that the index lists neither as live nor as retired (vtt-prep
+    verify). Readers pass
     False: vtt-prep writes new shards before its commit and keeps retired ones for a while.
     Cost: one stat per listed shard (+ one folder listing with `unlisted`, + reading every byte
     with `checksums`)."""
@@ -118,7 +126,7 @@ def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
             problems.append(f"{p}: {p.stat().st_size} bytes on disk, {s.filesize} in {INDEX_FILE}")
         elif checksums and sha256_file(p) != s.sha256:
             problems.append(f"{p}: sha256 differs from {INDEX_FILE}")
-    listed = {s.url for s in index.shards}
+    listed = {s.url for s in index.shards} | set(index.retired)
     for p in [] if not unlisted else sorted(folder.glob("shard-*.tar")):
         if p.name not in listed:
             problems.append(f"{p}: shard on disk but not in {INDEX_FILE}")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .format import LEDGER_FILE, ShardFormatError, atomic_write_bytes, shard_number
-from .index import ShardEntry, ShardIndex
+from .index import ShardEntry, ShardIndex, index_bytes
 
 LEDGER_VERSION = 1
 STATUS_OK = "ok"
@@ -107,7 +107,7 @@ class Ledger:
 
     def index(self) -> ShardIndex:
         entries = tuple(self.shards[u] for u in sorted(self.shards))
-        return ShardIndex(shards=entries, settings=self.settings)
+        return ShardIndex(shards=entries, settings=self.settings, retired=tuple(sorted(self.retired)))
 
     def to_json(self) -> dict:
         return {
@@ -122,10 +122,7 @@ class Ledger:
 
     def index_bytes(self) -> bytes:
         """index.json's bytes: the live shards, and the retired urls (only when there are any)."""
-        raw = self.index().to_json()
-        if self.retired:
-            raw["vtt"]["retired"] = sorted(self.retired)
-        return json.dumps(raw, indent=1, sort_keys=True).encode() + b"\n"
+        return index_bytes(self.index())
 
     def check(self) -> None:
         """Every ok record points at a listed shard and every shard's count matches its records."""

@@ -54,3 +54,19 @@ def test_member_names_parse_like_webdataset():
         assert split_member(name) == (None if key is None else (key, field)), name
     assert key_of("v1.0003.jpg") == "v1" and key_of("noext") == "noext"
     assert [frame_index(f) for f in ("0003.jpg", "0010.PNG", "json", "003.jpg", "0003.jpeg")] == [3, 10, None, None, None]
+
+
+def test_retired_shards_round_trip_and_are_no_unlisted_leftover(tmp_path):
+    """vtt-prep keeps retired shards on disk for a while: the index names them, and check_index (vtt-prep
+    verify) counts them neither as samples nor as a stray tar; a tar named nowhere still is one."""
+    live = tmp_path / shard_name(1)
+    live.write_bytes(b"x" * 10)
+    (tmp_path / shard_name(0)).write_bytes(b"old")
+    (tmp_path / shard_name(7)).write_bytes(b"stray")
+    index = ShardIndex((ShardEntry(live.name, 1, 10, "0" * 64),), {}, retired=(shard_name(0),))
+    write_index(tmp_path, index)
+    back = read_index(tmp_path)
+    assert back == index and back.num_samples == 1
+    assert json.loads((tmp_path / "index.json").read_text())["vtt"]["retired"] == [shard_name(0)]
+    assert check_index(tmp_path, back) == [f"{tmp_path / shard_name(7)}: shard on disk but not in index.json"]
+    assert "retired" not in ShardIndex().to_json()["vtt"]  # unchanged bytes for folders without any
