@@ -107,6 +107,8 @@ def test_loss_function_matches_the_models_own_token_mean(preset, tmp_path, shard
         torch.testing.assert_close(ours.logits, own.logits)
         mean = summed_token_loss(ours.logits, batch["labels"], causal) / label_count(batch, causal)
         torch.testing.assert_close(mean, own.loss, rtol=1e-6, atol=1e-6)
+    empty = summed_token_loss(ours.logits, torch.full_like(batch["labels"], -100), causal=False)
+    assert empty.item() == 0.0  # a micro batch without label tokens adds nothing (the model's mean gives NaN)
 
 
 def test_gradients_do_not_depend_on_the_batch_split(shards, preset, tmp_path):

@@ -20,11 +20,13 @@ def label_count(batch: dict, causal: bool) -> int:
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Sum (not mean) of the cross-entropy over label tokens, in fp32 whatever the compute dtype."""
+    """Sum (not mean) of the cross-entropy over label tokens, in fp32 whatever the compute dtype. Only the label
+    positions are upcast (a video prompt's hundreds of positions are not: less memory than the model's own loss)."""
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.to(logits.device)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    keep = labels != IGNORE
+    return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
 
 
 def forward_loss(engine, batch: dict, causal: bool) -> torch.Tensor:
