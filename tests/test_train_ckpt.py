@@ -130,6 +130,22 @@ def test_lora_checkpoint_holds_only_trainable_tensors_and_resumes_exactly(shards
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)  # trained (B starts at zero)
 
 
+def test_a_changed_frozen_base_is_named_at_resume(shards, tmp_path, caplog):
+    """A checkpoint without its frozen weights records where they reload from; resume warns if that changed."""
+    import os
+    run = tmp_path / "run"
+    vtt_train(*LLAVA, "--shards", shards, "--output-dir", run, "--lora", "--max-steps", 2)
+    path = run / "checkpoints" / tag_for(2)
+    source = json.loads((path / STATE_FILE).read_text())["frozen_source"]
+    assert source["folder"] == str((run / "preset-llava").resolve()) and "model.safetensors" in source["weights"]
+    m = CheckpointManager(run, 0, 0, 1, model_path=str(run / "preset-llava"))
+    m._check_frozen_source(path)
+    assert "changed since" not in caplog.text
+    os.utime(run / "preset-llava" / "model.safetensors", ns=(0, 0))  # rewritten in place, say
+    m._check_frozen_source(path)
+    assert "changed since the checkpoint was written" in caplog.text
+
+
 # ------------------------------------------------------------------ kill tests, two processes
 
 TWO = [*S2S, "--num-gpus", 2, "--max-steps", 6, "--save-every", 2, "--deepspeed", REPO / "configs" / "ds_zero3.json"]

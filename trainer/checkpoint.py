@@ -113,10 +113,27 @@ def incomplete_reason(path: Path) -> str | None:
     return None
 
 
+def frozen_source(model_path: str) -> dict:
+    """Where the frozen weights a checkpoint leaves out reload from: the model folder (a hub id resolves to its
+    cache snapshot, named by commit) and its weight files' sizes and mtimes. Cost: one stat per file."""
+    from vtt.trainer.adapters import checkpoint_file
+    folder = Path(model_path)
+    if not folder.is_dir():
+        config = checkpoint_file(model_path, "config.json")
+        if config is None:
+            return {"model_path": model_path}
+        folder = config.parent
+    weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir())
+               if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file()}
+    return {"model_path": model_path, "folder": str(folder.resolve()), "weights": weights}
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int,
+                 model_path: str | None = None):
         self.dir = Path(run_dir) / CKPT_DIR
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.model_path = model_path  # where frozen weights reload from (recorded, compared at resume)
 
     # -------------------------------------------------------------- saving
     def save(self, engine, step: int, data_position: dict, extra: dict | None = None) -> Path:
@@ -152,6 +169,8 @@ class CheckpointManager:
         files = {str(p.relative_to(path)): p.stat().st_size for p in _data_files(path)}
         meta = {"step": step, "world_size": self.world_size, "data": data, "frozen_excluded": frozen,
                 "files": files, **(extra or {})}
+        if frozen and self.model_path:
+            meta["frozen_source"] = frozen_source(self.model_path)
         atomic_write_bytes(path / STATE_FILE, json.dumps(meta, indent=1, default=str).encode())
         crash_point("marker", self.rank)
         atomic_write_bytes(self.dir / LATEST, path.name.encode())
@@ -206,6 +225,8 @@ class CheckpointManager:
         without frozen weights keeps the ones the model was loaded with (from the model path)."""
         frozen = {n for n, p in engine.module.named_parameters() if not p.requires_grad}
         load_fn = _partial_loader(folder / tag, frozen) if frozen else None
+        if frozen:
+            self._check_frozen_source(folder / tag)
         path, client = engine.load_checkpoint(str(folder), tag=tag, custom_load_fn=load_fn)
         if path is None:
             raise CheckpointError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
@@ -220,6 +241,16 @@ class CheckpointManager:
         set_rng_state(state["rng"][self.rank])
         return {"step": state["step"], "data": state["data"][self.rank],
                 **{k: v for k, v in state.items() if k not in ("step", "data", "rng", "world_size")}}
+
+
+    def _check_frozen_source(self, path: Path) -> None:
+        """The frozen weights come from the model path, not the checkpoint: say so when it changed since."""
+        saved = json.loads((path / STATE_FILE).read_text()).get("frozen_source") if (path / STATE_FILE).is_file() \
+            else None
+        if saved and self.model_path and frozen_source(self.model_path) != saved:
+            log.warning("%s leaves out the frozen weights, which reload from %s, and those changed since the "
+                        "checkpoint was written (then: %s; now: %s): the resumed run trains on another base",
+                        path, self.model_path, saved, frozen_source(self.model_path))
 
 
 def newest_complete(folder: Path) -> tuple[Path, str] | None:

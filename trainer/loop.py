@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     engine = build_engine(plan, adapter)
     log.info("engine ready at %.1fs (ZeRO-%d, %s, world %d, device %s)", time.perf_counter() - t_start,
              plan.resolved.zero_stage, plan.resolved.precision, env.world_size, device)
-    ckpt = CheckpointManager(run_dir, cfg.run.keep_last, env.rank, env.world_size)
+    ckpt = CheckpointManager(run_dir, cfg.run.keep_last, env.rank, env.world_size, cfg.model.model_path)
     start_step, position, last_ckpt = 0, None, None
     found = ckpt.find(cfg.run.resume) if cfg.run.resume else None
     if found:
