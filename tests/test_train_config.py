@@ -10,7 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import REPO, make_train_shards  # noqa: E402
 
 from vtt.trainer import ds_config as dsc  # noqa: E402
-from vtt.trainer.checkpoint import CheckpointError, CheckpointManager, tag_for  # noqa: E402
 from vtt.trainer.cli import launcher_command, main, overrides_from_flags  # noqa: E402
 from vtt.trainer.config import (ConfigError, DeepSpeedSettings, OptimConfig, TrackingConfig, load_config,  # noqa: E402
                                 parse_set)
@@ -167,25 +166,6 @@ def test_contradictions_stop_before_training(tmp_path, ext, settings, world, bf1
 
 
 # ------------------------------------------------------------------ checkpoints, launcher, tracking
-
-def test_checkpoint_prune_and_find(tmp_path):
-    m = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
-    for step in (2, 4, 6, 8):
-        (m.dir / tag_for(step)).mkdir(parents=True)
-        (m.dir / tag_for(step) / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    (m.dir / "latest").write_text(tag_for(4))  # a crash after saving 6 and 8 but before `latest` moved
-    assert m.prune() == [tag_for(2)]
-    assert m.tags() == [tag_for(s) for s in (4, 6, 8)]  # `latest` is never pruned
-    assert m.find("latest") == (m.dir, tag_for(4))
-    assert m.find(str(tmp_path)) == (m.dir, tag_for(4))  # a run folder
-    assert m.find(str(m.dir / tag_for(6))) == (m.dir, tag_for(6))  # a tag folder
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        m.find(str(tmp_path / "nope"))
-    (tmp_path / "other" / "step_x").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
-        m.find(str(tmp_path / "other" / "step_x"))
-    assert CheckpointManager(tmp_path / "fresh", 2, 0, 1).find("latest") is None
-
 
 def test_launcher_command_reruns_itself_without_launch_flags():
     cmd = launcher_command(["--model", "llava", "--num-gpus", "4", "--hostfile=hf", "--shards", "S"], 4, 2, "hf",

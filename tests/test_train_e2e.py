@@ -126,9 +126,9 @@ import sys, torch
 from vtt.trainer import cli, loop
 real = loop.forward_loss
 calls = []
-def poisoned(engine, batch):
+def poisoned(engine, batch, causal):
     calls.append(1)
-    loss = real(engine, batch)
+    loss = real(engine, batch, causal)
     return loss * float("nan") if len(calls) == 3 else loss
 loop.forward_loss = poisoned
 sys.argv = ["vtt-train"] + sys.argv[1:]

@@ -73,6 +73,7 @@ def read_norm(model_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 class LlavaAdapter:
     needs_frames = True
     cast_buffers = False  # RoPE inv_freq must stay fp32
+    causal = True  # token t's logits predict label t+1 (vtt.trainer.loss)
 
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig

@@ -16,6 +16,7 @@ class Seq2SeqAdapter:
     needs_frames = False
     # M2M100's sinusoidal position table is an fp32 buffer: under DeepSpeed bf16 it must be cast with the weights.
     cast_buffers = True
+    causal = False  # labels are aligned with the logits (vtt.trainer.loss)
 
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig
@@ -77,14 +78,24 @@ class Seq2SeqAdapter:
         render(self.cfg.target_template, sample, "target_template")
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """input_ids/attention_mask (source) and labels (target, -100 padding); the model shifts labels itself."""
+        """input_ids/attention_mask (source), labels (target, -100 padding) and the decoder inputs the model
+        would shift from the labels itself (the loss is computed outside the model: vtt.trainer.loss)."""
         for s in samples:
             self.check_sample(s)
         src = [self._source(s) for s in samples]
-        tgt = [self._target(s) for s in samples]
+        labels = pad_right([self._target(s) for s in samples], -100)
         return {"input_ids": pad_right(src, self.tokenizer.pad_token_id),
                 "attention_mask": pad_right([[1] * len(x) for x in src], 0),
-                "labels": pad_right(tgt, -100)}
+                "decoder_input_ids": self.decoder_inputs(labels), "labels": labels}
+
+    def decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels shifted right behind the decoder start token, as M2M100/BART/T5 do when given labels."""
+        pad = self.tokenizer.pad_token_id
+        start = getattr(self.config, "decoder_start_token_id", None)
+        out = labels.new_full(labels.shape, pad)
+        out[:, 1:] = labels[:, :-1]
+        out[:, 0] = pad if start is None else start
+        return out.masked_fill_(out == -100, pad)
 
     def num_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from vtt.trainer.loop import FINAL_DIR, MODEL_INFO_FILE
+from vtt.trainer.export import FINAL_DIR, MODEL_INFO_FILE
 
 
 def model_dir(path: str | Path) -> Path:

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vtt.shards.format import atomic_write_bytes
 from vtt.trainer.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,29 @@ def _clean(v):
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
-    """On resume: drop lines of the interrupted run past the checkpoint, so steps are not logged twice."""
+    """On resume: drop lines of the interrupted run past the checkpoint, so steps are not logged twice.
+
+    A kill mid-write leaves a torn last line: it is dropped (with a warning). An unreadable line elsewhere is
+    kept as it is (nothing already written is lost) and named in a warning. The rewrite is atomic.
+    Cost: one read and one write of the file, once per resume."""
     p = Path(run_dir) / METRICS_FILE
     if not p.is_file():
         return
-    kept = [line for line in p.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    p.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping its torn last line (the run was killed while writing it): %.80r", p, line)
+            else:
+                log.warning("%s line %d is not JSON; kept as it is: %.80r", p, i + 1, line)
+                kept.append(line)
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= after_step:
+            kept.append(line)
+    atomic_write_bytes(p, "".join(line + "\n" for line in kept).encode())
 
 
 class Tracker:

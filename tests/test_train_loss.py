@@ -1,0 +1,128 @@
+"""The training loss is a per-token mean over the whole optimizer step: the gradients the real DeepSpeed engine
+applies do not depend on how the global batch is split into ranks x micro batches x accumulation steps."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import PY, REPO, make_train_shards, train_env  # noqa: E402
+
+from vtt.trainer.adapters import ModelConfig, get_adapter  # noqa: E402
+from vtt.trainer.loss import label_count, summed_token_loss  # noqa: E402
+from vtt.trainer.presets import build_tiny  # noqa: E402
+
+# Runs vtt-train (any launcher) and, at the first accumulation boundary, saves every rank's micro batches and
+# the full fp32 gradients DeepSpeed is about to apply (safe_get_full_grad: after backward, before the step).
+CAPTURE = """
+import os, sys, torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import safe_get_full_grad
+from vtt.trainer import cli, loop
+out, batches = sys.argv[1], []
+real_loss, real_step = loop.forward_loss, DeepSpeedEngine.step
+def recording(engine, batch, causal):
+    batches.append({k: v.detach().cpu().clone() for k, v in batch.items()})
+    return real_loss(engine, batch, causal)
+def step(self, *a, **k):
+    if self.is_gradient_accumulation_boundary() and not getattr(self, "_dumped", False):
+        grads = {n: safe_get_full_grad(p).detach().float().cpu().clone()
+                 for n, p in self.module.named_parameters() if p.requires_grad}
+        torch.save({"grads": grads, "batches": batches}, f"{out}.rank{os.environ.get('RANK', '0')}")
+        self._dumped = True
+    return real_step(self, *a, **k)
+loop.forward_loss, DeepSpeedEngine.step = recording, step
+sys.argv = ["vtt-train"] + sys.argv[2:]
+cli.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_train_shards(tmp_path_factory.mktemp("shards") / "train", n=16, per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    return build_tiny("llava", tmp_path_factory.mktemp("preset") / "llava", seed=0)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def captured(tmp, shards, preset, micro: int, accum: int, ranks: int = 1) -> list[dict]:
+    """One fp32 optimizer step of the real engine; [per rank: {grads, batches}]."""
+    out = tmp / f"r{ranks}m{micro}a{accum}"
+    args = ["--model", "llava", "--model-path", str(preset), "--shards", str(shards), "--output-dir", str(out),
+            "--micro-batch", str(micro), "--grad-accum", str(accum), "--max-steps", "1", "--precision", "fp32",
+            "--save-every", "0", "--no-export", "--set", "run.save_final=false", "--set", "run.progress_bar=false",
+            "--set", "data.shuffle_buffer=0"]
+    launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                                    "--master_port", str(_port())]
+    script = tmp / "capture.py"
+    script.write_text(CAPTURE)
+    p = subprocess.run([PY, *launch, str(script), str(out / "dump"), *args], cwd=REPO, env=train_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return [torch.load(f"{out / 'dump'}.rank{r}", weights_only=False) for r in range(ranks)]
+
+
+def reference_grads(preset, batches: list[dict], per_micro_mean: bool = False) -> dict:
+    """Plain torch on the same weights and micro batches: the gradient of sum(token losses) / tokens (or, for
+    per_micro_mean, of the mean over micro batches of each one's token mean: the old, split-dependent loss)."""
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(preset, dtype=torch.float32).train()
+    total = sum(label_count(b, causal=True) for b in batches)
+    for b in batches:
+        inputs = {k: v for k, v in b.items() if k != "labels"}
+        loss = summed_token_loss(model(**inputs).logits, b["labels"], causal=True)
+        weight = len(batches) * label_count(b, causal=True) if per_micro_mean else total
+        (loss / weight).backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+
+
+def close(a: dict, b: dict, atol: float = 2e-6) -> bool:
+    return all(torch.allclose(a[n], b[n], rtol=1e-4, atol=atol) for n in a)
+
+
+def test_loss_function_matches_the_models_own_token_mean(preset, tmp_path, shards):
+    """summed_token_loss / label_count is exactly the model's own mean loss (same shift), for both model kinds;
+    seq2seq's decoder inputs built in collate equal the ones the model builds from labels."""
+    from vtt.trainer.data import DataConfig, build_loader
+    s2s = build_tiny("seq2seq", tmp_path / "s2s", seed=0)
+    for kind, path, causal in (("llava", preset, True), ("seq2seq", s2s, False)):
+        adapter = get_adapter(ModelConfig(kind=kind, model_path=str(path)))
+        model = adapter.load_model().eval()
+        loader = build_loader(DataConfig(str(shards), decode_frames=adapter.needs_frames), adapter.collate, 3)
+        batch = next(iter(loader))
+        with torch.no_grad():
+            own = model(**{k: v for k, v in batch.items() if k != "decoder_input_ids"})
+            ours = model(**{k: v for k, v in batch.items() if k != "labels"})
+        torch.testing.assert_close(ours.logits, own.logits)
+        mean = summed_token_loss(ours.logits, batch["labels"], causal) / label_count(batch, causal)
+        torch.testing.assert_close(mean, own.loss, rtol=1e-6, atol=1e-6)
+    empty = summed_token_loss(ours.logits, torch.full_like(batch["labels"], -100), causal=False)
+    assert empty.item() == 0.0  # a micro batch without label tokens adds nothing (the model's mean gives NaN)
+
+
+def test_gradients_do_not_depend_on_the_batch_split(shards, preset, tmp_path):
+    """micro 4 x accum 1 and micro 2 x accum 2 (one rank) and 2 ranks x micro 2 all apply the gradient of the
+    per-token mean over their step's samples; the old per-micro-batch mean would not (checked: it differs)."""
+    whole = captured(tmp_path, shards, preset, micro=4, accum=1)[0]
+    split = captured(tmp_path, shards, preset, micro=2, accum=2)[0]
+    assert len(whole["batches"]) == 1 and len(split["batches"]) == 2
+    want = reference_grads(preset, whole["batches"])
+    assert close(whole["grads"], want)
+    assert close(split["grads"], want), max((split["grads"][n] - want[n]).abs().max().item() for n in want)
+    assert close(split["grads"], whole["grads"])
+    assert not close(reference_grads(preset, split["batches"], per_micro_mean=True), want)
+    ranks = captured(tmp_path, shards, preset, micro=2, accum=1, ranks=2)
+    both = [b for r in ranks for b in r["batches"]]
+    assert close(ranks[0]["grads"], reference_grads(preset, both))
+    assert close(ranks[0]["grads"], ranks[1]["grads"], atol=0)

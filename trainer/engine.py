@@ -1,0 +1,51 @@
+"""The DeepSpeed engine: model loaded by the adapter, parameter groups, vtt's LR schedule; dtype/device moves."""
+from __future__ import annotations
+
+import torch
+
+from vtt.trainer.plan import Plan
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), as in every LLaVA/NLLB recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(plan: Plan, adapter):
+    import deepspeed
+    cfg = plan.cfg
+    hf_ds = None
+    if plan.resolved.zero_stage == 3 and cfg.deepspeed.zero3_init:  # from_pretrained partitions while loading
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds = HfDeepSpeedConfig(plan.ds)
+    torch.manual_seed(cfg.run.seed)  # same LoRA/new-head init on every rank
+    model = adapter.load_model()
+    lr_lambda = None
+    if "scheduler" not in plan.ds:
+        optim, total = cfg.optim, plan.total_steps
+
+        def lr_lambda(step: int) -> float:
+            return optim.lr_factor(step, total)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=plan.ds,
+        lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)) if lr_lambda else None)
+    engine._vtt_hf_ds = hf_ds  # keep alive: transformers holds it by weak reference
+    return engine
+
+
+def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """Float inputs (pixels) take the engine's compute dtype; ids and masks stay integer."""
+    return {k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def engine_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float32
