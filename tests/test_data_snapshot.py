@@ -203,7 +203,7 @@ EVAL_WHILE_PREP_COMMITS = textwrap.dedent("""
     from vtt.trainer import cli, loop
     data, out = Path(sys.argv[2]), sys.argv[3]
     flags = ["--num-frames", "4", "--size", "96x32", "--resize", "stretch", "--shard-max-samples", "2", "-q"]
-    real, calls = loop.evaluate, []
+    real, calls = loop.eval_and_log, []
 
     def evaluate_while_prep_commits(*args, **kw):
         calls.append(1)
@@ -213,7 +213,7 @@ EVAL_WHILE_PREP_COMMITS = textwrap.dedent("""
         assert p.returncode == (-9 if crash else 0), p.returncode
         return real(*args, **kw)
 
-    loop.evaluate = evaluate_while_prep_commits
+    loop.eval_and_log = evaluate_while_prep_commits
     sys.argv = ["vtt-train"] + sys.argv[4:]
     cli.main()
 """)

@@ -62,7 +62,7 @@ def captured(tmp, shards, preset, micro: int, accum: int, ranks: int = 1) -> lis
     args = ["--model", "llava", "--model-path", str(preset), "--shards", str(shards), "--output-dir", str(out),
             "--micro-batch", str(micro), "--grad-accum", str(accum), "--max-steps", "1", "--precision", "fp32",
             "--save-every", "0", "--no-export", "--set", "run.save_final=false", "--set", "run.progress_bar=false",
-            "--set", "data.shuffle_buffer=0"]
+            "--set", "data.shuffle_buffer=0", "--set", "data.interleave_shards=1"]  # clips 0-3: 4 caption lengths
     launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                     "--master_port", str(_port())]
     script = tmp / "capture.py"
@@ -121,6 +121,8 @@ def test_gradients_do_not_depend_on_the_batch_split(shards, preset, tmp_path):
     assert close(whole["grads"], want)
     assert close(split["grads"], want), max((split["grads"][n] - want[n]).abs().max().item() for n in want)
     assert close(split["grads"], whole["grads"])
+    counts = [label_count(b, causal=True) for b in split["batches"]]
+    assert counts[0] != counts[1], counts  # else the old loss would agree by accident
     assert not close(reference_grads(preset, split["batches"], per_micro_mean=True), want)
     ranks = captured(tmp_path, shards, preset, micro=2, accum=1, ranks=2)
     both = [b for r in ranks for b in r["batches"]]
