@@ -173,6 +173,10 @@ def test_launcher_command_reruns_itself_without_launch_flags():
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert cmd[3:] == ["--num_gpus", "4", "--num_nodes", "2", "--hostfile", "hf", "--master_port", "29600",
                        "--module", "vtt.trainer.cli", "--model", "llava", "--shards", "S"]
+    one_node = launcher_command(["--num-gpus", "2"], 2, None, None, None)  # never the fixed 29500 here
+    port = int(one_node[one_node.index("--master_port") + 1])
+    assert port != 29500  # a free port from the OS's ephemeral range
+    assert "--master_port" not in launcher_command([], 2, 2, "hf", None)  # multi-node: the launcher's own
 
 
 def test_metrics_truncated_on_resume(tmp_path):

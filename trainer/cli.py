@@ -46,6 +46,13 @@ def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
     return merge(tree, parse_set(sets))  # --set wins: it is the most specific
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, hostfile: str | None,
                      master_port: int | None) -> list[str]:
     """This same command under `deepspeed` (python -m deepspeed.launcher.runner), launch flags removed."""
@@ -64,6 +71,8 @@ def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, host
         cmd += ["--num_nodes", str(num_nodes)]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+    if not master_port and not hostfile and not num_nodes:
+        master_port = _free_port()  # one machine: the launcher's fixed 29500 collides with any other run
     if master_port:
         cmd += ["--master_port", str(master_port)]
     return cmd + ["--module", "vtt.trainer.cli", *rest]
@@ -133,7 +142,8 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--num-gpus", type=int, help="Start N processes per node with the deepspeed launcher.")
 @click.option("--num-nodes", type=int, help="With --num-gpus: nodes from --hostfile.")
 @click.option("--hostfile", help="With --num-gpus: deepspeed hostfile for multi-node runs.")
-@click.option("--master-port", type=int, help="With --num-gpus: rendezvous port.")
+@click.option("--master-port", type=int, help="With --num-gpus: rendezvous port (default: a free one on a single "
+              "machine, the launcher's 29500 with --hostfile/--num-nodes).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True)
 def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
     if num_gpus:
