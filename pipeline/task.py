@@ -133,7 +133,8 @@ def process_video(task: Task) -> Outcome:
         out.nframes = len(result.frames)
         out.seconds = {"hash": t1 - t0, "extract": t2 - t1, "package": time.perf_counter() - t2}
     except ExtractError as e:
-        out.error = {"class": e.error_class, "reason": f"{task.path}: {e.message}",
+        where = "" if e.message.startswith(str(task.path)) else f"{task.path}: "  # the file, named once
+        out.error = {"class": e.error_class, "reason": f"{where}{e.message}",
                      "stderr_tail": (e.stderr_tail or "")[-_STDERR_TAIL:]}
     except BudgetExceeded as e:
         out.error = {"class": "video_timeout", "reason": f"{task.path}: {e} (--video-timeout)",
