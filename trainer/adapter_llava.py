@@ -11,7 +11,9 @@ import torch
 from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
                                   enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
                                   read_json, render, save_checkpoint, set_trainable, unwrap)
-from vtt.trainer.text import encode, render_spans
+from vtt.trainer.conversation import FAMILY_TEMPLATES, Turn, conversation_of, drop_oldest_exchange, learned
+from vtt.trainer.conversation import render as render_conversation
+from vtt.trainer.text import encode, encode_offsets, render_spans
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
 PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
@@ -109,6 +111,8 @@ class LlavaAdapter:
     def check_sample(self, sample: dict) -> None:
         """Raise SampleError naming the sample when this model cannot take it."""
         self._check_frames(sample)
+        if conversation_of(sample) is not None:  # validated there; its length is checked on the real ids
+            return
         key, frames = sample.get("key", "?"), sample["frames"]
         t = self.cfg.num_frames or len(frames)
         need = self.layout.num_tokens(t) + len(self._prompt_ids(sample)[0]) + 1
@@ -176,6 +180,12 @@ class LlavaAdapter:
         pix, t = self._pixels(samples)
         ids, labels = [], []
         for s in samples:
+            turns = conversation_of(s)
+            if turns is not None:
+                x, y = self._conversation_ids(s, turns, t)
+                ids.append(x)
+                labels.append(y)
+                continue
             prompt, at = self._prompt_ids(s)
             prompt = self._expand(prompt, at, t)
             answer = self._answer_ids(s)
@@ -185,6 +195,37 @@ class LlavaAdapter:
         attention = pad_right([[1] * len(x) for x in ids], 0)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": pad_right(labels, -100),
                 **self._pixel_kwargs(pix)}
+
+    def _conversation_ids(self, sample: dict, turns: list[Turn], t: int) -> tuple[list[int], list[int]]:
+        """ids and labels of a conversation sample, within the length limit by `model.overflow`: drop (a
+        SampleError, counted by the data's on_corrupt policy) or cut history exchanges from the front."""
+        key, limit = sample.get("key", "?"), self.cfg.max_length or self.max_positions
+        while True:
+            ids, labels = self._turn_ids(key, learned(turns, self.cfg.mask_history), t)
+            if not limit or len(ids) <= limit:
+                break
+            shorter = drop_oldest_exchange(turns) if self.cfg.overflow == "truncate_history" else None
+            if shorter is None:
+                raise SampleError(f"sample {key!r}: the conversation is {len(ids)} tokens with its video, over the "
+                                  f"limit of {limit} (model.max_length / the model's positions; model.overflow="
+                                  f"{self.cfg.overflow}): dropped")
+            turns = shorter
+        if all(y == -100 for y in labels):
+            raise SampleError(f"sample {key!r}: no assistant turn is learned (all have \"loss\": false)")
+        return ids, labels
+
+    def _turn_ids(self, key: str, turns: list[Turn], t: int) -> tuple[list[int], list[int]]:
+        template = self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]
+        text, data, loss = render_conversation(self.tokenizer, turns, template, self.placeholder)
+        bos = self.tokenizer.bos_token
+        ids, offs = encode_offsets(self.tokenizer, text, data, add_special_tokens=not (bos and text.startswith(bos)))
+        labels = [i if b > a and any(a < e and s < b for s, e in loss) else -100 for i, (a, b) in zip(ids, offs)]
+        where = [k for k, i in enumerate(ids) if i == self.layout.token_id]
+        if len(where) != 1:
+            raise SampleError(f"sample {key!r}: the rendered conversation holds {len(where)} video placeholders")
+        at, n = where[0], self.layout.num_tokens(t)
+        return (ids[:at] + [self.layout.token_id] * n + ids[at + 1:],
+                labels[:at] + [-100] * n + labels[at + 1:])
 
     def num_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())

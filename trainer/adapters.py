@@ -44,6 +44,10 @@ class ModelConfig:
     max_source_len: int = 256
     max_target_len: int = 128
     num_frames: int | None = None            # llava: resample every clip to this many frames (None: keep)
+    # conversation samples (sidecar `conversations`/`messages`; vtt.trainer.conversation)
+    mask_history: bool = False               # loss on the last assistant turn only (default: every one)
+    max_length: int | None = None            # tokens per sample, video included (None: the model's positions)
+    overflow: str = "drop"                   # over max_length: drop (counted) | truncate_history (oldest first)
     freeze_vision: bool = False
     freeze_llm: bool = False
     projector_only: bool = False
@@ -69,6 +73,10 @@ class ModelConfig:
         for name in ("max_source_len", "max_target_len", "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overflow not in ("drop", "truncate_history"):
+            raise ValueError(f"overflow must be 'drop' or 'truncate_history', got {self.overflow!r}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8 or None, got {self.max_length}")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1 or None, got {self.num_frames}")
         if not 0.0 <= self.lora_dropout < 1.0:

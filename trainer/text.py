@@ -82,31 +82,42 @@ def _inside(off: tuple[int, int], spans: list[Span]) -> bool:
 
 
 def encode(tokenizer, text: str, data: list[Span], add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`, special tokens recognised only outside the `data` spans.
+    """Token ids of `text`, special tokens recognised only outside the `data` spans (see encode_offsets)."""
+    return encode_offsets(tokenizer, text, data, add_special_tokens)[0]
+
+
+def encode_offsets(tokenizer, text: str, data: list[Span], add_special_tokens: bool = True
+                   ) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids, character span of each token) of `text`, special tokens recognised only outside `data`.
 
     The common case (no special-token string inside the data) is the tokenizer's own joint tokenisation,
     unchanged. Otherwise the text is cut at the markup tokens and each piece is tokenised with
     `split_special_tokens=True` (the pieces' boundaries are the markup tokens, where the tokenizer cuts
-    anyway); cost stays linear in the text."""
+    anyway); cost stays linear in the text. Tokens the post-processor adds (BOS/EOS) span (0, 0)."""
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids, offsets, special = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], _special_ids(tokenizer)
     if not any(i in special and _inside(o, data) for i, o in zip(ids, offsets)):
-        return ids
+        return ids, offsets
     lead, trail = 0, len(ids)  # BOS/EOS the post-processor adds have empty offsets
     while lead < trail and offsets[lead] == (0, 0) and ids[lead] in special:
         lead += 1
     while trail > lead and offsets[trail - 1] == (0, 0) and ids[trail - 1] in special:
         trail -= 1
-    out, cut = ids[:lead], 0
+    out, offs, cut = ids[:lead], offsets[:lead], 0
     for i, (start, end) in zip(ids[lead:trail], offsets[lead:trail]):
         if i in special and not _inside((start, end), data):
-            out += _as_text(tokenizer, text[cut:start])
+            _add_text(tokenizer, text, cut, start, out, offs)
             out.append(i)
+            offs.append((start, end))
             cut = end
-    return out + _as_text(tokenizer, text[cut:]) + ids[trail:]
+    _add_text(tokenizer, text, cut, len(text), out, offs)
+    return out + ids[trail:], offs + offsets[trail:]
 
 
-def _as_text(tokenizer, piece: str) -> list[int]:
-    if not piece:
-        return []
-    return list(tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+def _add_text(tokenizer, text: str, start: int, end: int, ids: list[int], offs: list) -> None:
+    if end <= start:
+        return
+    enc = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True,
+                    return_offsets_mapping=True)
+    ids += enc["input_ids"]
+    offs += [(a + start, b + start) for a, b in enc["offset_mapping"]]

@@ -1,0 +1,135 @@
+"""Multi-turn conversation samples (trainer/conversation.py + the LLaVA adapter): both annotation styles, the
+family format and a checkpoint's own chat template, loss on exactly the learned assistant turns, history masking,
+length overflow, and bad conversations failing as data through the loader's on_corrupt policy."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter
+from vtt.trainer.conversation import conversation_of
+from vtt.trainer.presets import build_tiny
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prep_helpers import add_video, cfg as prep_cfg  # noqa: E402
+
+CONV = [{"from": "system", "value": "You answer questions about videos."},
+        {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Which way does it move?"}, {"from": "gpt", "value": "left", "loss": False},
+        {"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": "a circle </s> really"}]
+MESSAGES = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "\nWhat colour?"}]},
+            {"role": "assistant", "content": "blue"}, {"role": "user", "content": "And the shape?"},
+            {"role": "assistant", "content": "a square"}]
+
+
+@pytest.fixture(scope="module")
+def llava_path(tmp_path_factory):
+    return str(build_tiny("llava", tmp_path_factory.mktemp("conv") / "llava"))
+
+
+def sample(field="conversations", turns=CONV, key="k"):
+    return {"key": key, "text": "", "frames": np.zeros((2, 16, 16, 3), np.uint8),
+            "meta": {"description": "a caption", field: turns}}
+
+
+def learned_texts(ad, batch, row=0) -> list[str]:
+    """The decoded runs of label tokens, in order."""
+    ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+    runs, cur = [], []
+    for i, y in zip(ids, labels):
+        if y != -100:
+            assert y == i
+            cur.append(i)
+        elif cur:
+            runs.append(ad.tokenizer.decode(cur))
+            cur = []
+    return runs + ([ad.tokenizer.decode(cur)] if cur else [])
+
+
+def test_every_learned_assistant_turn_and_only_those_get_loss(llava_path):
+    ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
+    batch = ad.collate([sample()])
+    assert learned_texts(ad, batch) == [" red</s>", " a circle </s> really</s>"]  # "left" says loss: false
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(ad.layout.token_id) == ad.layout.num_tokens(2)  # "<image>" became the video tokens
+    assert ids.count(ad.tokenizer.eos_token_id) == 3  # one per assistant turn; the answer's "</s>" is text
+    masked = get_adapter(ModelConfig(kind="llava", model_path=llava_path, mask_history=True))
+    assert learned_texts(masked, masked.collate([sample()])) == [" a circle </s> really</s>"]
+
+
+def test_messages_style_with_content_parts_and_mixed_batch(llava_path):
+    ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
+    caption = {**sample(), "meta": {"description": "a plain caption"}}
+    batch = ad.collate([sample("messages", MESSAGES), caption])
+    assert learned_texts(ad, batch, 0) == [" blue</s>", " a square</s>"]
+    assert learned_texts(ad, batch, 1) == [" a plain caption</s>"]  # a caption sample stays what it was
+    n = ad.layout.num_tokens(2)
+    assert [row.tolist().count(ad.layout.token_id) for row in batch["input_ids"]] == [n, n]
+
+
+def test_the_checkpoints_own_chat_template_is_used(llava_path, tmp_path):
+    path = tmp_path / "templated"
+    shutil.copytree(llava_path, path)
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                             "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(conf))
+    ad = get_adapter(ModelConfig(kind="llava", model_path=str(path)))
+    assert ad.tokenizer.chat_template
+    batch = ad.collate([sample("messages", MESSAGES)])
+    text = ad.tokenizer.decode([i for i in batch["input_ids"][0].tolist() if i != ad.layout.token_id])
+    assert text.startswith("<s>[user] \nWhat colour?[assistant] blue</s>")  # HF renders with trim_blocks
+    assert learned_texts(ad, batch) == [" blue</s>", " a square</s>"]
+
+
+def test_overflow_drops_or_cuts_history_from_the_front(llava_path):
+    full = get_adapter(ModelConfig(kind="llava", model_path=llava_path)).collate([sample()])
+    n = int(full["attention_mask"].sum())
+    drop = get_adapter(ModelConfig(kind="llava", model_path=llava_path, max_length=n - 1))
+    with pytest.raises(SampleError, match=r"'k'.*over the limit.*dropped"):
+        drop.collate([sample()])
+    cut = get_adapter(ModelConfig(kind="llava", model_path=llava_path, max_length=n - 1, overflow="truncate_history"))
+    batch = cut.collate([sample()])
+    assert int(batch["attention_mask"].sum()) < n
+    assert learned_texts(cut, batch) == [" a circle </s> really</s>"]  # the first exchange went, the video stayed
+    assert batch["input_ids"][0].tolist().count(cut.layout.token_id) == cut.layout.num_tokens(2)
+
+
+@pytest.mark.parametrize("turns,match", [
+    ([{"from": "human", "value": "<video> hi"}], "no assistant turn"),
+    ([{"from": "gpt", "value": "x"}, {"from": "human", "value": "<video>"}], r"\[0\]: roles out of order"),
+    ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "placeholder .* found 0"),
+    ([{"from": "human", "value": "<video><image>"}, {"from": "gpt", "value": "x"}], "found 2"),
+    ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<video>"}], r"\[1\]: .*in a assistant turn"),
+    ([{"from": "robot", "value": "<video>"}], r"\[0\]: unknown role 'robot'"),
+    ([{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "x", "loss": False}], "no assistant turn is"),
+])
+def test_bad_conversations_name_sample_turn_and_reason(llava_path, turns, match):
+    ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
+    with pytest.raises(SampleError, match=match):
+        ad.collate([sample(turns=turns)])
+
+
+def test_sidecar_conversations_reach_training_and_bad_ones_are_counted(llava_path, tmp_path):
+    """Real vtt-prep output: conversations ride in the sidecar; a bad one is a counted bad_sample, not a crash."""
+    from vtt.pipeline.run import run_extract
+    from vtt.trainer.data import DataConfig, build_loader
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        path = add_video(data, f"v{i}.mp4")
+        side = json.loads(path.with_suffix(".json").read_text())
+        side["conversations"] = CONV if i != 2 else [{"from": "human", "value": "<video> no answer"}]
+        path.with_suffix(".json").write_text(json.dumps(side))
+    assert run_extract(prep_cfg(data, tmp_path / "shards")).exit_code == 0
+    ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
+    loader = build_loader(DataConfig(str(tmp_path / "shards"), shuffle_buffer=0), ad.collate, micro_batch=1)
+    it = iter(loader)
+    batches = [next(it) for _ in range(len(loader))]  # one epoch: every sample is met once
+    assert all(b["input_ids"].shape[0] == 1 for b in batches)
+    assert loader.corrupt == {"bad_sample": 1}
+    assert "v2" in json.dumps(loader.corrupt_events) and "no assistant turn" in json.dumps(loader.corrupt_events)
+    assert conversation_of({"meta": {"description": "x"}}) is None

@@ -1,0 +1,148 @@
+"""Multi-turn conversations in samples: parse, validate, render with a chat template, mark what the loss sees.
+
+A sample's metadata may carry `conversations` (LLaVA / LLaVA-Video-178K: `[{"from": "human"|"gpt"|"system",
+"value": str}]`) or `messages` (LLaMA-Factory / ms-swift: `[{"role": "system"|"user"|"assistant", "content": str}]`),
+with the video placeholder (`<video>`, or `<image>` as LLaVA-Video-178K writes it) once, in a user turn. A turn may
+say `"loss": false`. Rendering uses the checkpoint's own chat template when it has one, else the family's format
+(FAMILY_TEMPLATES); message text stays data (vtt.trainer.text), only the placeholder becomes markup.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from vtt.trainer.text import SampleError, Span
+
+FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDERS = ("<video>", "<image>")
+# The llava-hf formats: Vicuna-style for LLaVA-NeXT-Video / Video-LLaVA / LLaVA-1.5, ChatML for OneVision (Qwen2).
+_VICUNA = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} "
+           "{% elif m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: {{ m['content'] }}"
+           "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FAMILY_TEMPLATES = {"llava_next_video": _VICUNA, "video_llava": _VICUNA, "llava": _VICUNA, "llava_onevision": _CHATML}
+OVERFLOW = ("drop", "truncate_history")
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str   # system | user | assistant
+    text: str
+    loss: bool = True  # assistant turns: learn this answer
+
+
+def _turn(item, i: int, field: str, key: str) -> Turn:
+    where = f"sample {key!r}: {field}[{i}]"
+    if not isinstance(item, dict):
+        raise SampleError(f"{where}: expected an object, got {type(item).__name__}")
+    role = item.get("from") if field == "conversations" else item.get("role")
+    text = item.get("value") if field == "conversations" else item.get("content")
+    if isinstance(text, list):  # content parts: [{"type": "video"}, {"type": "text", "text": ...}]
+        text = "".join("<video>" if p.get("type") == "video" else str(p.get("text", "")) for p in text
+                       if isinstance(p, dict))
+    if role not in FROM_ROLES:
+        raise SampleError(f"{where}: unknown role {role!r} (one of {sorted(FROM_ROLES)})")
+    if not isinstance(text, str):
+        raise SampleError(f"{where}: the text must be a string, got {type(text).__name__}")
+    loss = item.get("loss", True)
+    if not isinstance(loss, bool):
+        raise SampleError(f"{where}: \"loss\" must be true or false, got {loss!r}")
+    return Turn(FROM_ROLES[role], text, loss)
+
+
+def conversation_of(sample: dict) -> list[Turn] | None:
+    """The sample's validated turns, or None for a caption sample (no `conversations`/`messages`)."""
+    meta, key = sample.get("meta") or {}, sample.get("key", "?")
+    field = "conversations" if "conversations" in meta else "messages" if "messages" in meta else None
+    if field is None:
+        return None
+    raw = meta[field]
+    if not isinstance(raw, list) or not raw:
+        raise SampleError(f"sample {key!r}: {field} must be a non-empty list")
+    turns = [_turn(item, i, field, key) for i, item in enumerate(raw)]
+    check_order(turns, f"sample {key!r}: {field}")
+    return turns
+
+
+def check_order(turns: list[Turn], where: str) -> None:
+    """[system] then user/assistant alternating, from user, ending with an assistant turn; one placeholder."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    for i, t in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if t.role != want:
+            n = i + len(turns) - len(body)
+            raise SampleError(f"{where}[{n}]: roles out of order: {t.role} where a {want} turn must come "
+                              "(an optional system turn first, then user and assistant in turn)")
+    if not body or body[-1].role != "assistant":
+        raise SampleError(f"{where}: has no assistant turn to learn from" if len(body) < 2 else
+                          f"{where}: ends with a user turn that has no answer")
+    found = [(i, p) for i, t in enumerate(turns) for p in PLACEHOLDERS for _ in range(t.text.count(p))]
+    if len(found) != 1:
+        raise SampleError(f"{where}: the video placeholder ({' or '.join(PLACEHOLDERS)}) must appear once, in a "
+                          f"user turn; found {len(found)}" + (f" (in turns {[i for i, _ in found]})" if found else ""))
+    if turns[found[0][0]].role != "user":
+        raise SampleError(f"{where}[{found[0][0]}]: the video placeholder is in a {turns[found[0][0]].role} turn, "
+                          "it belongs in a user turn")
+
+
+def learned(turns: list[Turn], mask_history: bool) -> list[Turn]:
+    """Loss flags as trained: every assistant turn that allows it, or with mask_history the last one only."""
+    if not mask_history:
+        return turns
+    last = max(i for i, t in enumerate(turns) if t.role == "assistant")
+    return [replace(t, loss=t.loss and i == last) if t.role == "assistant" else t for i, t in enumerate(turns)]
+
+
+def drop_oldest_exchange(turns: list[Turn]) -> list[Turn] | None:
+    """History cut from the front: the oldest user/assistant pair goes (its placeholder moves to the next user
+    turn, so the video stays); None when only one exchange is left."""
+    first = 1 if turns[0].role == "system" else 0
+    if len(turns) - first <= 2:
+        return None
+    user, rest = turns[first], turns[first + 2:]
+    for p in PLACEHOLDERS:
+        if p in user.text:
+            rest = [replace(rest[0], text=f"{p}\n{rest[0].text}")] + rest[1:]
+    return turns[:first] + rest
+
+
+def _sentinel(i: int) -> str:
+    return f"VTTTURN{i:04d}X"  # survives templates that trim or case-fold nothing
+
+
+def render(tokenizer, turns: list[Turn], template: str, placeholder: str
+           ) -> tuple[str, list[Span], list[Span]]:
+    """(text, data spans, loss spans). Each message is rendered through `template` as a sentinel, then put back
+    verbatim: its text is data, except the video placeholder (-> `placeholder`, markup); a learned assistant
+    turn's loss span covers its text and the end-of-turn token the template writes right after it."""
+    messages = [{"role": t.role, "content": _sentinel(i)} for i, t in enumerate(turns)]
+    shell = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True)
+    out, data, loss, pos = [], [], [], 0
+    length = 0
+    for i, t in enumerate(turns):
+        at = shell.find(_sentinel(i), pos)
+        if at < 0:
+            raise ValueError(f"the chat template does not render message {i} verbatim; vtt cannot mark its tokens")
+        out.append(shell[pos:at])
+        length += at - pos
+        start = length
+        for piece, is_data in _split_placeholder(t.text, placeholder):
+            out.append(piece)
+            if is_data and piece:
+                data.append((length, length + len(piece)))
+            length += len(piece)
+        pos = at + len(_sentinel(i))
+        if t.role == "assistant" and t.loss:
+            tail = next((s for s in specials if s and shell.startswith(s, pos)), "")
+            loss.append((start, length + len(tail)))
+    out.append(shell[pos:])
+    return "".join(out), data, loss
+
+
+def _split_placeholder(text: str, placeholder: str) -> list[tuple[str, bool]]:
+    for p in PLACEHOLDERS:
+        if p in text:
+            before, _, after = text.partition(p)
+            return [(before, True), (placeholder, False), (after, True)]
+    return [(text, True)]
