@@ -86,13 +86,14 @@ def test_seq2seq_text_with_special_tokens_is_text(paths):
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
 
 
-def _shards_with(folder: Path, descriptions: list[str]) -> Path:
+def _shards_with(folder: Path, descriptions: list[str], extra: list[dict] | None = None) -> Path:
+    """One shard, clip-0000.. in order, 2 frames of 32x32 each; `extra`: more sidecar fields per clip."""
     folder.mkdir(parents=True)
     path = folder / shard_name(0)
     with wds.TarWriter(str(path), mtime=0, encoder=False) as w:
         for i, desc in enumerate(descriptions):
-            s = {"__key__": f"clip-{i:04d}", "json": json.dumps({"video_id": f"clip-{i:04d}", "description": desc}).encode(),
-                 "txt": desc.encode()}
+            meta = {"video_id": f"clip-{i:04d}", "description": desc, **(extra[i] if extra else {})}
+            s = {"__key__": f"clip-{i:04d}", "json": json.dumps(meta).encode(), "txt": desc.encode()}
             for t in range(2):
                 buf = io.BytesIO()
                 Image.fromarray(np.full((32, 32, 3), 30 * i + t, np.uint8)).save(buf, "JPEG")

@@ -11,7 +11,7 @@ import torch
 from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
                                   enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
                                   read_json, render, save_checkpoint, set_trainable, unwrap)
-from vtt.trainer.conversation import FAMILY_TEMPLATES, Turn, conversation_of, drop_oldest_exchange, learned
+from vtt.trainer.conversation import FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, drop_oldest_exchange, learned
 from vtt.trainer.conversation import render as render_conversation
 from vtt.trainer.text import encode, encode_offsets, render_spans
 
@@ -241,13 +241,34 @@ class LlavaAdapter:
                                          processor_class=PROCESSOR_CLASSES[self.layout.model_type])
         return out
 
+    def eval_items(self, sample: dict) -> list[dict]:
+        """What to answer for scoring: per assistant turn of a conversation (its history from the data, teacher
+        forced), or the caption: [{turn, question, reference, ids (one placeholder), at}]."""
+        self._check_frames(sample)
+        turns = conversation_of(sample)
+        if turns is None:
+            ids, at = self._prompt_ids(sample)
+            question = render_spans(self.prompt, sample, "prompt")[0]
+            reference = render(self.cfg.target_template, sample, "target_template").strip()
+            return [{"turn": 0, "question": question, "reference": reference, "ids": ids, "at": at}]
+        template = self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]
+        items, bos = [], self.tokenizer.bos_token
+        video_at = next(i for i, x in enumerate(turns) if any(p in x.text for p in PLACEHOLDERS))
+        for i, turn in enumerate(turns):
+            if turn.role != "assistant" or i < video_at:  # an answer given before the video was shown
+                continue
+            text, data, _ = render_conversation(self.tokenizer, turns[:i], template, self.placeholder,
+                                                add_generation_prompt=True)
+            ids, _ = encode_offsets(self.tokenizer, text, data, add_special_tokens=not (bos and text.startswith(bos)))
+            at = ids.index(self.layout.token_id)
+            items.append({"turn": i, "question": turns[i - 1].text, "reference": turn.text, "ids": ids, "at": at})
+        return items
+
     @torch.no_grad()
-    def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
-        """Greedy captions for samples (left-padded prompts, same frames handling as training)."""
-        for s in samples:
-            self._check_frames(s)
-        pix, t = self._pixels(samples)
-        prompts = [self._expand(*self._prompt_ids(s), t) for s in samples]
+    def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers for (sample, eval item) pairs in one batch (left-padded, frames as in training)."""
+        pix, t = self._pixels([s for s, _ in pairs])
+        prompts = [self._expand(item["ids"], item["at"], t) for _, item in pairs]
         dev = model_device(model)
         module = unwrap(model)
         was_training = module.training
@@ -260,3 +281,10 @@ class LlavaAdapter:
         module.train(was_training)
         width = max(len(p) for p in prompts)
         return [x.strip() for x in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+    def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
+        """Greedy captions for samples (the caption prompt, whatever else the sample carries)."""
+        for s in samples:
+            self._check_frames(s)
+        pairs = [(s, {"ids": ids, "at": at}) for s in samples for ids, at in [self._prompt_ids(s)]]
+        return self.generate_items(model, pairs, max_new_tokens)

@@ -106,6 +106,14 @@ class Seq2SeqAdapter:
         return save_checkpoint(model, out_dir, self.tokenizer, self.cfg.model_path, EXTRA_FILES, state_dict,
                                generation_updates=updates)
 
+    def eval_items(self, sample: dict) -> list[dict]:
+        """One answer to score per sample: the target text for the source text."""
+        return [{"turn": 0, "question": render(self.cfg.source_template, sample, "source_template"),
+                 "reference": render(self.cfg.target_template, sample, "target_template").strip()}]
+
+    def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
+        return self.generate(model, [s for s, _ in pairs], max_new_tokens)
+
     @torch.no_grad()
     def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
         src = [self._source(s) for s in samples]

@@ -110,13 +110,14 @@ def _sentinel(i: int) -> str:
     return f"VTTTURN{i:04d}X"  # survives templates that trim or case-fold nothing
 
 
-def render(tokenizer, turns: list[Turn], template: str, placeholder: str
+def render(tokenizer, turns: list[Turn], template: str, placeholder: str, add_generation_prompt: bool = False
            ) -> tuple[str, list[Span], list[Span]]:
     """(text, data spans, loss spans). Each message is rendered through `template` as a sentinel, then put back
     verbatim: its text is data, except the video placeholder (-> `placeholder`, markup); a learned assistant
     turn's loss span covers its text and the end-of-turn token the template writes right after it."""
     messages = [{"role": t.role, "content": _sentinel(i)} for i, t in enumerate(turns)]
-    shell = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    shell = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True)
     out, data, loss, pos = [], [], [], 0
     length = 0
