@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+BEST_FILE = "best.json"  # run.keep_best: which checkpoint is the best so far (kept beside the last K)
 STATE_FILE = "vtt_state.json"  # the completion marker, written last
 DONE_PREFIX = "vtt_done.rank"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -190,14 +191,25 @@ class CheckpointManager:
     def prune(self) -> list[str]:
         """Remove incomplete checkpoints (crash debris: called once every rank has finished the current save)
         and all but the newest keep_last complete ones. Cost: one stat per file of each checkpoint."""
-        tags = self.tags()
+        tags, best = self.tags(), (self.best() or {}).get("tag")
         complete = [t for t in tags if incomplete_reason(self.dir / t) is None]
         doomed = [t for t in tags if t not in complete]
         if self.keep_last > 0:
-            doomed += complete[:-self.keep_last]
+            doomed += [t for t in complete[:-self.keep_last] if t != best]  # the best one stays beside them
         for t in doomed:
             shutil.rmtree(self.dir / t, ignore_errors=True)
         return doomed
+
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        """Rank 0: checkpoints/best.json names the (complete) checkpoint of `step` as the best by `metric`."""
+        if self.rank == 0:
+            record = {"tag": tag_for(step), "step": step, "metric": metric, "value": value}
+            atomic_write_bytes(self.dir / BEST_FILE, json.dumps(record, indent=1).encode())
+
+    def best(self) -> dict | None:
+        """best.json, if a run with keep_best wrote one: {tag, step, metric, value}."""
+        p = self.dir / BEST_FILE
+        return json.loads(p.read_text()) if p.is_file() else None
 
     # -------------------------------------------------------------- finding and loading
     def find(self, resume: str) -> tuple[Path, str] | None:

@@ -25,7 +25,8 @@ FLAG_FIELDS = {
     "output_dir": ("run", "output_dir"), "max_steps": ("run", "max_steps"), "epochs": ("run", "epochs"),
     "save_every": ("run", "save_every"), "keep_last": ("run", "keep_last"), "eval_every": ("run", "eval_every"),
     "log_every": ("run", "log_every"), "seed": ("run", "seed"), "resume": ("run", "resume"),
-    "preset": ("run", "preset"), "export": ("run", "export"),
+    "preset": ("run", "preset"), "export": ("run", "export"), "eval_generate": ("run", "eval_generate"),
+    "keep_best": ("run", "keep_best"),
     "wandb_project": ("tracking", "wandb_project"), "wandb_mode": ("tracking", "wandb_mode"),
 }
 LAUNCH_FLAGS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
@@ -120,6 +121,10 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--save-every", type=int, help="Checkpoint every N steps [default: 500]; also one at the end (--set run.save_final=false: none).")
 @click.option("--keep-last", type=int, help="Checkpoints kept [default: 2]; 0 = all.")
 @click.option("--eval-every", type=int, help="Eval loss every N steps (needs --eval-shards/--eval-fraction).")
+@click.option("--eval-generate/--no-eval-generate", default=None, help="At each eval also answer the eval set "
+              "(as vtt-eval: exact match, BLEU, chrF into metrics.jsonl and RUN/eval/step_N/).")
+@click.option("--keep-best", type=click.Choice(["eval_loss", "exact_match", "bleu", "chrf"]),
+              help="Keep the best checkpoint by this eval metric beside the last --keep-last (checkpoints/best.json).")
 @click.option("--log-every", type=int, help="metrics.jsonl line every N steps [default: 10].")
 @click.option("--seed", type=int, help="Model/dropout seed [default: 0].")
 @click.option("--data-seed", type=int, help="Shard/sample order seed [default: 0].")

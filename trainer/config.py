@@ -115,6 +115,10 @@ class DeepSpeedSettings:
             raise ConfigError("deepspeed.timeout_minutes must be >= 1")
 
 
+# checkpoint selection: metric -> +1 higher is better, -1 lower is better
+BEST_METRICS = {"eval_loss": -1, "exact_match": 1, "bleu": 1, "chrf": 1}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str
@@ -131,8 +135,18 @@ class RunConfig:
     export: bool = True  # write RUN/final (save_pretrained) at the end
     save_final: bool = True  # a checkpoint at the last step too (to continue training later)
     progress_bar: bool = True
+    eval_generate: bool = False  # at each eval also answer the eval set (vtt-eval): exact match, BLEU, chrF
+    eval_generate_samples: int | None = 64  # samples answered per eval (generation is slow); None: all
+    eval_generate_batch: int = 8
+    keep_best: str | None = None  # keep the best checkpoint by eval_loss (lowest) or exact_match|bleu|chrf
 
     def __post_init__(self):
+        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+            raise ConfigError(f"run.keep_best must be one of {sorted(BEST_METRICS)}, got {self.keep_best!r}")
+        if self.keep_best not in (None, "eval_loss") and not self.eval_generate:
+            raise ConfigError(f"run.keep_best={self.keep_best} is a generation metric: it needs run.eval_generate")
+        if self.eval_generate_batch < 1 or (self.eval_generate_samples is not None and self.eval_generate_samples < 1):
+            raise ConfigError("run.eval_generate_batch and run.eval_generate_samples must be >= 1")
         if not self.output_dir:
             raise ConfigError("run.output_dir is required (--output-dir)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -189,6 +203,9 @@ class TrainConfig:
         if self.run.preset and Path(self.model.model_path) != preset_dir(self.run.output_dir, self.model.kind):
             raise ConfigError(f"run.preset={self.run.preset!r} trains {preset_dir(self.run.output_dir, self.model.kind)}"
                               f", but model.model_path is {self.model.model_path!r}: give one or the other")
+        if (self.run.eval_generate or self.run.keep_best) and not self.data.has_eval:
+            raise ConfigError("run.eval_generate / run.keep_best need an eval set: data.eval_shards (--eval-shards) "
+                              "or data.eval_fraction (--eval-fraction)")
         if self.run.eval_every and not self.data.has_eval:
             raise ConfigError("run.eval_every needs an eval set: data.eval_shards (--eval-shards) or "
                               "data.eval_fraction (--eval-fraction)")

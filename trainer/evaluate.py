@@ -38,3 +38,29 @@ def eval_and_log(engine, plan: Plan, adapter, env: DistEnv, device, dtype, track
     tracker.log({"step": step, "eval_loss": loss})
     log.info("step %d eval_loss %.4f", step, loss)
     return loss
+
+
+def generate_and_log(engine, plan: Plan, adapter, env: DistEnv, device, tracker, step: int) -> dict:
+    """Collective. Answers the eval set (vtt-eval's path, capped by run.eval_generate_samples) and logs
+    eval_exact_match / eval_bleu / eval_chrf; files go to RUN/eval/step_NNNNNNNN/. Rank 0 generates; under
+    ZeRO-3 every rank runs the same generation (its parameters are partitioned) and only rank 0 writes."""
+    from pathlib import Path
+
+    from vtt.trainer.gen_eval import EvalConfig, evaluate_model
+    run = plan.cfg.run
+    out = Path(run.output_dir) / "eval" / f"step_{step:08d}"
+    cfg = EvalConfig("", plan.cfg.data.shards, str(out), batch_size=run.eval_generate_batch,
+                     limit=run.eval_generate_samples)
+    metrics = {}
+    if env.rank == 0 or plan.resolved.zero_stage == 3:
+        engine.eval()
+        metrics = evaluate_model(adapter, engine.module, cfg, data=plan.cfg.data, write=env.rank == 0,
+                                 progress=False)
+        engine.train()
+    keys = ("n", "exact_match", "bleu", "chrf")
+    values = all_reduce([float(metrics.get(k) or 0.0) if env.rank == 0 else 0.0 for k in keys], device)
+    result = dict(zip(keys, values))
+    tracker.log({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    log.info("step %d eval exact_match %.3f bleu %.1f chrf %.1f (%d answers, %s)", step, result["exact_match"],
+             result["bleu"], result["chrf"], result["n"], out)
+    return result

@@ -51,10 +51,15 @@ def scores(preds: list[str], refs: list[str]) -> dict:
             "chrf": sacrebleu.corpus_chrf(preds, [refs]).score}
 
 
-def _samples(cfg: EvalConfig, decode_frames: bool) -> Iterator[dict]:
-    """The shards' samples once each, in index order (the eval split of the loader: no shuffle)."""
+def _samples(cfg: EvalConfig, decode_frames: bool, data=None) -> Iterator[dict]:
+    """The eval samples once each, in index order (the eval split of the loader: no shuffle): cfg.shards, or
+    the eval split of a training DataConfig (`data`: its eval_shards or eval_fraction)."""
+    import dataclasses
+
     from vtt.trainer.data import DataConfig, build_loader
-    data = DataConfig(cfg.shards, eval_shards=cfg.shards, decode_frames=decode_frames)
+    if data is None:
+        data = DataConfig(cfg.shards, eval_shards=cfg.shards, decode_frames=decode_frames)
+    data = dataclasses.replace(data, decode_frames=decode_frames, num_workers=0)
     loader = build_loader(data, list, micro_batch=1, split="eval")
     for i, (sample,) in enumerate(loader):
         if cfg.limit is not None and i >= cfg.limit:
@@ -74,15 +79,20 @@ def _batches(adapter, samples: Iterator[dict], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def evaluate_model(adapter, net, cfg: EvalConfig) -> dict:
+def evaluate_model(adapter, net, cfg: EvalConfig, data=None, write: bool = True, progress: bool = True) -> dict:
     """Answer, write predictions.jsonl as it goes, return (and write) metrics.json. Cost: one generate call per
-    `batch_size` answers; memory: one batch of samples plus the answer strings."""
+    `batch_size` answers; memory: one batch of samples plus the answer strings. `data`: a training DataConfig
+    whose eval split to answer instead of cfg.shards; write=False: compute only (ZeRO-3's other ranks)."""
+    import os
+
     from tqdm import tqdm
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(out / PREDICTIONS_FILE, "w") as f, tqdm(desc="vtt-eval", unit="answer") as bar:
-        for batch in _batches(adapter, _samples(cfg, adapter.needs_frames), cfg.batch_size):
+    with open(out / PREDICTIONS_FILE if write else os.devnull, "w") as f, \
+            tqdm(desc="vtt-eval", unit="answer", disable=not progress) as bar:
+        for batch in _batches(adapter, _samples(cfg, adapter.needs_frames, data), cfg.batch_size):
             for (s, item), pred in zip(batch, adapter.generate_items(net, batch, cfg.max_new_tokens)):
                 row = {"key": s["key"], "turn": item["turn"], "question": item["question"],
                        "reference": item["reference"], "prediction": pred}
@@ -96,7 +106,8 @@ def evaluate_model(adapter, net, cfg: EvalConfig) -> dict:
             groups[str(values[g])].append(r)
         metrics[f"by_{g}"] = {v: scores([r["prediction"] for r in rs], [r["reference"] for r in rs])
                               for v, rs in sorted(groups.items())}
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    if write:
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from vtt.trainer.adapters import get_adapter
-from vtt.trainer.checkpoint import CheckpointManager
-from vtt.trainer.config import TrainConfig
+from vtt.trainer.checkpoint import CheckpointManager, tag_for
+from vtt.trainer.config import BEST_METRICS, TrainConfig
 from vtt.trainer.data import agree_data, build_loader, pin_data
 from vtt.trainer.dist import DistEnv, all_reduce, dist_env, init_distributed, quiet_deepspeed
 from vtt.trainer.engine import build_engine, engine_dtype, to_device
-from vtt.trainer.evaluate import eval_and_log
+from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale
 from vtt.trainer.plan import Plan, data_config_for, ensure_preset, prepare, write_run_files
@@ -226,6 +226,7 @@ def run_loop(engine, plan: Plan, adapter, env: DistEnv, device, ckpt: Checkpoint
     bar = tqdm(total=plan.total_steps, initial=start_step, disable=env.rank != 0 or not run.progress_bar,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     engine.train()
+    best = Best.restore(run.keep_best, ckpt)
     step = start_step
     while step < plan.total_steps:
         t0 = time.perf_counter()
@@ -241,13 +242,19 @@ def run_loop(engine, plan: Plan, adapter, env: DistEnv, device, ckpt: Checkpoint
             bar.set_postfix(loss=f"{window.loss:.4f}", lr=f"{lr:.2e}")
             window.reset()
         bar.update(1)
+        better = False
         if run.eval_every and cfg.data.has_eval and step % run.eval_every == 0:
-            result.eval_losses[step] = eval_and_log(engine, plan, adapter, env, device, dtype, tracker, step)
-        if (run.save_every and step % run.save_every == 0) or (run.save_final and step == plan.total_steps):
+            better = _eval_all(engine, plan, adapter, env, device, dtype, tracker, step, result, best)
+        if better or (run.save_every and step % run.save_every == 0) or (run.save_final and step == plan.total_steps):
             result.last_checkpoint = ckpt.save(engine, step, loader.state(), {"loss": loss})
+            if better:
+                ckpt.mark_best(step, run.keep_best, best.value)
     bar.close()
     if cfg.data.has_eval and plan.total_steps not in result.eval_losses and start_step < plan.total_steps:
-        result.eval_losses[step] = eval_and_log(engine, plan, adapter, env, device, dtype, tracker, step)
+        if _eval_all(engine, plan, adapter, env, device, dtype, tracker, step, result, best):
+            if result.last_checkpoint is None or result.last_checkpoint.name != tag_for(step):
+                result.last_checkpoint = ckpt.save(engine, step, loader.state(), {"loss": result.losses[step]})
+            ckpt.mark_best(step, run.keep_best, best.value)
     result.steps = step
     corrupt = loader.corrupt
     if corrupt:
@@ -257,6 +264,37 @@ def run_loop(engine, plan: Plan, adapter, env: DistEnv, device, ckpt: Checkpoint
     if env.rank == 0:
         (Path(run.output_dir) / SUMMARY_FILE).write_text(json.dumps(result.summary, indent=1) + "\n")
     return result
+
+
+@dataclass
+class Best:
+    """run.keep_best: the best value of its metric so far (restored from checkpoints/best.json on resume)."""
+    metric: str | None
+    value: float | None = None
+
+    @classmethod
+    def restore(cls, metric: str | None, ckpt: CheckpointManager) -> "Best":
+        saved = ckpt.best() if metric else None
+        return cls(metric, saved["value"] if saved and saved.get("metric") == metric else None)
+
+    def update(self, metrics: dict) -> bool:
+        if self.metric is None or self.metric not in metrics:
+            return False
+        v, sign = metrics[self.metric], BEST_METRICS[self.metric]
+        if self.value is not None and sign * v <= sign * self.value:
+            return False
+        self.value = v
+        return True
+
+
+def _eval_all(engine, plan: Plan, adapter, env: DistEnv, device, dtype, tracker, step: int, result: TrainResult,
+              best: Best) -> bool:
+    """Eval loss (+ generation metrics with run.eval_generate); True when run.keep_best's metric improved."""
+    metrics = {"eval_loss": eval_and_log(engine, plan, adapter, env, device, dtype, tracker, step)}
+    result.eval_losses[step] = metrics["eval_loss"]
+    if plan.cfg.run.eval_generate:
+        metrics.update(generate_and_log(engine, plan, adapter, env, device, tracker, step))
+    return best.update(metrics)
 
 
 def param_counts(module: torch.nn.Module) -> tuple[int, int]:
