@@ -85,6 +85,25 @@ def test_the_checkpoints_own_chat_template_is_used(llava_path, tmp_path):
     assert learned_texts(ad, batch) == [" blue</s>", " a square</s>"]
 
 
+def test_a_template_over_content_parts_works_too(llava_path, tmp_path):
+    """llava-hf's templates iterate `{"type": "text"}` parts of each message instead of a string content."""
+    path = tmp_path / "parts"
+    shutil.copytree(llava_path, path)
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] | "
+                             "selectattr('type', 'equalto', 'text') %}{{ c['text'] }} {% endfor %}{% endfor %}"
+                             "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(conf))
+    ad = get_adapter(ModelConfig(kind="llava", model_path=str(path)))
+    batch = ad.collate([sample("messages", MESSAGES)])
+    text = ad.tokenizer.decode([i for i in batch["input_ids"][0].tolist() if i != ad.layout.token_id])
+    assert text == "<s>USER: \nWhat colour? ASSISTANT: blue USER: And the shape? ASSISTANT: a square "
+    assert learned_texts(ad, batch) == [" blue", " a square"]
+    items = ad.eval_items(sample("messages", MESSAGES))
+    assert [i["turn"] for i in items] == [1, 3]
+    assert ad.tokenizer.decode(items[1]["ids"]).endswith("And the shape? ASSISTANT:")
+
+
 def test_overflow_drops_or_cuts_history_from_the_front(llava_path):
     full = get_adapter(ModelConfig(kind="llava", model_path=llava_path)).collate([sample()])
     n = int(full["attention_mask"].sum())

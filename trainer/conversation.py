@@ -115,9 +115,7 @@ def render(tokenizer, turns: list[Turn], template: str, placeholder: str, add_ge
     """(text, data spans, loss spans). Each message is rendered through `template` as a sentinel, then put back
     verbatim: its text is data, except the video placeholder (-> `placeholder`, markup); a learned assistant
     turn's loss span covers its text and the end-of-turn token the template writes right after it."""
-    messages = [{"role": t.role, "content": _sentinel(i)} for i, t in enumerate(turns)]
-    shell = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                          add_generation_prompt=add_generation_prompt)
+    shell = _shell(tokenizer, turns, template, add_generation_prompt)
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True)
     out, data, loss, pos = [], [], [], 0
     length = 0
@@ -139,6 +137,23 @@ def render(tokenizer, turns: list[Turn], template: str, placeholder: str, add_ge
             loss.append((start, length + len(tail)))
     out.append(shell[pos:])
     return "".join(out), data, loss
+
+
+def _shell(tokenizer, turns: list[Turn], template: str, add_generation_prompt: bool) -> str:
+    """The template rendered over sentinels: string contents, or content parts for templates that iterate
+    `{"type": "text"}` parts (the llava-hf ones); the first that keeps every sentinel."""
+    shell = ""
+    for parts in (False, True):
+        messages = [{"role": t.role, "content": [{"type": "text", "text": _sentinel(i)}] if parts else _sentinel(i)}
+                    for i, t in enumerate(turns)]
+        try:
+            shell = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        except Exception:  # a template that needs the other content form may raise on this one
+            continue
+        if all(_sentinel(i) in shell for i in range(len(turns))):
+            return shell
+    return shell  # render() names the message it cannot find
 
 
 def _split_placeholder(text: str, placeholder: str) -> list[tuple[str, bool]]:
