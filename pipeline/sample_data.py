@@ -96,6 +96,10 @@ class SampleSpec:
         return len(self.colours) * len(self.shapes) * len(self.directions)
 
 
+# The demo's question answering: one question per attribute, in a per-clip order (Clip.conversation).
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "direction": "Which way does it move?"}
+
+
 @dataclass(frozen=True)
 class Clip:
     """One planned clip: everything that determines its pixels and its sidecar."""
@@ -120,9 +124,19 @@ class Clip:
         return (f"un {_FR_SHAPE[self.shape]} {_FR_COLOUR[self.colour]} qui se déplace "
                 f"{_FR_DIRECTION[self.direction]}")
 
+    def conversation(self) -> list[dict]:
+        """Colour, shape and direction asked in an order of the clip's own (so an answer depends on its question),
+        LLaVA-style; the video comes with the first question."""
+        order = random.Random(f"vtt-qa:{self.video_id}").sample(list(QUESTIONS), len(QUESTIONS))
+        turns = []
+        for i, attr in enumerate(order):
+            turns += [{"from": "human", "value": ("<video>\n" if i == 0 else "") + QUESTIONS[attr]},
+                      {"from": "gpt", "value": getattr(self, attr)}]
+        return turns
+
     def sidecar(self, spec: SampleSpec) -> dict:
         return {
-            "video_id": self.video_id, "description": self.description,
+            "video_id": self.video_id, "description": self.description, "conversations": self.conversation(),
             "description_fr": self.description_fr, "split": self.split,
             "colour": self.colour, "shape": self.shape, "direction": self.direction,
             "unseen_combo": self.unseen_combo, "object_px": self.side,

@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("llava", "seq2seq")
+KINDS = ("llava", "seq2seq", "qa")
+MODEL_OF = {"llava": "llava", "seq2seq": "seq2seq", "qa": "llava"}  # qa: the LLaVA preset on the conversations
 ATTRS = ("colour", "shape", "direction")
 # Environment for the child processes, as the Makefile sets it (tiny ops: one thread is fastest).
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
@@ -39,8 +40,10 @@ class DemoConfig:
     kinds: tuple[str, ...] = KINDS
     llava_config: Path = ROOT / "configs" / "demo_llava.yaml"
     seq2seq_config: Path = ROOT / "configs" / "demo_seq2seq.yaml"
+    qa_config: Path = ROOT / "configs" / "demo_qa.yaml"
     llava_steps: int | None = None     # None: as in the YAML
     seq2seq_steps: int | None = None
+    qa_steps: int | None = None
     workers: int | None = None         # vtt-prep worker processes (None: all cores)
     wandb_project: str | None = None
     wandb_mode: str | None = None
@@ -56,15 +59,15 @@ class DemoConfig:
             path = self.config_for(kind)
             if not Path(path).is_file():
                 raise ValueError(f"{kind} config {path} does not exist")
-        for name in ("llava_steps", "seq2seq_steps"):
+        for name in ("llava_steps", "seq2seq_steps", "qa_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
     def config_for(self, kind: str) -> Path:
-        return Path(self.llava_config if kind == "llava" else self.seq2seq_config)
+        return Path(getattr(self, f"{kind}_config"))
 
     def steps_for(self, kind: str) -> int | None:
-        return self.llava_steps if kind == "llava" else self.seq2seq_steps
+        return getattr(self, f"{kind}_steps")
 
 
 @dataclass
@@ -152,7 +155,7 @@ def train(cfg: DemoConfig, lay: Layout, kind: str) -> Path:
     run_dir = lay.run_of(kind)
     if run_dir.exists():  # the demo's own folder: a rerun trains from scratch, never resumes
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "vtt.trainer.cli", "--config", str(cfg.config_for(kind)), "--model", kind,
+    cmd = [sys.executable, "-m", "vtt.trainer.cli", "--config", str(cfg.config_for(kind)), "--model", MODEL_OF[kind],
            "--preset", "tiny", "--shards", str(lay.shards_of("train")), "--eval-shards",
            str(lay.shards_of("heldout")), "--output-dir", str(run_dir), "--seed", str(cfg.seed),
            "--data-seed", str(cfg.seed)]
@@ -171,7 +174,46 @@ def caption_heldout(model_dir: Path, lay: Layout, n: int) -> dict[str, str]:
                         device="cpu"))
 
 
+def answer_heldout(model_dir: Path, lay: Layout) -> list[dict]:
+    """vtt-eval's rows (key, turn, question, reference, prediction) for every question of every held-out clip."""
+    from vtt.trainer.gen_eval import PREDICTIONS_FILE, EvalConfig, run_eval
+    out = lay.out / "qa-eval"
+    run_eval(EvalConfig(str(model_dir), str(lay.shards_of("heldout")), str(out), batch_size=16, max_new_tokens=4,
+                        device="cpu"))
+    return [json.loads(x) for x in (out / PREDICTIONS_FILE).read_text().splitlines()]
+
+
 # ------------------------------------------------------------------ scoring
+
+def score_qa(clips, answers: list[dict]) -> dict:
+    """Per question type: is the answer the clip's attribute? exact = all three questions of a clip right."""
+    from vtt.pipeline.sample_data import QUESTIONS
+    from vtt.shards.format import make_key
+    kind_of = {q: a for a, q in QUESTIONS.items()}
+    by_key: dict = {}
+    for r in answers:
+        question = r["question"].replace("<video>", "").strip()
+        by_key.setdefault(r["key"], {})[kind_of[question]] = r["prediction"].strip().lower()
+    rows = []
+    for clip in clips:
+        key = make_key(clip.video_id)
+        got = by_key.get(key)
+        if got is None or set(got) != set(ATTRS):
+            raise StageError(f"no qa answers to all questions for held-out clip {key} (answered: {len(by_key)})")
+        row = {"key": key, "unseen_combo": clip.unseen_combo,
+               "reference": ", ".join(f"{a} {getattr(clip, a)}" for a in ATTRS),
+               "caption": ", ".join(f"{a} {got[a]}" for a in ATTRS)}
+        row.update({a: got[a] == getattr(clip, a) for a in ATTRS})
+        row["exact"] = all(row[a] for a in ATTRS)
+        rows.append(row)
+    return {"accuracy": _subsets(rows), "rows": rows}
+
+
+def _subsets(rows: list[dict]) -> dict:
+    subsets = {"all": rows, "seen_combo": [r for r in rows if not r["unseen_combo"]],
+               "unseen_combo": [r for r in rows if r["unseen_combo"]]}
+    return {name: _accuracy(sub) for name, sub in subsets.items() if sub}
+
 
 def score(kind: str, clips, captions: dict[str, str]) -> dict:
     """Exact-match and per-attribute accuracy of captions, overall and split by combination novelty."""
@@ -190,10 +232,7 @@ def score(kind: str, clips, captions: dict[str, str]) -> dict:
                "exact": text.strip().lower() == want.lower()}
         row.update({a: got[a] == getattr(clip, a) for a in ATTRS})
         rows.append(row)
-    subsets = {"all": rows, "seen_combo": [r for r in rows if not r["unseen_combo"]],
-               "unseen_combo": [r for r in rows if r["unseen_combo"]]}
-    acc = {name: _accuracy(sub) for name, sub in subsets.items() if sub}
-    return {"accuracy": acc, "rows": rows}
+    return {"accuracy": _subsets(rows), "rows": rows}
 
 
 def _accuracy(rows: list[dict]) -> dict:
@@ -302,6 +341,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     with timer.stage("4/5 caption held-out clips + score"):
         held = sample_set.split("heldout")
         for kind in cfg.kinds:
+            if kind == "qa":
+                results[kind] = score_qa(held, answer_heldout(models[kind], lay))
+                continue
             captions[kind] = caption_heldout(models[kind], lay, len(held))
             results[kind] = score(kind, held, captions[kind])
     with timer.stage("5/5 pictures"):
@@ -325,15 +367,17 @@ def run_demo(cfg: DemoConfig) -> dict:
 @click.option("--model", "kinds", multiple=True, type=click.Choice(KINDS), help="Train only these [default: both].")
 @click.option("--llava-steps", type=int, help="Override the YAML's run.max_steps for LLaVA.")
 @click.option("--seq2seq-steps", type=int, help="Override the YAML's run.max_steps for seq2seq.")
+@click.option("--qa-steps", type=int, help="Override the YAML's run.max_steps for question answering.")
 @click.option("--workers", type=int, help="vtt-prep worker processes [default: all cores].")
 @click.option("--wandb-project", help="Also log runs, pictures and accuracy to this W&B project.")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
-def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, workers, wandb_project, wandb_mode):
+def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, qa_steps, workers, wandb_project,
+         wandb_mode):
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     try:
         cfg = DemoConfig(out=Path(out), n_train=n_train, n_heldout=n_heldout, seed=seed, kinds=kinds or KINDS,
-                         llava_steps=llava_steps, seq2seq_steps=seq2seq_steps, workers=workers,
+                         llava_steps=llava_steps, seq2seq_steps=seq2seq_steps, qa_steps=qa_steps, workers=workers,
                          wandb_project=wandb_project, wandb_mode=wandb_mode)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vtt.pipeline.sample_data import SampleSpec, plan_clips
+from vtt.pipeline.sample_data import QUESTIONS, SampleSpec, plan_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,10 @@ def _load_demo():
 
 demo = _load_demo()
 
+QA_STEPS = 1000
+QA_MIN = {"colour": 0.5, "shape": 0.6, "direction": 0.5}  # measured with seed 0: 75%, 81%, 78%
 # The test's configuration: fixed seed, fewer clips and steps than the demo (see configs/demo_*.yaml).
-TEST_CFG = dict(n_train=256, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300)
+TEST_CFG = dict(n_train=256, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300, qa_steps=QA_STEPS)
 
 
 def test_score_counts_attributes_and_subsets():
@@ -41,6 +43,21 @@ def test_score_counts_attributes_and_subsets():
     assert fr["accuracy"]["all"]["exact"] == 1.0
     with pytest.raises(demo.StageError, match="no llava caption"):
         demo.score("llava", held, {})
+
+
+def test_score_qa_per_question_type():
+    held = plan_clips(8, 4, seed=0, spec=SampleSpec()).split("heldout")
+    answers = []
+    for i, clip in enumerate(held):
+        for attr, question in QUESTIONS.items():
+            right = getattr(clip, attr)
+            answers.append({"key": clip.video_id, "question": ("<video>\n" if attr == "shape" else "") + question,
+                            "prediction": right if (i + len(attr)) % 2 else "nonsense"})
+    acc = demo.score_qa(held, answers)["accuracy"]["all"]
+    want = {a: sum((i + len(a)) % 2 for i in range(4)) / 4 for a in ("colour", "shape", "direction")}
+    assert {a: acc[a] for a in want} == want and acc["n"] == 4
+    with pytest.raises(demo.StageError, match="no qa answers"):
+        demo.score_qa(held, answers[:-1])
 
 
 def test_config_errors_are_named(tmp_path):
@@ -64,6 +81,10 @@ def test_demo_learns_from_frames_and_metadata(tmp_path):
     # seq2seq: the French target of metadata rows never seen in training
     assert s2s["unseen_combo"]["exact"] >= 0.5
     assert s2s["all"]["exact"] >= 0.7
-    for name in ("loss_llava", "loss_seq2seq", "contact_train", "contact_heldout"):
+    # question answering: each answer depends on its question (asked in a per-clip order), far above chance
+    qa = report["results"]["qa"]["accuracy"]["all"]
+    for attr in ("colour", "shape", "direction"):
+        assert qa[attr] >= QA_MIN[attr] > 1.5 * chance[attr], (attr, qa)
+    for name in ("loss_llava", "loss_seq2seq", "loss_qa", "contact_train", "contact_heldout"):
         assert Path(report["paths"][name]).stat().st_size > 5000, name
     assert "chance" in (tmp_path / "demo" / "report.md").read_text()

@@ -111,7 +111,7 @@ class LlavaAdapter:
     def check_sample(self, sample: dict) -> None:
         """Raise SampleError naming the sample when this model cannot take it."""
         self._check_frames(sample)
-        if conversation_of(sample) is not None:  # validated there; its length is checked on the real ids
+        if self._turns(sample) is not None:  # validated there; its length is checked on the real ids
             return
         key, frames = sample.get("key", "?"), sample["frames"]
         t = self.cfg.num_frames or len(frames)
@@ -180,7 +180,7 @@ class LlavaAdapter:
         pix, t = self._pixels(samples)
         ids, labels = [], []
         for s in samples:
-            turns = conversation_of(s)
+            turns = self._turns(s)
             if turns is not None:
                 x, y = self._conversation_ids(s, turns, t)
                 ids.append(x)
@@ -195,6 +195,9 @@ class LlavaAdapter:
         attention = pad_right([[1] * len(x) for x in ids], 0)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": pad_right(labels, -100),
                 **self._pixel_kwargs(pix)}
+
+    def _turns(self, sample: dict) -> list[Turn] | None:
+        return conversation_of(sample) if self.cfg.conversations else None
 
     def _conversation_ids(self, sample: dict, turns: list[Turn], t: int) -> tuple[list[int], list[int]]:
         """ids and labels of a conversation sample, within the length limit by `model.overflow`: drop (a
@@ -245,7 +248,7 @@ class LlavaAdapter:
         """What to answer for scoring: per assistant turn of a conversation (its history from the data, teacher
         forced), or the caption: [{turn, question, reference, ids (one placeholder), at}]."""
         self._check_frames(sample)
-        turns = conversation_of(sample)
+        turns = self._turns(sample)
         if turns is None:
             ids, at = self._prompt_ids(sample)
             question = render_spans(self.prompt, sample, "prompt")[0]

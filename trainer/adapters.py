@@ -45,6 +45,7 @@ class ModelConfig:
     max_target_len: int = 128
     num_frames: int | None = None            # llava: resample every clip to this many frames (None: keep)
     # conversation samples (sidecar `conversations`/`messages`; vtt.trainer.conversation)
+    conversations: bool = True               # train on a sample's conversation when it has one; False: caption it
     mask_history: bool = False               # loss on the last assistant turn only (default: every one)
     max_length: int | None = None            # tokens per sample, video included (None: the model's positions)
     overflow: str = "drop"                   # over max_length: drop (counted) | truncate_history (oldest first)
