@@ -11,6 +11,7 @@ Cost: reconcile/plan O(videos) stats; ffmpeg and shard writes only for what chan
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import sys
 import time
@@ -288,6 +289,9 @@ def run_extract(cfg: PrepConfig) -> Report:
     with folder_lock(cfg.out_dir):
         with timed(report, "reconcile"):
             ledger, notes = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+            # the records live as long as the run and hold no cycles (refcounting frees them): out of
+            # the cyclic collector's sight, or each of its full passes rescans a million of them
+            gc.freeze()
             report.shards_purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
         report.warnings += notes
         work = _plan(cfg, ledger, report)
