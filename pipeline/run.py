@@ -295,6 +295,7 @@ def run_extract(cfg: PrepConfig) -> Report:
             report.shards_purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
         report.warnings += notes
         work = _plan(cfg, ledger, report)
+        gc.freeze()  # the discovered videos and the plan live as long as the run, too
         run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
         if not run.rebuild:
             with timed(report, "rewrite"):

@@ -196,3 +196,26 @@ def test_verify_reports_a_stray_temp_file_of_the_log(built, tmp_path):
     shutil.copytree(built[1], out)
     (out / LEDGER_DIR / ".tmp-abc").write_bytes(b"x")
     assert any("stray temp file" in p for p in verify_shards(out).problems)
+
+
+def test_a_damaged_commit_file_is_a_clear_error(tmp_path):
+    ledger = Ledger(settings={}, settings_hash="s")
+    _add_shard(ledger, 0, 0, 1)
+    write_ledger(tmp_path, ledger)
+    (tmp_path / LEDGER_DIR / commit_name(0)).write_text('{"log_version": 2, "commit"')
+    with pytest.raises(ShardFormatError, match=f"{LEDGER_DIR}: unreadable ledger"):
+        read_ledger(tmp_path)
+
+
+def test_compact_upgrades_a_legacy_folder(built, tmp_path):
+    from vtt.pipeline.compact import compact_shards
+    from vtt.pipeline.config import CompactConfig
+    data, out = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    _as_legacy(old)
+    before = {k for k in read_ledger(old).records}
+    res = compact_shards(CompactConfig(old, retention_hours=0))
+    assert len(res.merged) == 4 and not (old / LEDGER_FILE).exists()
+    assert _log(old) == [checkpoint_name(0), commit_name(1)]
+    assert set(read_ledger(old).records) == before and verify_shards(old).ok
