@@ -137,6 +137,13 @@ def verify_shards(folder: str | Path) -> VerifyResult:
     return result
 
 
+def _ledger_line(ledger) -> str:
+    if ledger.legacy:
+        return "ledger: ledger.json (the old single file; the next extract or compact upgrades it to _ledger/)"
+    base = f"checkpoint {ledger.checkpoint} + " if ledger.checkpoint >= 0 else ""
+    return f"ledger: {LEDGER_DIR}/ at commit {ledger.version} ({base}{ledger.log_commits} commits to replay)"
+
+
 def status_text(folder: str | Path) -> tuple[str, bool]:
     """(summary of ledger, index and last report, whether index and tars agree by size)."""
     folder = Path(folder)
@@ -146,6 +153,7 @@ def status_text(folder: str | Path) -> tuple[str, bool]:
              f"{sum(s.filesize for s in index.shards) / 1e6:.1f} MB",
              f"settings: {json.dumps(index.settings, sort_keys=True)}"]
     if ledger is not None:
+        lines.append(_ledger_line(ledger))
         ok = ledger.ok_records()
         failed = [r for r in ledger.records.values() if r.status != STATUS_OK]
         versions = Counter(r.ffmpeg_version for r in ok)

@@ -81,12 +81,14 @@ def test_a_legacy_ledger_json_folder_is_read_then_upgraded(built, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(out, old)
     _as_legacy(old)
-    assert status_text(old)[1] and verify_shards(old).ok        # read as is
+    text, ok = status_text(old)
+    assert ok and "ledger.json (the old single file" in text and verify_shards(old).ok   # read as is
     ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path)
     r = run_extract(cfg(data, old, shard_max_samples=1, ffmpeg=str(ffmpeg), ffprobe=str(ffprobe)))
     assert r.videos_unchanged == 4 and calls(log) == [] and any("upgraded" in w for w in r.warnings)
     assert not (old / LEDGER_FILE).exists() and _log(old) == [checkpoint_name(0)]
     assert state_files(old) == state_files(out)
+    assert "ledger: _ledger/ at commit 0 (checkpoint 0 + 0 commits to replay)" in status_text(old)[0]
     add_video(copy_corpus(data, tmp_path / "data"), "v99.mp4")
     run_extract(cfg(tmp_path / "data", old, shard_max_samples=1))
     assert _log(old) == [checkpoint_name(0), commit_name(1)] and len(read_ledger(old).records) == 5
