@@ -77,9 +77,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 def state_files(out: Path) -> dict[str, bytes]:
     """What must equal a clean run's: shards (live and retired), index and the ledger's state rendered
-    canonically ("ledger"; not the lock or the report). The log's files are not compared one by one:
-    an interrupted run and its rerun commit the same state in other steps. The ledger's retirement
-    times are the wall clock of the run that retired them."""
+    canonically ("ledger"; not the lock or the report; the commit files are compared by log_files).
+    The ledger's retirement times are the wall clock of the run that retired them."""
     keep = [p for p in sorted(out.iterdir()) if p.name.startswith("shard-") or p.name == "index.json"]
     files = {p.name: p.read_bytes() for p in keep}
     ledger = read_ledger(out)
@@ -88,6 +87,18 @@ def state_files(out: Path) -> dict[str, bytes]:
         for r in state.get("retired", []):
             r["retired_at"] = "(time)"
         files["ledger"] = json.dumps(state, indent=1, sort_keys=True).encode()
+    return files
+
+
+def log_files(out: Path) -> dict[str, dict]:
+    """The ledger's commit files by name, parsed, retirement times normalised (the same history must
+    give the same commits, whether or not a run was killed on the way)."""
+    files = {}
+    for p in sorted((out / LEDGER_DIR).glob("*.json")):
+        commit = json.loads(p.read_bytes())
+        for r in commit.get("retired_put", []):
+            r["retired_at"] = "(time)"
+        files[p.name] = commit
     return files
 
 
