@@ -221,3 +221,37 @@ def test_compact_upgrades_a_legacy_folder(built, tmp_path):
     assert len(res.merged) == 4 and not (old / LEDGER_FILE).exists()
     assert _log(old) == [checkpoint_name(0), commit_name(1)]
     assert set(read_ledger(old).records) == before and verify_shards(old).ok
+
+
+def check_store_contract(store) -> None:
+    """What the ledger needs from any LedgerStore (an S3 store must pass this too, against moto's server):
+    create-if-absent is exclusive, names are sorted and exclude temp files, reads see whole files, delete
+    is idempotent, and the ledger round-trips through it."""
+    assert store.names() == []
+    store.put_if_absent(commit_name(1), b"one")
+    store.put_if_absent(commit_name(0), b"zero")
+    with pytest.raises(CommitConflict):
+        store.put_if_absent(commit_name(1), b"other")
+    assert store.names() == [commit_name(0), commit_name(1)]
+    with store.open(commit_name(1)) as f:
+        assert f.read() == b"one"                  # the loser did not overwrite
+    store.delete(commit_name(0))
+    store.delete(commit_name(0))
+    assert store.names() == [commit_name(1)]
+    with pytest.raises(FileNotFoundError):
+        store.open(commit_name(0))
+    store.delete(commit_name(1))
+    assert store.remove_temp() == []               # a completed put leaves no temp file
+    ledger = Ledger(settings={"a": 1}, settings_hash="s")
+    _add_shard(ledger, 0, 0, 3)
+    assert write_ledger("unused", ledger, store)
+    L.write_checkpoint(ledger, store)
+    _add_shard(ledger, 1, 3, 2)
+    assert write_ledger("unused", ledger, store)
+    assert store.names() == [checkpoint_name(0), commit_name(1)]
+    assert ledger_bytes(read_ledger("unused", store)) == ledger_bytes(ledger)
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_store_contract(kind, tmp_path):
+    check_store_contract(MemoryStore() if kind == "memory" else LocalStore(tmp_path))
