@@ -39,7 +39,7 @@ def retention(command):
     """--retention-hours, the same for extract and compact."""
     return click.option("--retention-hours", type=float, default=RETENTION_HOURS, show_default=True,
                         help="Shards replaced by a rewrite, compact or rebuild stay on disk (listed as retired "
-                             "in ledger.json, not in index.json) for trainers still reading an older index; "
+                             "in the ledger, not in index.json) for trainers still reading an older index; "
                              "a later extract/compact deletes those retired longer ago than this. "
                              "0 deletes them at once.")(command)
 
@@ -87,7 +87,7 @@ def extract(**kwargs):
     Reruns are incremental: unchanged videos cost no ffmpeg call, new ones go into new shards,
     changed and deleted ones replace/remove their samples, earlier failures are retried when their
     file, sidecar, the settings, ffmpeg or a timeout that stopped them changed (or with --retry-failed).
-    Writes shard-NNNNNN.tar, index.json, ledger.json and report.json.
+    Writes shard-NNNNNN.tar, index.json, _ledger/ (the commit log) and report.json.
     """
     from .run import LockBusy, run_extract
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

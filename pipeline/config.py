@@ -144,8 +144,9 @@ class CompactConfig:
     def __post_init__(self):
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
-        if not (self.out_dir / "ledger.json").is_file():
-            raise ConfigError(f"{self.out_dir}: no ledger.json (not a vtt-prep shards folder)")
+        from vtt.shards.ledger import has_ledger
+        if not has_ledger(self.out_dir):
+            raise ConfigError(f"{self.out_dir}: no ledger (_ledger/ or ledger.json): not a vtt-prep shards folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if not 0 < self.min_fill <= 1:
             raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")

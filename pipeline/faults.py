@@ -2,8 +2,9 @@
 
 `VTT_PREP_CRASH_AT=point[:n]` makes the process kill itself (SIGKILL: no cleanup, no finally) the n-th
 time (default: first) it passes `crash_point(point)`. Unset, it costs one environment lookup.
-Points: sample-written, shard-renamed, ledger-written, rewrite-committed (also after the --rebuild switch),
-purge-committed (retired shards dropped from the ledger, files not yet deleted).
+Points: sample-written, shard-renamed, ledger-written (the commit file exists, index.json not rewritten
+yet), rewrite-committed (also after the --rebuild switch), purge-committed (retired shards dropped from the
+ledger, files not yet deleted).
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from vtt.shards.format import INDEX_FILE, LEDGER_FILE, TMP_PREFIX, ShardFormatError, sha256_file
-from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord, write_ledger
+from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord, clean_log, write_ledger
+from vtt.shards.store import LEDGER_DIR
 
 from .discover import Video
 from .report import Plan
@@ -190,11 +191,12 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
 def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
     """Make `folder` match its ledger after whatever happened (crash, kill -9, manual deletes).
 
-    Removes temp files and shards the ledger lists neither as live nor as retired (renamed just
-    before a crash), drops ledger shards that are missing or have the wrong size (their videos are
+    Upgrades a legacy ledger.json to the log (one checkpoint), removes temp files (of shards and of
+    the log) and shards the ledger lists neither as live nor as retired (renamed just before a
+    crash), drops ledger shards that are missing or have the wrong size (their videos are
     re-extracted) and retired shards someone already deleted, and rewrites index.json from the
     ledger when it differs. Returns the ledger and what was repaired.
-    Cost: one stat per shard (live and retired) and one directory listing.
+    Cost: one stat per shard (live and retired), one listing of the folder and one of the log.
     """
     notes = []
     for p in sorted(folder.glob(TMP_PREFIX + "*")):
@@ -203,20 +205,25 @@ def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
     fresh = ledger is None
     if fresh:
         if (folder / INDEX_FILE).exists():
-            raise ShardFormatError(f"{folder}: has {INDEX_FILE} but no {LEDGER_FILE}: not a vtt-prep "
-                                   f"shards folder (or its ledger was deleted); use an empty folder")
+            raise ShardFormatError(f"{folder}: has {INDEX_FILE} but no ledger ({LEDGER_DIR}/ or {LEDGER_FILE}): "
+                                   f"not a vtt-prep shards folder (or its ledger was deleted); use an empty folder")
         ledger = Ledger()
+    elif ledger.legacy:
+        write_ledger(folder, ledger)
+        notes.append(f"upgraded {LEDGER_FILE} to {LEDGER_DIR}/ (a commit log: each commit writes only what it changes)")
+    notes += clean_log(folder, ledger)
     broken = [u for u, e in ledger.shards.items()
               if not (folder / u).is_file() or (folder / u).stat().st_size != e.filesize]
     gone = sorted(u for u in ledger.retired if not (folder / u).is_file())
     for u in gone:
-        notes.append(f"retired {u} is already gone (deleted by hand?): dropped from {LEDGER_FILE}")
+        notes.append(f"retired {u} is already gone (deleted by hand?): dropped from the ledger")
         del ledger.retired[u]
     if broken:
         for u in broken:
             notes.append(f"{u} is missing or has the wrong size: its videos will be extracted again")
             del ledger.shards[u]
-        ledger.records = {s: r for s, r in ledger.records.items() if r.shard not in broken}
+        for s in [s for s, r in ledger.records.items() if r.shard in broken]:
+            del ledger.records[s]
     if broken or gone:
         write_ledger(folder, ledger)
     if not fresh:  # a fresh folder gets its index with its first ledger, never before
@@ -224,7 +231,7 @@ def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
     for p in sorted(folder.glob("shard-*.tar")):
         if p.name not in ledger.shards and p.name not in ledger.retired:
             p.unlink()
-            notes.append(f"removed {p.name}: not in {LEDGER_FILE} (written by an interrupted run, "
+            notes.append(f"removed {p.name}: not in the ledger (written by an interrupted run, "
                          f"or damaged)")
     return ledger, notes
 

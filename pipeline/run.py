@@ -6,11 +6,12 @@ numbers; a sample whose sidecar alone changed is rebuilt from its old frames; th
 one commit) -> extract new/changed/retried videos in sample order (a hash of the key, so a shard mixes
 folders) through a process pool into new shards (one ledger commit per finished shard) -> final commit.
 --rebuild writes the whole new set under new shard numbers and switches to it in one commit.
-The ledger write is the only commit point, so kill -9 anywhere leaves the old or the new state.
+The ledger commit (create-if-absent of its next commit file) is the only commit point, so kill -9 anywhere leaves the old or the new state.
 Cost: reconcile/plan O(videos) stats; ffmpeg and shard writes only for what changed.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import sys
 import time
@@ -21,9 +22,8 @@ from typing import Iterator
 
 import filelock
 
-from vtt.shards.format import LEDGER_FILE, LOCK_FILE
-from vtt.shards.ledger import (STATUS_FAILED, STATUS_OK, Fingerprint, Ledger, VideoRecord, ledger_bytes, read_ledger,
-                               write_ledger)
+from vtt.shards.format import LOCK_FILE
+from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Fingerprint, Ledger, VideoRecord, read_ledger, write_ledger
 
 from .config import PrepConfig
 from .discover import Video, discover
@@ -89,15 +89,13 @@ class _Run:
         self.to_delete = []
 
     def commit(self) -> None:
-        """The commit point: ledger first (atomic), then the index derived from it."""
+        """The commit point: the ledger's next commit file (what changed since the last), then the index
+        derived from it. Cost: O(records changed + shards)."""
         with timed(self.report, "commit"):
             self.ledger.settings, self.ledger.settings_hash = self.settings, self.settings_hash
             self.ledger.records.update(self.failures)
             self.failures = {}
-            data = ledger_bytes(self.ledger)
-            path = self.cfg.out_dir / LEDGER_FILE
-            if not path.is_file() or path.read_bytes() != data:  # a no-op run rewrites nothing
-                write_ledger(self.cfg.out_dir, self.ledger)
+            if write_ledger(self.cfg.out_dir, self.ledger):  # only what changed; a no-op run writes nothing
                 crash_point("ledger-written")
             sync_index(self.cfg.out_dir, self.ledger)
 
@@ -291,9 +289,13 @@ def run_extract(cfg: PrepConfig) -> Report:
     with folder_lock(cfg.out_dir):
         with timed(report, "reconcile"):
             ledger, notes = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+            # the records live as long as the run and hold no cycles (refcounting frees them): out of
+            # the cyclic collector's sight, or each of its full passes rescans a million of them
+            gc.freeze()
             report.shards_purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
         report.warnings += notes
         work = _plan(cfg, ledger, report)
+        gc.freeze()  # the discovered videos and the plan live as long as the run, too
         run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
         if not run.rebuild:
             with timed(report, "rewrite"):

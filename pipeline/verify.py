@@ -16,6 +16,7 @@ from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatE
                                make_key, read_samples)
 from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
+from vtt.shards.store import LEDGER_DIR
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _check_ledger(folder: Path, index, where_key: dict[str, str], result: Verify
     if ledger is None:
         return  # a folder made by something else: index and tars are all there is to check
     if ledger.index() != index:
-        result.problems.append("index.json does not match ledger.json (rerun vtt-prep extract to repair)")
+        result.problems.append("index.json does not match the ledger (rerun vtt-prep extract to repair)")
     for r in ledger.ok_records():
         if where_key.get(r.key) != r.shard:
             result.problems.append(f"{r.source}: ledger puts key {r.key!r} in {r.shard}, "
@@ -131,8 +132,16 @@ def verify_shards(folder: str | Path) -> VerifyResult:
     where_key = _check_shards(folder, index, result)
     _check_ledger(folder, index, where_key, result)
     result.retired = _retired_lines(folder)
-    result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(folder.glob(TMP_PREFIX + "*"))]
+    temps = [*folder.glob(TMP_PREFIX + "*"), *(folder / LEDGER_DIR).glob(TMP_PREFIX + "*")]
+    result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(temps)]
     return result
+
+
+def _ledger_line(ledger) -> str:
+    if ledger.legacy:
+        return "ledger: ledger.json (the old single file; the next extract or compact upgrades it to _ledger/)"
+    base = f"checkpoint {ledger.checkpoint} + " if ledger.checkpoint >= 0 else ""
+    return f"ledger: {LEDGER_DIR}/ at commit {ledger.version} ({base}{ledger.log_commits} commits to replay)"
 
 
 def status_text(folder: str | Path) -> tuple[str, bool]:
@@ -144,6 +153,7 @@ def status_text(folder: str | Path) -> tuple[str, bool]:
              f"{sum(s.filesize for s in index.shards) / 1e6:.1f} MB",
              f"settings: {json.dumps(index.settings, sort_keys=True)}"]
     if ledger is not None:
+        lines.append(_ledger_line(ledger))
         ok = ledger.ok_records()
         failed = [r for r in ledger.records.values() if r.status != STATUS_OK]
         versions = Counter(r.ffmpeg_version for r in ok)

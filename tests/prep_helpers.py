@@ -6,11 +6,14 @@ import os
 import shutil
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from clips import make_clip
 
 from vtt.pipeline.config import PrepConfig
+from vtt.shards.ledger import ledger_bytes, read_ledger, write_ledger
+from vtt.shards.store import LEDGER_DIR
 
 FPS = 10
 SIZE = (96, 32)  # make_clip's counter pattern; output the same size so stripes map 1:1
@@ -66,21 +69,53 @@ def cfg(data: Path, out: Path, **kw) -> PrepConfig:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """name -> (mtime_ns, bytes) of every file, to prove a run touched nothing."""
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+    """name -> (mtime_ns, bytes) of every file (and of the ledger's log), to prove a run touched nothing."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    files += sorted((folder / LEDGER_DIR).glob("*"))
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
 
 
 def state_files(out: Path) -> dict[str, bytes]:
-    """What must equal a clean run's: shards (live and retired), index and ledger (not the lock or the
-    report; the ledger's retirement times are the wall clock of the run that retired them)."""
-    keep = [p for p in sorted(out.iterdir()) if p.name.startswith("shard-") or p.name in ("index.json", "ledger.json")]
+    """What must equal a clean run's: shards (live and retired), index and the ledger's state rendered
+    canonically ("ledger"; not the lock or the report; the commit files are compared by log_files).
+    The ledger's retirement times are the wall clock of the run that retired them."""
+    keep = [p for p in sorted(out.iterdir()) if p.name.startswith("shard-") or p.name == "index.json"]
     files = {p.name: p.read_bytes() for p in keep}
-    if "ledger.json" in files:
-        ledger = json.loads(files["ledger.json"])
-        for r in ledger.get("retired", []):
+    ledger = read_ledger(out)
+    if ledger is not None:
+        state = json.loads(ledger_bytes(ledger))
+        for r in state.get("retired", []):
             r["retired_at"] = "(time)"
-        files["ledger.json"] = json.dumps(ledger, indent=1, sort_keys=True).encode()
+        files["ledger"] = json.dumps(state, indent=1, sort_keys=True).encode()
     return files
+
+
+def log_files(out: Path) -> dict[str, dict]:
+    """The ledger's commit files by name, parsed, retirement times normalised (the same history must
+    give the same commits, whether or not a run was killed on the way)."""
+    files = {}
+    for p in sorted((out / LEDGER_DIR).glob("*.json")):
+        commit = json.loads(p.read_bytes())
+        for r in commit.get("retired_put", []):
+            r["retired_at"] = "(time)"
+        files[p.name] = commit
+    return files
+
+
+def edit_ledger(out: Path, change) -> None:
+    """Change the committed ledger through its API (`change(ledger)`), as one more commit."""
+    ledger = read_ledger(out)
+    change(ledger)
+    assert write_ledger(out, ledger)
+
+
+def age_retired(out: Path, stamp: str = "2000-01-01T00:00:00Z") -> list[str]:
+    """Pretend every retired shard was retired long ago; returns their urls."""
+    def change(ledger):
+        for u, r in list(ledger.retired.items()):
+            ledger.retired[u] = replace(r, retired_at=stamp)
+    edit_ledger(out, change)
+    return sorted(read_ledger(out).retired)
 
 
 def live_shards(out: Path) -> list[str]:

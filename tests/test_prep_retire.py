@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from prep_helpers import add_video, cfg, env, live_shards, make_corpus, prep_cmd, read_back
+from prep_helpers import add_video, age_retired, cfg, env, live_shards, make_corpus, prep_cmd, read_back
 
 from vtt.pipeline.compact import compact_shards
 from vtt.pipeline.config import CompactConfig, ConfigError
@@ -16,10 +16,7 @@ from vtt.shards.ledger import read_ledger
 
 def _age(out, hours_ago_stamp="2000-01-01T00:00:00Z"):
     """Pretend every retired shard was retired long ago."""
-    ledger = json.loads((out / "ledger.json").read_text())
-    for r in ledger["retired"]:
-        r["retired_at"] = hours_ago_stamp
-    (out / "ledger.json").write_text(json.dumps(ledger))
+    age_retired(out, hours_ago_stamp)
 
 
 def _read_snapshot(out, urls):

@@ -68,7 +68,7 @@ def test_same_inputs_give_byte_identical_shards(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_extract(cfg(data, a, workers=2, shard_max_samples=3))
     run_extract(cfg(data, b, workers=1, shard_max_samples=3))
-    assert state_files(a).keys() == {"shard-000000.tar", "shard-000001.tar", "index.json", "ledger.json"}
+    assert state_files(a).keys() == {"shard-000000.tar", "shard-000001.tar", "index.json", "ledger"}
     assert state_files(a) == state_files(b)
 
 

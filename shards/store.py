@@ -1,0 +1,122 @@
+"""Where the ledger log lives: a five-method storage interface whose create-if-absent is the commit point.
+
+Object stores have no atomic rename, but they have conditional writes: S3's PutObject with
+`If-None-Match: *` creates a key only if it does not exist yet (412 otherwise; moto's server does the
+same). So a ledger commit is "create the next numbered commit file"; the moment it exists, complete,
+the commit happened, and a second writer that raced for the same number fails instead of overwriting.
+LocalStore gives the same semantics on a filesystem: the bytes go to a temp file (fsynced), then
+os.link(temp, name), which fails when `name` exists and makes it appear complete in one step.
+An S3 store implements the same methods: `names` = ListObjectsV2 under the prefix, `open` = GetObject,
+`put_if_absent` = PutObject(IfNoneMatch="*") mapping 412 to CommitConflict, `delete` = DeleteObject,
+`remove_temp` = nothing (a PUT is atomic, it leaves no temp object).
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .format import TMP_PREFIX, ShardFormatError, fsync_dir
+
+LEDGER_DIR = "_ledger"   # inside the shards folder
+
+
+class CommitConflict(ShardFormatError):
+    """The name already exists: another writer committed first (or the log is ahead of this state)."""
+
+
+class LedgerStore(Protocol):
+    def names(self) -> list[str]:
+        """Every complete file of the log, sorted (temp files excluded). Cost: one listing."""
+
+    def open(self, name: str) -> BinaryIO:
+        """A binary reader of `name`; FileNotFoundError when it is gone (pruned meanwhile)."""
+
+    def put_if_absent(self, name: str, data: bytes) -> None:
+        """Create `name` with `data` in one step, or raise CommitConflict if it exists."""
+
+    def delete(self, name: str) -> None:
+        """Remove `name` (no error when it is already gone)."""
+
+    def remove_temp(self) -> list[str]:
+        """Delete what interrupted writes left behind; returns their names."""
+
+
+class LocalStore:
+    """The log as files in `folder/_ledger/`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.root = Path(folder) / LEDGER_DIR
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(n for n in os.listdir(self.root) if not n.startswith(TMP_PREFIX))
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.root / name, "rb")
+
+    def put_if_absent(self, name: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, self.root / name)   # the commit point: fails if `name` exists
+            except FileExistsError:
+                raise CommitConflict(f"{self.root / name} already exists: another vtt-prep run committed "
+                                     f"to this ledger meanwhile") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def remove_temp(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        gone = sorted(n for n in os.listdir(self.root) if n.startswith(TMP_PREFIX))
+        for n in gone:
+            (self.root / n).unlink(missing_ok=True)
+        return gone
+
+
+class MemoryStore:
+    """A store in a dict, with the same create-if-absent rule (benchmarks and unit tests of the log)."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def open(self, name: str) -> BinaryIO:
+        if name not in self.files:
+            raise FileNotFoundError(name)
+        return io.BytesIO(self.files[name])
+
+    def put_if_absent(self, name: str, data: bytes) -> None:
+        if name in self.files:
+            raise CommitConflict(f"{name} already exists")
+        self.files[name] = bytes(data)
+
+    def delete(self, name: str) -> None:
+        self.files.pop(name, None)
+
+    def remove_temp(self) -> list[str]:
+        return []
+
+
+def store_for(folder: str | os.PathLike) -> LedgerStore:
+    """The store of a shards folder. The S3 side plugs in here (an `s3://` folder -> an S3 store)."""
+    if str(folder).startswith("s3://"):
+        raise NotImplementedError(f"{folder}: the ledger on object storage needs an S3 LedgerStore "
+                                  f"(see vtt.shards.store)")
+    return LocalStore(folder)
