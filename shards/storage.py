@@ -29,7 +29,10 @@ from .format import ShardFormatError
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK = 8 << 20  # bytes per ranged GET: a 512-byte tar header seek stays inside the cached block
+READ_BLOCK = 4 << 20  # bytes per ranged GET: a 512-byte tar header seek stays inside the cached block
+# fsspec's "background" cache fetches the next block in a thread while this one is decoded (2 blocks of
+# memory per open shard); "readahead" would wait for every GET
+READ_CACHE = "background"
 READ_RETRIES = 5  # a failed read is retried this often (backoff RETRY_BASE_S x 2^n, capped at RETRY_MAX_S)
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
@@ -230,7 +233,8 @@ class RetryingFile:
 
     def _open(self):
         kw = {"size": self.size} if self.size is not None else {}
-        f = self.fs.open(self.path, "rb", block_size=READ_BLOCK, cache_type="readahead", **kw)
+        f = self.fs.open(self.path, "rb", block_size=READ_BLOCK, cache_type=READ_CACHE,
+                         cache_options={"maxblocks": 2} if READ_CACHE == "background" else None, **kw)
         f.seek(self.pos)
         return f
 
