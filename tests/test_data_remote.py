@@ -134,13 +134,21 @@ def cli(module: str, *args, env: dict, timeout: int = 300) -> subprocess.Complet
 
 
 def test_vtt_train_and_caption_read_s3_shards(shards, server, tmp_path):
+    """Endpoint and keys from --storage-option alone (no AWS_* variables): they reach the DataLoader workers,
+    and config.yaml keeps the endpoint but not the keys."""
     _, url = shards
     run = tmp_path / "run"
+    opts = ["--storage-option", f"endpoint_url={server.url}", "--storage-option", "key=test",
+            "--storage-option", "secret=test"]
+    no_aws = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": "",
+              "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
     p = cli("vtt.trainer.cli", "--shards", url, "--eval-shards", url, "--output-dir", run, "--max-steps", 3,
-            "--num-workers", 1, "--save-every", 2, *S2S, env=server.env())
+            "--num-workers", 1, "--save-every", 2, *opts, *S2S, env=no_aws)
     assert p.returncode == 0, p.stderr[-3000:]
     train, evals = metrics(run)
     assert [x["step"] for x in train] == [1, 2, 3] and evals
+    saved = (run / "config.yaml").read_text()
+    assert f"endpoint_url: {server.url}" in saved and "secret: <redacted>" in saved and "key: <redacted>" in saved
     p = cli("vtt.trainer.caption", run, url, "--limit", 2, "--json", "--max-new-tokens", 4, env=server.env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert [line.startswith('{"key": "clip-000') for line in p.stdout.splitlines()] == [True, True]
@@ -163,6 +171,13 @@ def test_unreachable_shards_url_fails_in_one_line_exit_2(shards, server, tmp_pat
     assert len(lines) == 1 and lines[0].startswith(f"vtt-train: error: {url}: "), p.stderr
     assert pytest.importorskip("re").search(problem, lines[0]), lines[0]
     assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_vtt_caption_unreachable_url_fails_in_one_line_exit_2(server, tmp_path):
+    p = cli("vtt.trainer.caption", tmp_path, "s3://no-such-bucket/shards", env=server.env(), timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip() == ("vtt-caption: error: s3://no-such-bucket/shards: bucket 'no-such-bucket' does not "
+                                "exist (or is not visible to these credentials)")
 
 
 def test_wrong_credentials_and_dead_endpoint_name_the_url(tmp_path, monkeypatch):
