@@ -1,6 +1,7 @@
 """Shards on object storage: a real S3-compatible server on localhost (moto's standalone server, its own
 process) reached through s3fs with AWS_ENDPOINT_URL and dummy keys, exactly as a user's S3 would be."""
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ from s3_helpers import CuttableProxy, MotoServer, restore_env, s3, set_env, uplo
 from train_helpers import PY, REPO, make_train_shards, metrics, train_env  # noqa: E402
 
 from vtt.shards import storage  # noqa: E402
+from vtt.shards.format import ShardFormatError  # noqa: E402
+from vtt.trainer import data_source  # noqa: E402
+from vtt.trainer.data_source import read_snapshot  # noqa: E402
 from vtt.trainer.data import (DataConfig, SnapshotError, StorageError, build_loader, pin_data,  # noqa: E402
                               unpin)
 
@@ -82,6 +86,17 @@ def test_pinned_remote_snapshot_notices_a_gone_or_replaced_shard(shards):
     fs.pipe_file(f"{url}/shard-000001.tar", b"not the pinned tar")
     with pytest.raises(SnapshotError, match=r"shard-000001.tar: 18 bytes on disk, \d+ when pinned"):
         build_loader(cfg, list, micro_batch=2)
+
+
+def test_remote_checksums_are_verified(shards):
+    local, _ = shards
+    url = upload(local, "s3://vtt-test/checksums")
+    assert read_snapshot(url, verify_checksums=True).num_samples == 24
+    tar = (local / "shard-000002.tar").read_bytes()
+    s3().pipe_file(f"{url}/shard-000002.tar", tar[:-1] + bytes([tar[-1] ^ 1]))  # same size, one bit off
+    data_source._VERIFIED.clear()  # verified once per process and snapshot: this is a new process's view
+    with pytest.raises(ShardFormatError, match=r"s3://vtt-test/checksums/shard-000002.tar: sha256 differs"):
+        read_snapshot(url, verify_checksums=True)
 
 
 def test_a_network_cut_mid_read_is_retried_then_bounded(shards, server, monkeypatch, caplog):
@@ -169,7 +184,7 @@ def test_unreachable_shards_url_fails_in_one_line_exit_2(shards, server, tmp_pat
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"vtt-train: error: {url}: "), p.stderr
-    assert pytest.importorskip("re").search(problem, lines[0]), lines[0]
+    assert re.search(problem, lines[0]), lines[0]
     assert not (tmp_path / "run").exists()  # before any work
 
 
