@@ -11,8 +11,9 @@ URL and the problem (the CLIs exit 2 on it). A network error while reading a sha
 is reopened at the same offset with exponential backoff, at most READ_RETRIES times, then raised.
 
 Costs: `sizes` lists the folder once (local: one stat per name; object stores: one listing request per
-~1000 objects); `open` reads objects in READ_BLOCK ranged GETs with a read-ahead cache, so seeking past a
-tar member costs a request only when it leaves the cached block.
+~1000 objects); `open` reads objects in READ_BLOCK ranged GETs, the next block fetched in the background
+while this one is used (2 blocks of memory per open object), so seeking past a tar member costs a request
+only when it leaves the cached blocks.
 """
 from __future__ import annotations
 

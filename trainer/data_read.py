@@ -9,8 +9,9 @@ size is a SnapshotError, never a skip.
 Costs: tars are opened with seeking reads (`tarfile` "r:"), so a passed-over sample costs its member
 headers (512 bytes each), a read one its bytes; a stream holds one open tar per interleaved shard and
 at most `shuffle_buffer` samples (+ one per interleaved shard). A shard at a URL is read through fsspec in
-ranged reads of storage.READ_BLOCK bytes with a read-ahead cache (passing over a sample costs a request
-only when it leaves the block; one block of memory per open tar), network errors retried with backoff.
+ranged reads of storage.READ_BLOCK bytes, the next one prefetched in the background (passing over a sample
+costs a request only when it leaves the cached blocks; two blocks of memory per open tar), network errors
+retried with backoff.
 """
 from __future__ import annotations
 
