@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import (FORMAT_VERSION, INDEX_FILE, ShardFormatError, atomic_write_bytes,
-                     sha256_file, shard_number)
+from .format import FORMAT_VERSION, INDEX_FILE, ShardFormatError, atomic_write_bytes, shard_number
+from .storage import Store
 
 WIDS_KIND = "wids-shard-index-v1"
 
@@ -63,21 +63,24 @@ def write_index(folder: str | os.PathLike, index: ShardIndex) -> None:
     atomic_write_bytes(Path(folder) / INDEX_FILE, index_bytes(index))
 
 
-def read_index(folder: str | os.PathLike) -> ShardIndex:
+def read_index(folder: str | os.PathLike, options: dict | None = None) -> ShardIndex:
     """Read and structurally validate `folder/index.json`; errors name the file and the problem."""
-    return read_index_bytes(folder)[0]
+    return read_index_bytes(folder, options)[0]
 
 
-def read_index_bytes(folder: str | os.PathLike) -> tuple[ShardIndex, bytes]:
+def read_index_bytes(folder: str | os.PathLike, options: dict | None = None) -> tuple[ShardIndex, bytes]:
     """(index, the exact bytes it was parsed from): one read, so a digest of the bytes names this index
-    even while vtt-prep replaces the file (it renames a new one into place, never edits it)."""
-    path = Path(folder) / INDEX_FILE
-    if not Path(folder).is_dir():
+    even while vtt-prep replaces the file (it renames a new one into place, never edits it). `folder` may
+    be a URL (shards/storage.py; `options` are its fsspec storage options): StorageError when it cannot be
+    reached at all."""
+    store = Store.of(folder, options)
+    path = store.join(INDEX_FILE)
+    if not store.remote and not Path(folder).is_dir():
         raise ShardFormatError(f"{folder}: shards folder does not exist")
-    if not path.is_file():
-        raise ShardFormatError(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)")
     try:
-        data = path.read_bytes()
+        data = store.read_bytes(INDEX_FILE)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ShardFormatError(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)") from None
     except OSError as e:
         raise ShardFormatError(f"{path}: unreadable index: {e}") from e
     return parse_index(data, path), data
@@ -107,27 +110,31 @@ def parse_index(data: bytes, path: str | os.PathLike = INDEX_FILE) -> ShardIndex
 
 
 def check_index(folder: str | os.PathLike, index: ShardIndex | None = None,
-                checksums: bool = False, unlisted: bool = True) -> list[str]:
-    """Problems between the index and the tars on disk (missing file, size, checksum); [] if none.
+                checksums: bool = False, unlisted: bool = True, options: dict | None = None) -> list[str]:
+    """Problems between the index and the tars in the folder (missing file, size, checksum); [] if none.
 
-    unlisted: also report tars on disk that the index lists neither as live nor as retired (vtt-prep
+    unlisted: also report tars in the folder that the index lists neither as live nor as retired (vtt-prep
     verify). Readers pass
     False: vtt-prep writes new shards before its commit and keeps retired ones for a while.
-    Cost: one stat per listed shard (+ one folder listing with `unlisted`, + reading every byte
-    with `checksums`)."""
-    folder = Path(folder)
-    index = index or read_index(folder)
+    Cost: one stat per listed shard (a URL: one listing), + one folder listing with `unlisted`, + reading
+    every byte with `checksums`."""
+    store = Store.of(folder, options)
+    index = index or read_index(folder, options)
     problems = []
+    sizes = store.sizes([s.url for s in index.shards])
+
+    def where(name: str) -> str:  # names as the caller gave the folder
+        return store.join(name) if store.remote else str(Path(folder) / name)
     for s in index.shards:
-        p = folder / s.url
-        if not p.is_file():
+        p, size = where(s.url), sizes[s.url]
+        if size is None:
             problems.append(f"{p}: listed in {INDEX_FILE} but missing")
-        elif p.stat().st_size != s.filesize:
-            problems.append(f"{p}: {p.stat().st_size} bytes on disk, {s.filesize} in {INDEX_FILE}")
-        elif checksums and sha256_file(p) != s.sha256:
+        elif size != s.filesize:
+            problems.append(f"{p}: {size} bytes on disk, {s.filesize} in {INDEX_FILE}")
+        elif checksums and store.sha256(s.url) != s.sha256:
             problems.append(f"{p}: sha256 differs from {INDEX_FILE}")
     listed = {s.url for s in index.shards} | set(index.retired)
-    for p in [] if not unlisted else sorted(folder.glob("shard-*.tar")):
-        if p.name not in listed:
-            problems.append(f"{p}: shard on disk but not in {INDEX_FILE}")
+    for name in [] if not unlisted else store.names("shard-*.tar"):
+        if name not in listed:
+            problems.append(f"{where(name)}: shard on disk but not in {INDEX_FILE}")
     return problems

@@ -11,13 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 def _floors() -> dict[str, str]:
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["test"].splitlines()
+    lines = cfg["options"]["install_requires"].splitlines()
+    for extra in cfg["options.extras_require"].values():  # every extra: the test extra pulls them all in
+        lines += extra.splitlines()
     out = {}
     for line in (x.strip() for x in lines):
         if line and not line.startswith("#"):
-            m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)(,.*)?", line)
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[A-Za-z0-9_,-]+\])?>=([0-9.]+)(,.*)?", line)
             assert m, f"setup.cfg: {line!r} has no >= floor"
-            out[m.group(1).lower()] = m.group(2)
+            assert out.get(m.group(1).lower(), m.group(3)) == m.group(3), f"setup.cfg: two floors for {m.group(1)}"
+            out[m.group(1).lower()] = m.group(3)
     return out
 
 

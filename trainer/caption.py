@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -67,10 +68,12 @@ def video_sample(path: Path, spec) -> dict:
     return {"key": path.stem, "meta": {"video_id": path.stem, "description": ""}, "text": "", "frames": frames}
 
 
-def shard_samples(folder: Path, keys: tuple[str, ...], limit: int, decode_frames: bool) -> list[dict]:
-    """Samples of a shards folder in index order: the given keys, else the first `limit`."""
+def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames: bool,
+                  storage_options: dict | None = None) -> list[dict]:
+    """Samples of a shards folder (path or URL) in index order: the given keys, else the first `limit`."""
     from vtt.trainer.data import DataConfig, build_loader
-    cfg = DataConfig(str(folder), eval_shards=str(folder), decode_frames=decode_frames)  # eval: index order
+    cfg = DataConfig(str(folder), eval_shards=str(folder), decode_frames=decode_frames,  # eval: index order
+                     storage_options=dict(storage_options or {}))
     loader = build_loader(cfg, list, micro_batch=1, split="eval")
     out, want = [], set(keys)
     for (s,) in loader:
@@ -84,9 +87,10 @@ def shard_samples(folder: Path, keys: tuple[str, ...], limit: int, decode_frames
     return out
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\nINPUT: video files and/or shards folders.")
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nINPUT: video files and/or shards folders (paths or URLs "
+               "such as s3://bucket/shards).")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Only for exports without "
               "vtt_model.json.")
 @click.option("--key", "keys", multiple=True, help="Shard sample key(s) to caption [default: the first --limit].")
@@ -95,26 +99,54 @@ def shard_samples(folder: Path, keys: tuple[str, ...], limit: int, decode_frames
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, as_json):
-    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device):
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec storage option for shards URLs, repeatable (endpoint_url=..., profile=..., anon=true).")
+def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, as_json, storage_options):
+    from vtt.shards.storage import StorageError, parse_options
+    try:
+        options = parse_options(storage_options)
+        check_inputs(inputs, options)
+    except ValueError as e:  # StorageError too: one line naming the URL, before the model loads
+        click.echo(f"vtt-caption: error: {e}", err=True)
+        sys.exit(2 if isinstance(e, StorageError) or "storage-option" in str(e) else 1)
+    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, options):
         click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")
 
 
-def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new_tokens=32, device=None):
-    """[(key, caption)] for every input (video files, shards folders)."""
+def check_inputs(inputs, options: dict) -> None:
+    """Local inputs must exist; shards URLs must be reachable (StorageError otherwise)."""
+    from vtt.shards.format import INDEX_FILE
+    from vtt.shards.storage import StorageError, Store, is_url
+    for inp in inputs:
+        if not is_url(inp):
+            if not Path(inp).exists():
+                raise click.UsageError(f"{inp}: no such file or folder")
+            continue
+        try:
+            Store.of(inp, options).read_bytes(INDEX_FILE)
+        except StorageError:
+            raise
+        except OSError:
+            pass  # reachable; the loader names what is missing
+
+
+def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new_tokens=32, device=None,
+            storage_options=None):
+    """[(key, caption)] for every input (video files, shards folders or URLs)."""
     import torch
 
+    from vtt.shards.storage import is_url
     from vtt.trainer.adapters import get_adapter
     mdir = model_dir(model)
     info = load_info(mdir, kind)
     adapter = get_adapter(model_config(mdir, info, kind))
     net = adapter.load_model().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = []
-    for inp in map(Path, inputs):
-        if inp.is_dir():
-            samples += shard_samples(inp, keys, limit, adapter.needs_frames)
+    for inp in inputs:
+        if is_url(inp) or Path(inp).is_dir():
+            samples += shard_samples(inp, keys, limit, adapter.needs_frames, storage_options)
         else:
-            samples.append(video_sample(inp, frame_spec(info.get("frames") or {}, num_frames)))
+            samples.append(video_sample(Path(inp), frame_spec(info.get("frames") or {}, num_frames)))
     texts = adapter.generate(net, samples, max_new_tokens=max_new_tokens) if samples else []
     return [(s["key"], t) for s, t in zip(samples, texts)]
 

@@ -39,6 +39,9 @@ def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
         if value is not None and name in FLAG_FIELDS:
             section, key = FLAG_FIELDS[name]
             tree.setdefault(section, {})[key] = value
+    if flags.get("storage_options"):  # --storage-option key=value, repeatable
+        from vtt.shards.storage import parse_options
+        tree.setdefault("data", {})["storage_options"] = parse_options(flags["storage_options"])
     run = tree.get("run", {})
     if "max_steps" in run and "epochs" not in run:  # a flag replaces the YAML's length, whichever kind
         run["epochs"] = None
@@ -99,8 +102,12 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--model-path", help="Hub id (from the local cache) or checkpoint folder.")
 @click.option("--preset", type=click.Choice(["tiny"]), help="Build a random tiny model into RUN/preset-<model> "
               "and train it (overrides --model-path).")
-@click.option("--shards", help="Shards folder written by vtt-prep (index.json + tars).")
-@click.option("--eval-shards", help="Held-out shards folder for the eval loss.")
+@click.option("--shards", help="Shards folder written by vtt-prep (index.json + tars): a path or a URL "
+              "(s3://bucket/prefix needs the s3 extra; gs:// etc. with their fsspec filesystem installed).")
+@click.option("--eval-shards", help="Held-out shards folder (path or URL) for the eval loss.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec storage option for URL folders, repeatable (endpoint_url=..., profile=..., anon=true, "
+              "client_kwargs.region_name=...); credentials otherwise come from AWS_* variables, profiles, roles.")
 @click.option("--eval-fraction", type=float, help="Or: hold out this fraction of keys of --shards.")
 @click.option("--output-dir", "-o", help="Run folder (configs, logs, checkpoints, final model).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with the sections "
@@ -158,12 +165,24 @@ def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_
     from vtt.trainer.config import ConfigError, dump_yaml, load_config
     try:
         cfg = load_config(config_file, overrides_from_flags(flags, sets))
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return
+    check_storage(cfg)
     run(cfg, local_rank)
+
+
+def check_storage(cfg) -> None:
+    """A shards URL that cannot be reached (scheme, endpoint, bucket, credentials, permissions) stops here,
+    before any work: one line naming the URL and the problem, exit status 2."""
+    from vtt.trainer.data import StorageError, check_storage as check
+    try:
+        check(cfg.data)
+    except StorageError as e:
+        click.echo(f"vtt-train: error: {e}", err=True)
+        sys.exit(2)
 
 
 def run(cfg, local_rank: int | None) -> None:
@@ -172,10 +191,11 @@ def run(cfg, local_rank: int | None) -> None:
     try:
         result = loop.train(cfg, local_rank=local_rank)
     except known_errors() as e:
+        from vtt.shards.storage import StorageError
         rank = os.environ.get("RANK", "0")
         prefix = f"vtt-train (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else "vtt-train"
         click.echo(f"{prefix}: error: {e}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, StorageError) else 1)
     if int(os.environ.get("RANK", 0)) == 0:
         last = result.losses.get(result.steps)
         click.echo(f"vtt-train: {result.steps} steps in {result.wall_s:.1f}s, final loss "

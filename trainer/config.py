@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,7 +218,18 @@ class TrainConfig:
                               "after zero.Init): load with model.load_dtype=bfloat16 instead")
 
     def to_dict(self) -> dict:
-        return to_plain(dataclasses.asdict(self))
+        """Plain values for config.yaml and W&B; secrets among data.storage_options are redacted."""
+        d = to_plain(dataclasses.asdict(self))
+        d["data"]["storage_options"] = redact(d["data"]["storage_options"])
+        return d
+
+
+SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def redact(options: dict) -> dict:
+    return {k: redact(v) if isinstance(v, dict) else ("<redacted>" if SECRET_KEY.search(k) else v)
+            for k, v in options.items()}
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "optim": OptimConfig,

@@ -43,12 +43,13 @@ import logging
 import pickle
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from vtt.shards.format import ShardFormatError
+from vtt.shards.format import INDEX_FILE, ShardFormatError
+from vtt.shards.storage import StorageError, Store  # noqa: F401
 from vtt.trainer.data_plan import Plan, StreamPosition, batches_per_rank, shuffle_order  # noqa: F401
 from vtt.trainer.data_read import (MAX_EVENTS, CorruptSampleError, decode_sample,  # noqa: F401
                                    stream_batches)
@@ -76,6 +77,9 @@ class DataConfig:
     decode_frames: bool = True  # False: frames stay undecoded (text-only models), sample["frames"] is None
     verify_checksums: bool = False  # sha256 of every tar against the index before training
     prefetch_factor: int = 2
+    # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
+    # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
+    storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.shards:
@@ -107,7 +111,19 @@ class DataConfig:
 def pin_data(cfg: DataConfig) -> None:
     """Pin the index of the train (and eval) folder for this process: every later loader, eval pass and
     resume reads these shard lists, whatever vtt-prep commits meanwhile. O(shards) stats."""
-    pin(cfg.folders, cfg.verify_checksums)
+    pin(cfg.folders, cfg.verify_checksums, cfg.storage_options)
+
+
+def check_storage(cfg: DataConfig) -> None:
+    """StorageError (one line: the URL and the problem) when a folder cannot be reached at all; costs one
+    small read per folder. Other problems (no index.json, ...) are left to pin_data."""
+    for folder in dict.fromkeys(cfg.folders):
+        try:
+            Store.of(folder, cfg.storage_options).read_bytes(INDEX_FILE)
+        except StorageError:
+            raise
+        except OSError:
+            pass
 
 
 def agree_data(cfg: DataConfig) -> bool:
@@ -130,7 +146,8 @@ def resolve_source(cfg: DataConfig, split: str) -> Source:
     if split == "eval" and not cfg.has_eval:
         raise ValueError("no eval set configured: set DataConfig.eval_shards or eval_fraction")
     folder = _folder(cfg, split)
-    src = split_source(snapshot(folder, cfg.verify_checksums), _fraction(cfg, split), split == "eval")
+    src = split_source(snapshot(folder, cfg.verify_checksums, cfg.storage_options), _fraction(cfg, split),
+                       split == "eval")
     if src.total == 0:
         raise ShardFormatError(f"{folder}: the {split} split is empty (eval_fraction={cfg.eval_fraction})")
     return src
@@ -219,7 +236,7 @@ class Loader:
         saved = Snapshot.from_dict(pos.snapshot)
         if saved.digest == self.src.snap.digest:
             return self.src, []
-        saved = dataclasses.replace(saved, folder=self.src.snap.folder)
+        saved = dataclasses.replace(saved, folder=self.src.snap.folder, options=self.src.snap.options)
         gone = saved.problems()
         if gone:
             return None, [f"{len(gone)} shard(s) of the index the checkpoint was reading are not on disk as "

@@ -8,13 +8,15 @@ size is a SnapshotError, never a skip.
 
 Costs: tars are opened with seeking reads (`tarfile` "r:"), so a passed-over sample costs its member
 headers (512 bytes each), a read one its bytes; a stream holds one open tar per interleaved shard and
-at most `shuffle_buffer` samples (+ one per interleaved shard).
+at most `shuffle_buffer` samples (+ one per interleaved shard). A shard at a URL is read through fsspec in
+ranged reads of storage.READ_BLOCK bytes, the next one prefetched in the background (passing over a sample
+costs a request only when it leaves the cached blocks; two blocks of memory per open tar), network errors
+retried with backoff.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from contextlib import ExitStack
@@ -69,15 +71,16 @@ class Corrupt:
 
 # ---------------------------------------------------------------- tars
 
-def open_shard(path: str, size: int):
-    """The snapshot's shard, or SnapshotError when it is gone or is not the file that was pinned."""
+def open_shard(src: Source, j: int):
+    """The snapshot's shard j, or SnapshotError when it is gone or is not the file that was pinned."""
+    path, size = src.path(j), src.size(j)
     try:
-        f = open(path, "rb")
+        got, _ = src.store.stat(src.name(j))
+        f = src.store.open(src.name(j), size)
     except FileNotFoundError as e:
         raise SnapshotError(f"{path}: shard of the pinned index is gone (vtt-prep deletes retired shards "
                             f"after its retention period); {RESTART_HINT}") from e
-    if os.fstat(f.fileno()).st_size != size:
-        got = os.fstat(f.fileno()).st_size
+    if got != size:
         f.close()
         raise SnapshotError(f"{path}: {got} bytes on disk, {size} in the pinned index: the shard was "
                             f"replaced; {RESTART_HINT}")
@@ -91,7 +94,7 @@ def shard_samples(src: Source, j: int, start: int, want: Callable[[int], bool], 
     tar broke in or lacks, `__lost__`. Unwanted samples are passed over by their headers."""
     path, count = src.path(j), src.counts[j]
     r, cur, take, key, broken = -1, None, False, None, False
-    with open_shard(path, src.size(j)) as f:
+    with open_shard(src, j) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 while (info := tar.next()) is not None:

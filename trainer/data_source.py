@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from vtt.shards.format import INDEX_FILE, ShardFormatError, split_member
 from vtt.shards.index import ShardEntry, check_index, read_index_bytes
+from vtt.shards.storage import Store
 
 log = logging.getLogger(__name__)
 PIN_RETRIES = 3  # index.json re-read when vtt-prep committed between reading it and statting its shards
@@ -44,9 +43,15 @@ class DataResumeError(ShardFormatError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    folder: str  # resolved path
+    folder: str  # resolved path or URL (Store.root)
     digest: str  # sha256 of the index.json bytes
     shards: tuple[ShardEntry, ...]
+    # fsspec storage options of a URL folder (may hold credentials: never saved with a checkpoint)
+    options: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def store(self) -> Store:
+        return Store(self.folder, self.options)
 
     @property
     def num_samples(self) -> int:
@@ -57,34 +62,34 @@ class Snapshot:
                 "shards": [[s.url, s.nsamples, s.filesize, s.sha256] for s in self.shards]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Snapshot:
-        return cls(d["folder"], d["digest"], tuple(ShardEntry(u, int(n), int(b), h) for u, n, b, h in d["shards"]))
+    def from_dict(cls, d: dict, options: dict | None = None) -> Snapshot:
+        return cls(d["folder"], d["digest"], tuple(ShardEntry(u, int(n), int(b), h) for u, n, b, h in d["shards"]),
+                   dict(options or {}))
 
     def problems(self) -> list[str]:
-        """Shards of this snapshot that are not on disk as listed (one stat each)."""
+        """Shards of this snapshot that are not on disk as listed (one stat each; a URL: one listing)."""
+        store = self.store
+        sizes = store.sizes([s.url for s in self.shards])
         out = []
         for s in self.shards:
-            p = Path(self.folder) / s.url
-            try:
-                size = p.stat().st_size
-            except OSError:
+            p, size = store.join(s.url), sizes[s.url]
+            if size is None:
                 out.append(f"{p}: gone")
-                continue
-            if size != s.filesize:
+            elif size != s.filesize:
                 out.append(f"{p}: {size} bytes on disk, {s.filesize} when pinned")
         return out
 
 
-def read_snapshot(folder: str, verify_checksums: bool = False) -> Snapshot:
+def read_snapshot(folder: str, verify_checksums: bool = False, options: dict | None = None) -> Snapshot:
     """index.json as a Snapshot, checked against the tars (listed ones only); re-read when vtt-prep
-    committed in between, so a commit never fails a start."""
+    committed in between, so a commit never fails a start. `folder` may be a URL (options: fsspec's)."""
     for attempt in range(PIN_RETRIES):
-        index, data = read_index_bytes(folder)
-        snap = Snapshot(str(Path(folder).resolve()), hashlib.sha256(data).hexdigest(), index.shards)
-        problems = check_index(folder, index, checksums=False, unlisted=False)
+        index, data = read_index_bytes(folder, options)
+        snap = Snapshot(Store.of(folder).root, hashlib.sha256(data).hexdigest(), index.shards, dict(options or {}))
+        problems = check_index(folder, index, checksums=False, unlisted=False, options=options)
         if not problems:
             break
-        _, again = read_index_bytes(folder)
+        _, again = read_index_bytes(folder, options)
         if again == data or attempt == PIN_RETRIES - 1:
             raise ShardFormatError(f"{folder}: {INDEX_FILE} disagrees with the tars on disk (rerun vtt-prep "
                                    "extract or vtt-prep verify):\n  " + "\n  ".join(problems))
@@ -102,7 +107,7 @@ def _verify(snap: Snapshot, index) -> None:
     # sha256 of every tar is slow: once per process and snapshot
     if (snap.folder, snap.digest) in _VERIFIED:
         return
-    problems = check_index(snap.folder, index, checksums=True, unlisted=False)
+    problems = check_index(snap.folder, index, checksums=True, unlisted=False, options=snap.options)
     if problems:
         raise ShardFormatError(f"{snap.folder}: {INDEX_FILE} disagrees with the tars on disk (rerun vtt-prep "
                                "extract or vtt-prep verify):\n  " + "\n  ".join(problems))
@@ -114,22 +119,26 @@ def _verify(snap: Snapshot, index) -> None:
 _PINNED: dict[str, Snapshot] = {}
 
 
-def pin(folders: list[str], verify_checksums: bool = False) -> dict[str, Snapshot]:
+def _key(folder: str) -> str:
+    return Store.of(folder).root
+
+
+def pin(folders: list[str], verify_checksums: bool = False, options: dict | None = None) -> dict[str, Snapshot]:
     """Read each folder's index once; every later `snapshot(folder)` in this process returns it."""
     for folder in dict.fromkeys(folders):
-        _PINNED[str(Path(folder).resolve())] = read_snapshot(folder, verify_checksums)
-    return {f: _PINNED[str(Path(f).resolve())] for f in folders}
+        _PINNED[_key(folder)] = read_snapshot(folder, verify_checksums, options)
+    return {f: _PINNED[_key(f)] for f in folders}
 
 
 def unpin() -> None:
     _PINNED.clear()
 
 
-def snapshot(folder: str, verify_checksums: bool = False) -> Snapshot:
+def snapshot(folder: str, verify_checksums: bool = False, options: dict | None = None) -> Snapshot:
     """The pinned snapshot of folder (its shards must still be on disk), or a fresh read if none is pinned."""
-    snap = _PINNED.get(str(Path(folder).resolve()))
+    snap = _PINNED.get(_key(folder))
     if snap is None:
-        return read_snapshot(folder, verify_checksums)
+        return read_snapshot(folder, verify_checksums, options)
     problems = snap.problems()
     if problems:
         raise SnapshotError(f"{folder}: shards of the index this run pinned at its start (sha256 "
@@ -145,7 +154,7 @@ def agree(folders: list[str]) -> bool:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return False
-    keys = [str(Path(f).resolve()) for f in dict.fromkeys(folders)]
+    keys = [_key(f) for f in dict.fromkeys(folders)]
     mine = [_PINNED[k].to_dict() for k in keys]
     box = [mine]
     dist.broadcast_object_list(box, src=0)
@@ -154,7 +163,7 @@ def agree(folders: list[str]) -> bool:
         if theirs["digest"] != _PINNED[k].digest:
             log.warning("%s: index.json changed while the ranks started; using rank 0's (sha256 %s)",
                         k, theirs["digest"][:12])
-            _PINNED[k] = Snapshot.from_dict(theirs)
+            _PINNED[k] = Snapshot.from_dict(theirs, _PINNED[k].options)
             changed = True
     return changed
 
@@ -170,11 +179,13 @@ def in_eval_slice(key: str, fraction: float) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _scan_keys(path: str, size: int, mtime: float) -> tuple[str, ...]:
-    """Sample keys of one tar from its member headers only (no member data is read)."""
+def _scan_keys(store: Store, name: str, size: int, tag) -> tuple[str, ...]:
+    """Sample keys of one tar from its member headers only (no member data is read; remotely the headers
+    come in READ_BLOCK ranged reads). Cached by (folder, name, size, mtime or ETag)."""
     keys: list[str] = []
+    path = store.join(name)
     try:
-        with tarfile.open(path, "r:") as tar:
+        with store.open(name, size) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 parts = split_member(member.name)
                 if member.isreg() and parts and (not keys or keys[-1] != parts[0]):
@@ -196,8 +207,15 @@ class Source:
     def total(self) -> int:
         return sum(self.counts)
 
+    @property
+    def store(self) -> Store:
+        return self.snap.store
+
+    def name(self, j: int) -> str:
+        return self.snap.shards[j].url
+
     def path(self, j: int) -> str:
-        return os.path.join(self.snap.folder, self.snap.shards[j].url)
+        return self.snap.store.join(self.snap.shards[j].url)
 
     def size(self, j: int) -> int:
         return self.snap.shards[j].filesize
@@ -220,9 +238,9 @@ def split_source(snap: Snapshot, fraction: float, want_eval: bool, counts: tuple
 
 
 def _keys(snap: Snapshot, j: int) -> tuple[str, ...]:
-    p = Path(snap.folder) / snap.shards[j].url
+    store, name = snap.store, snap.shards[j].url
     try:
-        st = p.stat()
+        size, tag = store.stat(name)
     except OSError as e:
-        raise SnapshotError(f"{p}: shard of the pinned index is gone: {e}") from e
-    return _scan_keys(str(p), st.st_size, st.st_mtime)
+        raise SnapshotError(f"{store.join(name)}: shard of the pinned index is gone: {e}") from e
+    return _scan_keys(store, name, size, tag)

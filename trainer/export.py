@@ -33,6 +33,6 @@ def frame_settings(cfg: TrainConfig) -> dict:
     """How the training frames were made (from the shards' index), so captioning a video matches them."""
     from vtt.shards.index import read_index
     try:
-        return read_index(cfg.data.shards).settings
+        return read_index(cfg.data.shards, cfg.data.storage_options).settings
     except Exception:  # informational only
         return {}
