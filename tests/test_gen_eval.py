@@ -51,7 +51,7 @@ def test_every_turn_answered_in_bounded_batches(tmp_path):
     assert m["by_split"]["a"]["n"] == 4 and m["by_split"]["b"]["n"] == 1
 
 
-def test_cli_on_an_exported_run(tmp_path):
+def test_cli_on_an_exported_run(tmp_path, monkeypatch):
     shards = _shards_with(tmp_path / "shards", [f"clip {i}" for i in range(4)])
     run = tmp_path / "run"
     vtt_train("--model", "seq2seq", "--preset", "tiny", "--shards", shards, "--output-dir", run,
@@ -62,3 +62,11 @@ def test_cli_on_an_exported_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "vtt-eval: 4 answers" in p.stdout
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 4
+    # vtt-caption batches the same way: never more than --batch-size inputs per generate call
+    from vtt.trainer.adapter_seq2seq import Seq2SeqAdapter
+    from vtt.trainer.caption import caption
+    sizes, real = [], Seq2SeqAdapter.generate
+    monkeypatch.setattr(Seq2SeqAdapter, "generate", lambda self, m, batch, **kw: sizes.append(len(batch))
+                        or real(self, m, batch, **kw))
+    got = caption(str(run), [str(shards)], limit=4, batch_size=3, device="cpu")
+    assert [k for k, _ in got] == [f"clip-{i:04d}" for i in range(4)] and sizes == [3, 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -97,11 +98,13 @@ def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames:
 @click.option("--limit", default=4, show_default=True, help="Samples per shards folder.")
 @click.option("--num-frames", type=int, help="Frames per video [default: as in the training shards].")
 @click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Inputs captioned together (bounds memory).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for shards URLs, repeatable (endpoint_url=..., profile=..., anon=true).")
-def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, as_json, storage_options):
+def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_size, device, as_json,
+         storage_options):
     from vtt.shards.storage import StorageError, parse_options
     try:
         options = parse_options(storage_options)
@@ -109,7 +112,8 @@ def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, a
     except ValueError as e:  # StorageError too: one line naming the URL, before the model loads
         click.echo(f"vtt-caption: error: {e}", err=True)
         sys.exit(2 if isinstance(e, StorageError) or "storage-option" in str(e) else 1)
-    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, options):
+    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, options,
+                             batch_size=batch_size):
         click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")
 
 
@@ -131,8 +135,9 @@ def check_inputs(inputs, options: dict) -> None:
 
 
 def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new_tokens=32, device=None,
-            storage_options=None):
-    """[(key, caption)] for every input (video files, shards folders or URLs)."""
+            storage_options=None, batch_size: int = 8):
+    """[(key, caption)] for every input (video files, shards folders or URLs), `batch_size` inputs per generate
+    call: memory holds one batch of frames, however many inputs there are."""
     import torch
 
     from vtt.shards.storage import is_url
@@ -141,14 +146,20 @@ def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new
     info = load_info(mdir, kind)
     adapter = get_adapter(model_config(mdir, info, kind))
     net = adapter.load_model().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    samples = []
-    for inp in inputs:
-        if is_url(inp) or Path(inp).is_dir():
-            samples += shard_samples(inp, keys, limit, adapter.needs_frames, storage_options)
-        else:
-            samples.append(video_sample(Path(inp), frame_spec(info.get("frames") or {}, num_frames)))
-    texts = adapter.generate(net, samples, max_new_tokens=max_new_tokens) if samples else []
-    return [(s["key"], t) for s, t in zip(samples, texts)]
+    def samples():
+        for inp in inputs:
+            if is_url(inp) or Path(inp).is_dir():
+                yield from shard_samples(inp, keys, limit, adapter.needs_frames, storage_options)
+            else:
+                yield video_sample(Path(inp), frame_spec(info.get("frames") or {}, num_frames))
+
+    out, batch = [], []
+    for s in itertools.chain(samples(), [None]):  # None: the end, flush what is left
+        batch += [s] if s is not None else []
+        if batch and (s is None or len(batch) == batch_size):
+            out += zip([x["key"] for x in batch], adapter.generate(net, batch, max_new_tokens=max_new_tokens))
+            batch = []
+    return out
 
 
 if __name__ == "__main__":
