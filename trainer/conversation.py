@@ -139,11 +139,15 @@ def render(tokenizer, turns: list[Turn], template: str, placeholder: str, add_ge
     return "".join(out), data, loss
 
 
+_CONTENT_FORM: dict[str, bool] = {}  # template -> whether it takes content parts (learned on first use)
+
+
 def _shell(tokenizer, turns: list[Turn], template: str, add_generation_prompt: bool) -> str:
     """The template rendered over sentinels: string contents, or content parts for templates that iterate
     `{"type": "text"}` parts (the llava-hf ones); the first that keeps every sentinel."""
     shell = ""
-    for parts in (False, True):
+    known = _CONTENT_FORM.get(template)
+    for parts in (known, not known) if known is not None else (False, True):
         messages = [{"role": t.role, "content": [{"type": "text", "text": _sentinel(i)}] if parts else _sentinel(i)}
                     for i, t in enumerate(turns)]
         try:
@@ -152,6 +156,7 @@ def _shell(tokenizer, turns: list[Turn], template: str, add_generation_prompt: b
         except Exception:  # a template that needs the other content form may raise on this one
             continue
         if all(_sentinel(i) in shell for i in range(len(turns))):
+            _CONTENT_FORM[template] = parts  # one render per sample from now on
             return shell
     return shell  # render() names the message it cannot find
 
