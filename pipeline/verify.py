@@ -5,14 +5,13 @@ apart: they are neither in index.json nor a mismatch. Cost: verify reads every l
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, frame_field,
+from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, decode_frame, frame_field,
                                make_key, read_samples)
 from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
@@ -34,7 +33,6 @@ class VerifyResult:
 
 def check_sample(shard: str, key: str, members: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
     """(frames decoded, problems) for one sample: layout, JSON, text, every frame decodes."""
-    from PIL import Image
     where = f"{shard}: sample {key!r}"
     fields = {name[len(key) + 1:]: data for name, data in members}
     problems = [f"{where}: member {n!r} has no field" for n in fields if not n]
@@ -53,8 +51,7 @@ def check_sample(shard: str, key: str, members: list[tuple[str, bytes]]) -> tupl
     decoded = 0
     for f in frames:
         try:
-            with Image.open(io.BytesIO(fields[f])) as im:
-                im.load()
+            decode_frame(fields[f])
             decoded += 1
         except Exception as e:  # PIL raises many types for bad images; every one is a finding
             problems.append(f"{where}: frame {f} does not decode: {e}")

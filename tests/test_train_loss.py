@@ -1,6 +1,5 @@
 """The training loss is a per-token mean over the whole optimizer step: the gradients the real DeepSpeed engine
 applies do not depend on how the global batch is split into ranks x micro batches x accumulation steps."""
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import PY, REPO, make_train_shards, train_env  # noqa: E402
 
 from vtt.trainer.adapters import ModelConfig, get_adapter  # noqa: E402
+from vtt.trainer.dist import free_port  # noqa: E402
 from vtt.trainer.loss import label_count, summed_token_loss  # noqa: E402
 from vtt.trainer.presets import build_tiny  # noqa: E402
 
@@ -50,12 +50,6 @@ def preset(tmp_path_factory):
     return build_tiny("llava", tmp_path_factory.mktemp("preset") / "llava", seed=0)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def captured(tmp, shards, preset, micro: int, accum: int, ranks: int = 1) -> list[dict]:
     """One fp32 optimizer step of the real engine; [per rank: {grads, batches}]."""
     out = tmp / f"r{ranks}m{micro}a{accum}"
@@ -64,7 +58,7 @@ def captured(tmp, shards, preset, micro: int, accum: int, ranks: int = 1) -> lis
             "--save-every", "0", "--no-export", "--set", "run.save_final=false", "--set", "run.progress_bar=false",
             "--set", "data.shuffle_buffer=0", "--set", "data.interleave_shards=1"]  # clips 0-3: 4 caption lengths
     launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                                    "--master_port", str(_port())]
+                                    "--master_port", str(free_port())]
     script = tmp / "capture.py"
     script.write_text(CAPTURE)
     p = subprocess.run([PY, *launch, str(script), str(out / "dump"), *args], cwd=REPO, env=train_env(),

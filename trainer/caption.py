@@ -7,7 +7,6 @@ extraction with those settings, so the model sees frames made exactly as in trai
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import sys
@@ -61,11 +60,10 @@ def frame_spec(settings: dict, num_frames: int | None):
 
 def video_sample(path: Path, spec) -> dict:
     """A sample dict like trainer/data.py yields, from a video file (vtt-prep's extraction)."""
-    from PIL import Image
-
     from vtt.pipeline.extract import extract_frames
+    from vtt.shards.format import decode_frame
     res = extract_frames(path, spec)
-    frames = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in res.frames])
+    frames = np.stack([decode_frame(b) for b in res.frames])
     return {"key": path.stem, "meta": {"video_id": path.stem, "description": ""}, "text": "", "frames": frames}
 
 

@@ -50,13 +50,6 @@ def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
     return merge(tree, parse_set(sets))  # --set wins: it is the most specific
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, hostfile: str | None,
                      master_port: int | None) -> list[str]:
     """This same command under `deepspeed` (python -m deepspeed.launcher.runner), launch flags removed."""
@@ -76,7 +69,8 @@ def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, host
     if hostfile:
         cmd += ["--hostfile", hostfile]
     if not master_port and not hostfile and not num_nodes:
-        master_port = _free_port()  # one machine: the launcher's fixed 29500 collides with any other run
+        from vtt.trainer.dist import free_port
+        master_port = free_port()  # one machine: the launcher's fixed 29500 collides with any other run
     if master_port:
         cmd += ["--master_port", str(master_port)]
     return cmd + ["--module", "vtt.trainer.cli", *rest]

@@ -18,7 +18,8 @@ class DistEnv:
     world_size: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port no one listens on now (one machine's rendezvous; tests' servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +33,7 @@ def dist_env(local_rank: int | None = None) -> DistEnv:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if local_rank is not None:  # the launcher's --local_rank wins over a stale environment
         os.environ["LOCAL_RANK"] = str(local_rank)
     return DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
