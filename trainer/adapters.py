@@ -1,7 +1,7 @@
 """Model adapters: everything model-specific the training loop needs (load, check, collate, export, generate).
 
-`get_adapter(ModelConfig)` returns a LlavaAdapter (LLaVA-family video models) or a Seq2SeqAdapter (NLLB/M2M100 or any
-AutoModelForSeq2SeqLM). Checkpoints load through from_pretrained from a hub id (offline cache) or a local folder;
+`get_adapter(ModelConfig)` returns a LlavaAdapter (LLaVA-family video models), a QwenAdapter (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL) or a Seq2SeqAdapter (NLLB/M2M100 or any AutoModelForSeq2SeqLM). Checkpoints load through from_pretrained from a hub id (offline cache) or a local folder;
 the tiny presets take exactly that path.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from vtt.trainer.text import SampleError, render, template_fields  # noqa: F401 (re-exported)
 
-KINDS = ("llava", "seq2seq")
+KINDS = ("llava", "seq2seq", "qwen_vl")
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Each family's own chat format (as in the llava-hf chat templates); <video> becomes the model's video tokens.
 DEFAULT_PROMPTS = {
@@ -28,7 +28,8 @@ DEFAULT_PROMPTS = {
 }
 # LoRA goes into the language model only: CLIP/SigLIP towers use the same projection names.
 DEFAULT_LORA_TARGETS = {"llava": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$",
-                        "seq2seq": r".*\.(q_proj|k_proj|v_proj|out_proj)$"}
+                        "seq2seq": r".*\.(q_proj|k_proj|v_proj|out_proj)$",
+                        "qwen_vl": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ModelConfig:
     freeze_vision: bool = False
     freeze_llm: bool = False
     projector_only: bool = False
+    train_vision: bool = False               # qwen_vl: the vision tower trains too (frozen by default)
+    train_merger: bool = False               # qwen_vl: the vision-language merger trains (with LoRA too)
     gradient_checkpointing: bool = False
     lora: bool = False
     lora_r: int = 16
@@ -85,10 +88,15 @@ class ModelConfig:
         for name in ("target_template", "source_template", "prompt"):
             if getattr(self, name) is not None:
                 template_fields(getattr(self, name), name)  # raises on malformed templates
-        if self.kind == "llava" and self.prompt is not None and self.prompt.count("<video>") != 1:
+        if self.kind in ("llava", "qwen_vl") and self.prompt is not None and self.prompt.count("<video>") != 1:
             raise ValueError(f"prompt must contain '<video>' exactly once, got {self.prompt!r}")
         if self.kind == "seq2seq" and (self.freeze_vision or self.freeze_llm or self.projector_only):
             raise ValueError("freeze_vision/freeze_llm/projector_only apply to llava models only")
+        if self.kind != "qwen_vl" and (self.train_vision or self.train_merger):
+            raise ValueError("train_vision/train_merger apply to qwen_vl models only")
+        if self.kind == "qwen_vl" and (self.freeze_vision or self.projector_only):
+            raise ValueError("qwen_vl freezes the vision tower by default (model.train_vision=true trains it; "
+                             "model.train_merger=true the merger): freeze_vision/projector_only do not apply")
         if self.projector_only and self.lora:
             raise ValueError("projector_only and lora contradict each other (LoRA trains the language model)")
 
@@ -98,6 +106,9 @@ def get_adapter(cfg: ModelConfig):
     if cfg.kind == "llava":
         from vtt.trainer.adapter_llava import LlavaAdapter
         return LlavaAdapter(cfg)
+    if cfg.kind == "qwen_vl":
+        from vtt.trainer.adapter_qwen import QwenAdapter
+        return QwenAdapter(cfg)
     from vtt.trainer.adapter_seq2seq import Seq2SeqAdapter
     return Seq2SeqAdapter(cfg)
 

@@ -92,7 +92,7 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Model kind.")
+@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Model kind.")
 @click.option("--model-path", help="Hub id (from the local cache) or checkpoint folder.")
 @click.option("--preset", type=click.Choice(["tiny"]), help="Build a random tiny model into RUN/preset-<model> "
               "and train it (overrides --model-path).")

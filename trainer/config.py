@@ -133,6 +133,7 @@ class RunConfig:
     seed: int = 0  # model init / dropout RNG (the data order has its own data.seed)
     resume: str | None = None  # "latest" | a checkpoint folder | None
     preset: str | None = None  # "tiny": build a random tiny checkpoint into RUN/preset-<kind> and train it
+    preset_family: str | None = None  # the tiny model's family: qwen_vl: qwen2_5_vl (default), qwen2_vl, qwen3_vl
     export: bool = True  # write RUN/final (save_pretrained) at the end
     save_final: bool = True  # a checkpoint at the last step too (to continue training later)
     progress_bar: bool = True

@@ -28,7 +28,7 @@ def ensure_preset(cfg: TrainConfig) -> None:
     if (target / "config.json").is_file():
         return
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    build_tiny(cfg.model.kind, tmp, seed=cfg.run.seed)
+    build_tiny(cfg.model.kind, tmp, family=cfg.run.preset_family, seed=cfg.run.seed)
     try:
         tmp.rename(target)
     except OSError:  # another rank won; identical content (same seed)

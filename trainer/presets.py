@@ -9,7 +9,7 @@ import torch
 
 from vtt.trainer.tokenizer import build_tokenizer
 
-KINDS = ("llava", "seq2seq")
+KINDS = ("llava", "seq2seq", "qwen_vl")
 # CLIP's normalisation, as in llava-hf/LLaVA-NeXT-Video-7B-hf's preprocessor_config.json.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -27,13 +27,19 @@ TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 LLAVA_FAMILIES = ("llava_next_video", "llava_onevision", "video_llava", "llava")
 
 
-def build_tiny(kind: str, out_dir: str | Path, *, family: str = "llava_next_video", seed: int = 0) -> Path:
+def build_tiny(kind: str, out_dir: str | Path, *, family: str | None = None, seed: int = 0) -> Path:
     """Write a tiny random `kind` checkpoint into out_dir and return it; CPU-trainable in seconds.
 
     family picks the LLaVA class for kind='llava' (the preset is LLaVA-NeXT-Video; the others exist so the
-    token-count logic of each family is tested against the real model classes)."""
+    token-count logic of each family is tested against the real model classes) and the Qwen-VL generation for
+    kind='qwen_vl' (qwen2_5_vl by default; qwen2_vl, qwen3_vl)."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}: expected one of {KINDS}")
+    if kind == "qwen_vl":
+        from vtt.trainer.presets_qwen import build_tiny_qwen
+        torch.manual_seed(seed)
+        return build_tiny_qwen(out_dir, family or "qwen2_5_vl")
+    family = family or "llava_next_video"
     if kind == "llava" and family not in LLAVA_FAMILIES:
         raise ValueError(f"unknown llava family {family!r}: expected one of {LLAVA_FAMILIES}")
     out = Path(out_dir)
