@@ -72,8 +72,11 @@ class QwenAdapter:
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
+        return self.setup(common_load(AutoModelForImageTextToText, self.cfg))
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Checkpointing, LoRA and freezing on a loaded model (any device, meta too)."""
         cfg = self.cfg
-        model = common_load(AutoModelForImageTextToText, cfg)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         keep = [MERGER_PART] if cfg.train_merger else []

@@ -90,7 +90,7 @@ def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames:
                "such as s3://bucket/shards).")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Only for exports without "
+@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Only for exports without "
               "vtt_model.json.")
 @click.option("--key", "keys", multiple=True, help="Shard sample key(s) to caption [default: the first --limit].")
 @click.option("--limit", default=4, show_default=True, help="Samples per shards folder.")

@@ -131,7 +131,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 @click.option("--group-by", multiple=True, help="Metadata field to break the metrics down by (repeatable).")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--limit", type=int, help="Only the first N samples.")
-@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq"]), help="Only for exports without "
+@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Only for exports without "
               "vtt_model.json.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if available].")
 def main(model, shards, out, batch_size, group_by, max_new_tokens, limit, kind, device):

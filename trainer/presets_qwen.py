@@ -106,3 +106,34 @@ def build_tiny_qwen(out_dir: str | Path, family: str) -> Path:
         if family == "qwen3_vl" else None
     write_qwen_processor_files(out, family, TINY_PATCH, TINY_PIXELS, video)
     return out
+
+
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json and preprocessor_config.json (no weights: GPU checks and the meta-device
+# test). The tiny tokenizer stands in: its ids are below the vocabulary size.
+QWEN25_7B = {
+    "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+             "sliding_window": 32768, "max_window_layers": 28, "hidden_act": "silu"},
+    "rope": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+               "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+               "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu"},
+    "vocab_size": 152064,
+    "pixels": {"shortest_edge": 3136, "longest_edge": 12845056},
+}
+
+
+def build_shaped_qwen(out_dir: str | Path) -> Path:
+    """Config, tokenizer and processor files of Qwen2.5-VL-7B, no weights (ModelConfig(random_init=True))."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = qwen_tokenizer()
+    d = QWEN25_7B
+    cfg = qwen_config("qwen2_5_vl", tok, d["text"], d["vision"], d["rope"])
+    cfg.text_config.vocab_size = d["vocab_size"]
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    # the 7B repo ships preprocessor_config.json only; its video processor reads min/max pixels from it
+    write_qwen_processor_files(out, "qwen2_5_vl", 14, d["pixels"])
+    (out / "video_preprocessor_config.json").unlink()
+    return out

@@ -111,8 +111,9 @@ def smart_resize_3d(num_frames: int, height: int, width: int, temporal_factor: i
     return h_bar, w_bar
 
 
-def load_video_processor(model_path: str):
-    """The checkpoint's own video processor, or None where it cannot run (no torchvision)."""
+def load_video_processor(model_path: str | None, probe: bool = False):
+    """The checkpoint's own video processor, or None where it cannot run (no torchvision); probe=True: only
+    whether it could (True or None)."""
     from transformers.utils import is_torchvision_available
     if not is_torchvision_available():
         return None
@@ -120,6 +121,8 @@ def load_video_processor(model_path: str):
         import torchvision  # noqa: F401  (a CUDA-only wheel beside a CPU torch fails here)
     except Exception:
         return None
+    if probe:
+        return True
     from transformers import AutoVideoProcessor
     return AutoVideoProcessor.from_pretrained(model_path)
 
