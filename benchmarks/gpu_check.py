@@ -4,6 +4,9 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
   llava_lora   LLaVA-NeXT-Video with LLaVA-NeXT-Video-7B's shapes (Llama-2-7B text, CLIP ViT-L/14-336 vision,
                2x2 pooling: 144 tokens per frame, 8 frames), LoRA r=16 on the language model + projector,
                frozen vision tower, gradient checkpointing, micro batch 1
+  qwen25_lora  Qwen2.5-VL-7B-Instruct's shapes (Qwen2.5-7B text, 32-block ViT with window attention, merger),
+               LoRA r=16 on the language model's attention, frozen vision tower, gradient checkpointing, micro
+               batch 1, 8 frames of 336x336 (4 temporal patches x 144 = 576 video tokens)
   nllb         NLLB-200-600M's shapes (M2M100, d_model 1024, 12+12 layers, vocab 256206), full fine-tune
   llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
 and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; OUT/gpu_check.json
@@ -23,6 +26,10 @@ model FLOPs per optimizer step (matmuls only, no recomputation, no attention sco
   decoder-only LM (llava):  T_text * (4 * N_lm + 2 * N_lm_trainable)      [fwd 2N, bwd activations 2N,
                             + T_frames * 2 * N_vision                          weight grads 2N_trainable;
                               (frozen tower: forward only; 577 patches/frame)  T_text includes video tokens]
+  qwen25_lora: the same with T_frames * 2 * N_vision replaced by samples/s * patches (8 frames / 2 * 24 * 24)
+                            * 2 * N_vision (each 14x14x2 patch is one vision-tower token)
+--dry-run (no GPU) writes the model folders' configs, prints each run's vtt-train command and the models'
+parameter counts from the meta device.
   seq2seq (nllb):           per sample 6 * (N_enc * T_src + (N_dec + N_lm_head) * T_tgt), with T_src/T_tgt
                             the mean source/target tokens of the shards' samples (count_tokens()) and
                             samples/s from summary.json; the tied LM head counts as a matmul.
@@ -89,6 +96,19 @@ def build_llava_7b(out: Path) -> Path:
     return out
 
 
+def build_qwen25_7b(out: Path, weights: bool = True) -> Path:
+    """presets_qwen.build_shaped_qwen (Qwen2.5-VL-7B's config + processor files) with random GPU-made weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vtt.trainer.presets_qwen import build_shaped_qwen
+    if (out / "config.json").is_file() and (list(out.glob("*.safetensors")) or not weights):
+        return out
+    build_shaped_qwen(out)
+    if weights:
+        _save_random(AutoModelForImageTextToText, AutoConfig.from_pretrained(out), out)
+    return out
+
+
 def build_nllb_600m(out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -132,6 +152,9 @@ def run_args(name: str, models: dict, shards: Path, out: Path, steps: int) -> li
         return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1", "--lora",
                 "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
                 "--lr", "2e-4", "--no-export", *common]
+    if name == "qwen25_lora":
+        return ["--model", "qwen_vl", "--model-path", str(models["qwen_vl"]), "--micro-batch", "1", "--lora",
+                "--gradient-checkpointing", "--num-frames", "8", "--lr", "2e-4", "--no-export", *common]
     if name == "llava_offload":
         return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1",
                 "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
@@ -175,10 +198,10 @@ def module_params(model_path: Path, kind: str) -> dict:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
     cfg = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
-        m = (AutoModelForImageTextToText if kind == "llava" else AutoModelForSeq2SeqLM).from_config(cfg)
+        m = (AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForImageTextToText).from_config(cfg)
     count = {}
     for name, p in m.named_parameters():
-        part = ("vision" if "vision_tower" in name else "embed" if "embed_tokens" in name or name.endswith("shared.weight")
+        part = ("vision" if "vision_tower" in name or ".visual." in name or name.startswith("visual.") else "embed" if "embed_tokens" in name or name.endswith("shared.weight")
                 else "lm_head" if "lm_head" in name else "encoder" if ".encoder." in name
                 else "decoder" if ".decoder." in name else "lm")
         count[part] = count.get(part, 0) + p.numel()
@@ -186,6 +209,8 @@ def module_params(model_path: Path, kind: str) -> dict:
         count["lm_head"] = cfg.vocab_size * cfg.d_model
     if kind == "llava":
         count["frame_patches"] = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
+    if kind == "qwen_vl":  # per frame of 336x336: (336/14)^2 patches, each spanning 2 frames
+        count["frame_patches"] = (336 // cfg.vision_config.patch_size) ** 2 / cfg.vision_config.temporal_patch_size
     return count
 
 
@@ -218,12 +243,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/vtt-gpu-check"))
     ap.add_argument("--shards", type=Path, help="vtt-prep shards (default: made here from sample clips)")
-    ap.add_argument("--runs", default="llava_lora,nllb")
+    ap.add_argument("--runs", default="llava_lora,qwen25_lora,nllb")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--samples", type=int, default=96, help="sample clips to make when --shards is not given")
     ap.add_argument("--peak-tflops", type=float)
     ap.add_argument("--timeout", type=int, default=420, help="per vtt-train run, seconds")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: configs, commands, parameter counts only")
     a = ap.parse_args()
+    if a.dry_run:
+        return dry_run(a)
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -235,6 +263,8 @@ def main() -> None:
     models = {}
     if any(r.startswith("llava") for r in runs):
         models["llava"] = build_llava_7b(a.out / "llava-next-video-7b-random")
+    if "qwen25_lora" in runs:
+        models["qwen_vl"] = build_qwen25_7b(a.out / "qwen2.5-vl-7b-random")
     if "nllb" in runs:
         models["seq2seq"] = build_nllb_600m(a.out / "nllb-600m-random")
     results = {"device": device, "peak_tflops": peak, "torch": torch.__version__, "runs": {}}
@@ -243,7 +273,7 @@ def main() -> None:
         log(f"training {name} for {a.steps} steps ...")
         wall = train(run_args(name, models, shards, a.out, a.steps), a.timeout)
         s = json.loads((a.out / f"run-{name}" / "summary.json").read_text())
-        kind = "seq2seq" if name == "nllb" else "llava"
+        kind = "seq2seq" if name == "nllb" else "qwen_vl" if name.startswith("qwen") else "llava"
         parts = module_params(models[kind], kind)
         flops = (flops_seq2seq(s, parts, *count_tokens(models[kind], shards)) if kind == "seq2seq"
                  else flops_llava(s, parts, 8))
@@ -252,6 +282,16 @@ def main() -> None:
     results["total_s"] = time.perf_counter() - t0
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
     print_table(results)
+
+
+def dry_run(a) -> None:
+    """The CPU path: the Qwen run's model folder (config, no weights), its command and parameter counts."""
+    a.out.mkdir(parents=True, exist_ok=True)
+    models = {"qwen_vl": build_qwen25_7b(a.out / "qwen2.5-vl-7b-config", weights=False)}
+    parts = module_params(models["qwen_vl"], "qwen_vl")
+    print("qwen25_lora:", " ".join(["vtt-train", *run_args("qwen25_lora", models, a.shards or a.out / "shards",
+                                                           a.out, a.steps)]))
+    print("parameters:", {k: (f"{v / 1e9:.3f}B" if v > 1e6 else v) for k, v in parts.items()})
 
 
 def print_table(r: dict) -> None:

@@ -249,3 +249,10 @@ def test_other_families_train_resume_and_export(shards, tmp_path, family):
     out = run_eval(EvalConfig(model=str(run), shards=str(evals), out=str(tmp_path / "eval"), limit=2,
                               max_new_tokens=4, device="cpu"))  # vtt-eval
     assert out["n"] > 0 and (tmp_path / "eval" / "predictions.jsonl").is_file()
+
+
+def test_qwen_config_yaml_loads():
+    from vtt.trainer.config import load_config
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "qwen_vl.yaml",
+                      {"data": {"shards": "S"}, "run": {"output_dir": "R"}})
+    assert cfg.model.kind == "qwen_vl" and cfg.model.lora and cfg.model.num_frames % 2 == 0
