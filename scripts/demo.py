@@ -21,8 +21,10 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("llava", "seq2seq", "qa")
-MODEL_OF = {"llava": "llava", "seq2seq": "seq2seq", "qa": "llava"}  # qa: the LLaVA preset on the conversations
+KINDS = ("llava", "seq2seq", "qa")  # what `make demo` runs
+ALL_KINDS = KINDS + ("qwen",)       # qwen: the tiny Qwen2.5-VL preset captioning (--model qwen)
+MODEL_OF = {"llava": "llava", "seq2seq": "seq2seq", "qa": "llava",  # qa: the LLaVA preset on the conversations
+            "qwen": "qwen_vl"}
 ATTRS = ("colour", "shape", "direction")
 # Environment for the child processes, as the Makefile sets it (tiny ops: one thread is fastest).
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
@@ -41,9 +43,11 @@ class DemoConfig:
     llava_config: Path = ROOT / "configs" / "demo_llava.yaml"
     seq2seq_config: Path = ROOT / "configs" / "demo_seq2seq.yaml"
     qa_config: Path = ROOT / "configs" / "demo_qa.yaml"
+    qwen_config: Path = ROOT / "configs" / "demo_qwen.yaml"
     llava_steps: int | None = None     # None: as in the YAML
     seq2seq_steps: int | None = None
     qa_steps: int | None = None
+    qwen_steps: int | None = None
     workers: int | None = None         # vtt-prep worker processes (None: all cores)
     wandb_project: str | None = None
     wandb_mode: str | None = None
@@ -53,13 +57,13 @@ class DemoConfig:
         object.__setattr__(self, "out", Path(self.out))
         if self.n_train < 8 or self.n_heldout < 2:
             raise ValueError(f"n_train must be >= 8 and n_heldout >= 2, got {self.n_train}, {self.n_heldout}")
-        if not self.kinds or set(self.kinds) - set(KINDS):
-            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if not self.kinds or set(self.kinds) - set(ALL_KINDS):
+            raise ValueError(f"kinds must be a non-empty subset of {ALL_KINDS}, got {self.kinds}")
         for kind in self.kinds:
             path = self.config_for(kind)
             if not Path(path).is_file():
                 raise ValueError(f"{kind} config {path} does not exist")
-        for name in ("llava_steps", "seq2seq_steps", "qa_steps"):
+        for name in ("llava_steps", "seq2seq_steps", "qa_steps", "qwen_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -219,14 +223,15 @@ def score(kind: str, clips, captions: dict[str, str]) -> dict:
     """Exact-match and per-attribute accuracy of captions, overall and split by combination novelty."""
     from vtt.pipeline.sample_data import parse_description, parse_description_fr
     from vtt.shards.format import make_key
-    parse = parse_description if kind == "llava" else parse_description_fr
+    english = kind in ("llava", "qwen")
+    parse = parse_description if english else parse_description_fr
     rows = []
     for clip in clips:
         key = make_key(clip.video_id)
         if key not in captions:
             raise StageError(f"no {kind} caption for held-out clip {key} (captioned: {len(captions)})")
         text = captions[key]
-        want = clip.description if kind == "llava" else clip.description_fr
+        want = clip.description if english else clip.description_fr
         got = parse(text)
         row = {"key": key, "unseen_combo": clip.unseen_combo, "caption": text, "reference": want,
                "exact": text.strip().lower() == want.lower()}
@@ -364,21 +369,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 @click.option("--n-train", default=DemoConfig.n_train, show_default=True)
 @click.option("--n-heldout", default=DemoConfig.n_heldout, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--model", "kinds", multiple=True, type=click.Choice(KINDS), help="Train only these [default: both].")
+@click.option("--model", "--models", "kinds", multiple=True, type=click.Choice(ALL_KINDS),
+              help="Train only these (repeatable) [default: llava, seq2seq, qa; qwen adds the tiny Qwen2.5-VL].")
 @click.option("--llava-steps", type=int, help="Override the YAML's run.max_steps for LLaVA.")
 @click.option("--seq2seq-steps", type=int, help="Override the YAML's run.max_steps for seq2seq.")
 @click.option("--qa-steps", type=int, help="Override the YAML's run.max_steps for question answering.")
+@click.option("--qwen-steps", type=int, help="Override the YAML's run.max_steps for Qwen-VL.")
 @click.option("--workers", type=int, help="vtt-prep worker processes [default: all cores].")
 @click.option("--wandb-project", help="Also log runs, pictures and accuracy to this W&B project.")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
-def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, qa_steps, workers, wandb_project,
-         wandb_mode):
+def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, qa_steps, qwen_steps, workers,
+         wandb_project, wandb_mode):
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     try:
         cfg = DemoConfig(out=Path(out), n_train=n_train, n_heldout=n_heldout, seed=seed, kinds=kinds or KINDS,
-                         llava_steps=llava_steps, seq2seq_steps=seq2seq_steps, qa_steps=qa_steps, workers=workers,
-                         wandb_project=wandb_project, wandb_mode=wandb_mode)
+                         llava_steps=llava_steps, seq2seq_steps=seq2seq_steps, qa_steps=qa_steps,
+                         qwen_steps=qwen_steps, workers=workers, wandb_project=wandb_project, wandb_mode=wandb_mode)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

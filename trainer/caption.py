@@ -64,7 +64,9 @@ def video_sample(path: Path, spec) -> dict:
     from vtt.shards.format import decode_frame
     res = extract_frames(path, spec)
     frames = np.stack([decode_frame(b) for b in res.frames])
-    return {"key": path.stem, "meta": {"video_id": path.stem, "description": ""}, "text": "", "frames": frames}
+    # the frames' real pts, as vtt-prep writes them into shards (Qwen2.5-VL/Qwen3-VL read them)
+    meta = {"video_id": path.stem, "description": "", "vtt": {"timestamps": [float(t) for t in res.timestamps]}}
+    return {"key": path.stem, "meta": meta, "text": "", "frames": frames}
 
 
 def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames: bool,
