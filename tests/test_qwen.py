@@ -151,6 +151,10 @@ def test_bad_inputs_name_the_checkpoint_or_sample(tiny, samples, tmp_path):
     llava = build_tiny("llava", tmp_path / "llava")
     with pytest.raises(ValueError, match=r"llava.*'llava_next_video' is not a Qwen-VL family"):
         adapter(llava)
+    p = vtt_train("--model", "qwen_vl", "--model-path", llava, "--shards", "/nonexistent", "--output-dir",
+                  tmp_path / "run", "--max-steps", 1, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "vtt-train: error:" in last and "is not a Qwen-VL family" in last, p.stderr[-2000:]
     a = adapter(tiny["qwen2_vl"])
     one = dict(samples[0], frames=samples[0]["frames"][:1])
     with pytest.raises(SampleError, match=r"1 frame\(s\), fewer than one temporal patch of 2"):

@@ -53,13 +53,15 @@ class QwenAdapter:
         self.config = AutoConfig.from_pretrained(cfg.model_path)
         self.family = self.config.model_type
         if self.family not in QWEN_FAMILIES:
-            raise ValueError(f"{cfg.model_path}: model_type {self.family!r} is not a Qwen-VL family vtt trains "
+            from vtt.trainer.config import ConfigError  # one line and exit 1 from vtt-train, before training
+            raise ConfigError(f"{cfg.model_path}: model_type {self.family!r} is not a Qwen-VL family vtt trains "
                              f"(one of {QWEN_FAMILIES}); use --model llava or --model seq2seq for other models")
         self.hidden_size = self.config.text_config.hidden_size
         self.max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
         self.tokenizer = load_tokenizer(cfg.model_path)
         if not self.tokenizer.chat_template:
-            raise ValueError(f"{cfg.model_path}: the tokenizer has no chat template; Qwen-VL prompts are rendered "
+            from vtt.trainer.config import ConfigError
+            raise ConfigError(f"{cfg.model_path}: the tokenizer has no chat template; Qwen-VL prompts are rendered "
                              "through it (chat_template.jinja or tokenizer_config.json)")
         self.spec = VideoSpec.from_checkpoint(cfg.model_path, self.family)
         self.processor = load_video_processor(cfg.model_path)  # None without torchvision: the torch port
