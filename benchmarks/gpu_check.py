@@ -201,7 +201,8 @@ def module_params(model_path: Path, kind: str) -> dict:
         m = (AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForImageTextToText).from_config(cfg)
     count = {}
     for name, p in m.named_parameters():
-        part = ("vision" if "vision_tower" in name or ".visual." in name or name.startswith("visual.") else "embed" if "embed_tokens" in name or name.endswith("shared.weight")
+        vision = "vision_tower" in name or ".visual." in name or name.startswith("visual.")
+        part = ("vision" if vision else "embed" if "embed_tokens" in name or name.endswith("shared.weight")
                 else "lm_head" if "lm_head" in name else "encoder" if ".encoder." in name
                 else "decoder" if ".decoder." in name else "lm")
         count[part] = count.get(part, 0) + p.numel()

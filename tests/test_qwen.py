@@ -44,7 +44,8 @@ def adapter(path, **kw):
     return get_adapter(ModelConfig(kind="qwen_vl", model_path=str(path), **kw))
 
 
-@pytest.mark.skipif(load_video_processor(None, probe=True) is None, reason="the families' video processors need torchvision (not importable with the CPU torch wheel)")
+@pytest.mark.skipif(load_video_processor(None, probe=True) is None,
+                    reason="the families' video processors need torchvision (not importable with the CPU torch wheel)")
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
 def test_port_equals_the_checkpoints_video_processor(tiny, samples, family):
     """Where torchvision runs: vtt's torch port gives the processor's pixel_values_videos and video_grid_thw."""
@@ -300,3 +301,14 @@ def test_demo_trains_the_tiny_qwen_preset(tmp_path):
                                            kinds=("qwen",), qwen_steps=600))
     acc = report["results"]["qwen"]["accuracy"]["all"]
     assert acc["colour"] > 0.6 and acc["shape"] > 0.6, acc
+
+
+def test_gpu_check_qwen_run_dry(tmp_path):
+    """benchmarks/gpu_check.py's Qwen2.5-VL-7B run without a GPU: its model folder, command and parameter split."""
+    import subprocess
+    from train_helpers import PY, REPO, train_env
+    p = subprocess.run([PY, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+                       cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "--model qwen_vl" in p.stdout and "--lora" in p.stdout and "'lm': '6.526B'" in p.stdout
+    assert json.loads((tmp_path / "qwen2.5-vl-7b-config" / "config.json").read_text())["model_type"] == "qwen2_5_vl"

@@ -11,8 +11,6 @@ against the processors where they run. Text goes through the checkpoint's chat t
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
@@ -24,7 +22,6 @@ from vtt.trainer.conversation import render as render_conversation
 from vtt.trainer.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
 from vtt.trainer.text import encode_offsets
 
-log = logging.getLogger("vtt.train")
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json", "chat_template.jinja")
 DEFAULT_PROMPT = "<video>\nDescribe this video."
@@ -172,7 +169,7 @@ class QwenAdapter:
     def check_sample(self, sample: dict) -> None:
         self._sample_ids(sample, self._video(sample))
 
-    def _vision_kwargs(self, videos: list[dict], ids: list[list[int]], width: int, left: bool) -> dict:
+    def _vision_kwargs(self, videos: list[dict], ids: list[list[int]], left: bool) -> dict:
         out = {"pixel_values_videos": torch.cat([v["pixel_values_videos"] for v in videos]),
                "video_grid_thw": torch.stack([v["video_grid_thw"] for v in videos])}
         if self.family == "qwen2_5_vl":
@@ -190,7 +187,7 @@ class QwenAdapter:
         return {"input_ids": pad_right(ids, self.tokenizer.pad_token_id),
                 "attention_mask": pad_right([[1] * len(x) for x in ids], 0),
                 "labels": pad_right([y for _, y in pairs], -100),
-                **self._vision_kwargs(videos, ids, max(map(len, ids)), left=False)}
+                **self._vision_kwargs(videos, ids, left=False)}
 
     def num_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())
@@ -224,7 +221,7 @@ class QwenAdapter:
         module.eval()
         dtype = next(module.parameters()).dtype
         kw = {k: v.to(dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
-              for k, v in self._vision_kwargs(videos, prompts, max(map(len, prompts)), left=True).items()}
+              for k, v in self._vision_kwargs(videos, prompts, left=True).items()}
         out = module.generate(input_ids=pad_left(prompts, self.tokenizer.pad_token_id).to(dev),
                               attention_mask=pad_left([[1] * len(p) for p in prompts], 0).to(dev),
                               max_new_tokens=max_new_tokens, do_sample=False,
