@@ -65,6 +65,18 @@ def _same(path: Path | None, known: Fingerprint | None, hashes: dict) -> tuple[b
     return fresh.sha256 == known.sha256, fresh
 
 
+def sidecar_fp(v: Video) -> Fingerprint | None:
+    """What stands for the video's sidecar in its record: the sidecar file's fingerprint, or an
+    annotation entry's (a hash of its canonical JSON)."""
+    return v.entry if v.entry is not None else fingerprint(v.sidecar_path)
+
+
+def _same_sidecar(v: Video, known: Fingerprint | None, hashes: dict) -> tuple[bool, Fingerprint | None]:
+    if v.entry is not None:
+        return known is not None and known.sha256 == v.entry.sha256, None
+    return _same(v.sidecar_path, known, hashes)
+
+
 def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str]:
     """sha256 of every touched file, in threads (hashlib releases the GIL): after a copy that lost
     mtimes, every file needs its hash and one core would be the bottleneck."""
@@ -87,6 +99,9 @@ class Work:
     remove: set[str] = field(default_factory=set)            # sources whose samples must leave the shards
     # video unchanged, only its sidecar changed: the sample is rebuilt from its old frames, no ffmpeg
     residecar: dict[str, tuple[Video, Fingerprint]] = field(default_factory=dict)
+    # annotation entries new to an unchanged, extracted video: source -> (entry, source of a sample of
+    # the same video whose frames it takes); packaged without ffmpeg
+    from_frames: dict[str, tuple[Video, str]] = field(default_factory=dict)
     # touched but unchanged: source -> (video, sidecar) fingerprints with the new stat
     refreshed: dict[str, tuple[Fingerprint, Fingerprint | None]] = field(default_factory=dict)
 
@@ -118,7 +133,7 @@ class RetryPolicy:
         if self.always or rec.video is None or rec.ffmpeg_version is None:
             return True
         same_v, fresh_v = _same(v.path, rec.video, hashes)
-        same_s, fresh_s = _same(v.sidecar_path, rec.sidecar, hashes) if same_v else (False, None)
+        same_s, fresh_s = _same_sidecar(v, rec.sidecar, hashes) if same_v else (False, None)
         if not (same_v and same_s) or v.key != rec.key or rec.settings_hash != self.settings_hash:
             return True
         if rec.error["class"] in ("timeout", "video_timeout") and any(
@@ -143,7 +158,7 @@ def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hash
         kind = "changed"
     else:
         same_v, fresh_v = _same(v.path, rec.video, hashes)
-        same_s, fresh_s = _same(v.sidecar_path, rec.sidecar, hashes) if same_v else (False, None)
+        same_s, fresh_s = _same_sidecar(v, rec.sidecar, hashes) if same_v else (False, None)
         same_id = v.key == rec.key
         kind = "unchanged" if same_v and same_s and same_id and v.ok else "changed"
         if kind == "unchanged" and (fresh_v or fresh_s):
@@ -185,7 +200,30 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
             plan.deleted.append(source)
             if rec.status == STATUS_OK:
                 work.remove.add(source)
+    if not rebuild:
+        _reuse_frames(videos, ledger, work, hashes)
     return plan, work
+
+
+def _reuse_frames(videos: list[Video], ledger: Ledger, work: Work, hashes: dict) -> None:
+    """New annotation entries of a video that another entry's sample already holds, unchanged: taken
+    out of `work.extract`, packaged from that sample's frames. Cost: O(entries to extract)."""
+    if not any(v.entry is not None for v in work.extract):
+        return
+    donors = {}
+    for v in videos:  # samples that stay: their frames are current
+        rec = ledger.records.get(v.source)
+        if (v.entry is not None and v.ok and rec is not None and rec.status == STATUS_OK
+                and v.source not in work.remove):
+            donors.setdefault(v.path, (v.source, rec))
+    keep = []
+    for v in work.extract:
+        donor = donors.get(v.path)
+        if v.entry is not None and donor is not None and _same(v.path, donor[1].video, hashes)[0]:
+            work.from_frames[v.source] = (v, donor[0])
+        else:
+            keep.append(v)
+    work.extract = keep
 
 
 def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
