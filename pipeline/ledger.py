@@ -201,29 +201,37 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
             if rec.status == STATUS_OK:
                 work.remove.add(source)
     if not rebuild:
-        _reuse_frames(videos, ledger, work, hashes)
+        _reuse_frames(ledger, work, hashes)
     return plan, work
 
 
-def _reuse_frames(videos: list[Video], ledger: Ledger, work: Work, hashes: dict) -> None:
-    """New annotation entries of a video that another entry's sample already holds, unchanged: taken
-    out of `work.extract`, packaged from that sample's frames. Cost: O(entries to extract)."""
-    if not any(v.entry is not None for v in work.extract):
+def _video_of(source: str, video_id: str | None) -> str | None:
+    """The video part of an annotation entry's identity `<video source>#<video_id>`."""
+    tail = f"#{video_id}"
+    return source[:-len(tail)] if video_id and source.endswith(tail) else None
+
+
+def _reuse_frames(ledger: Ledger, work: Work, hashes: dict) -> None:
+    """New annotation entries of a video that a sample already holds, unchanged: taken out of
+    `work.extract`, packaged from that sample's frames (also when that sample itself is being edited
+    or deleted in this run: its shard is read before the rewrite). Cost: O(records), only when there
+    are entries to extract."""
+    new = [v for v in work.extract if v.entry is not None]
+    if not new:
         return
+    wanted = {_video_of(v.source, v.video_id) for v in new}
     donors = {}
-    for v in videos:  # samples that stay: their frames are current
-        rec = ledger.records.get(v.source)
-        if (v.entry is not None and v.ok and rec is not None and rec.status == STATUS_OK
-                and v.source not in work.remove):
-            donors.setdefault(v.path, (v.source, rec))
-    keep = []
-    for v in work.extract:
-        donor = donors.get(v.path)
-        if v.entry is not None and donor is not None and _same(v.path, donor[1].video, hashes)[0]:
+    for source, rec in ledger.records.items():
+        video = _video_of(source, rec.video_id)
+        if video in wanted and rec.status == STATUS_OK:
+            donors.setdefault(video, (source, rec))
+    taken = set()
+    for v in new:
+        donor = donors.get(_video_of(v.source, v.video_id))
+        if donor is not None and donor[0] != v.source and _same(v.path, donor[1].video, hashes)[0]:
             work.from_frames[v.source] = (v, donor[0])
-        else:
-            keep.append(v)
-    work.extract = keep
+            taken.add(v.source)
+    work.extract = [v for v in work.extract if v.source not in taken]
 
 
 def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:

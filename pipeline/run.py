@@ -257,7 +257,8 @@ def _share(outcome: Outcome, v: Video) -> Outcome:
 
 def package_from_frames(run: _Run, work: Work) -> None:
     """New entries of unchanged videos (work.from_frames): each donor shard read once, the entry's sample
-    built from the donor's frames, no ffmpeg. Cost: reads the donors' shards (live ones, after the rewrite)."""
+    built from the donor's frames, no ffmpeg; committed per shard like extracted ones. Runs before the
+    rewrite, while every donor's shard is live. Cost: reads the donors' shards."""
     if not work.from_frames:
         return
     from vtt.shards.format import read_samples
@@ -353,9 +354,9 @@ def run_extract(cfg: PrepConfig) -> Report:
         gc.freeze()  # the discovered videos and the plan live as long as the run, too
         run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
         if not run.rebuild:
+            package_from_frames(run, work)  # before the rewrite: a donor sample may be on its way out
             with timed(report, "rewrite"):
                 rewrite_shards(run, work, report.plan["deleted"])
-        package_from_frames(run, work)
         extract_all(run, work)
         _keep_failures(ledger, report)
         if run.rebuild:

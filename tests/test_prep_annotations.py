@@ -148,6 +148,20 @@ def test_sharegpt_and_csv_entries(tmp_path):
     assert got["captions-2"]["txt"] == "a striped clip" and got["captions-3"]["meta"]["description"] == "moving stripes"
     assert conversation_of({"meta": got["captions-2"]["meta"]}) is None  # a caption sample
     assert got["captions-2"]["meta"]["lang"] == "en" and got["captions-2"]["meta"]["video"] == "clips/c0.mp4"
+    frames = got["captions-2"]["frames"]
+
+    # a row inserted at the top renames the later rows' ids (file + line): they are re-packaged from the
+    # frames of the samples they replace, no ffmpeg
+    table.write_text("path\ttext\tlang\nclips/c0.mp4\ta new first row\ten\n"
+                     "clips/c0.mp4\ta striped clip\ten\nclips/c0.mp4\tmoving stripes\ten\n")
+    rep = run_extract(cfg(tmp_path, data, share, table, video_column="path", caption_column="text",
+                          retention_hours=0))
+    assert rep.exit_code == 0, rep.failed
+    assert probes(tmp_path) == 0 and rep.plan["new"] == ["clips/c0.mp4#captions-4"]
+    got = samples(tmp_path / "shards")
+    assert sorted(got) == ["captions-2", "captions-3", "captions-4", "share-0"]
+    assert got["captions-2"]["txt"] == "a new first row" and got["captions-4"]["txt"] == "moving stripes"
+    assert all(got[k]["frames"] == frames for k in ("captions-2", "captions-3", "captions-4"))
 
 
 def test_bad_entries_fail_as_data_naming_file_entry_and_reason(tmp_path):
