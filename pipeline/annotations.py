@@ -144,7 +144,8 @@ def _entry_video(data_dir: Path, file: Path, n: int, where: str, video: str, met
     path = (data_dir / video).resolve()
     rel = path.relative_to(data_dir).as_posix() if path.is_relative_to(data_dir) else path.as_posix()
     source = f"{rel}#{vid}"
-    fail = lambda cls, why: Video(source, path, None, error={"class": cls, "reason": f"{file}: {where}: {why}"})  # noqa: E731
+    def fail(cls: str, why: str) -> Video:
+        return Video(source, path, None, error={"class": cls, "reason": f"{file}: {where}: {why}"})
     if path not in exists:
         exists[path] = path.is_file()
     if not exists[path]:

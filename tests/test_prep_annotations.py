@@ -13,6 +13,7 @@ from prep_helpers import FPS, SIZE, calls, logging_ffmpeg
 
 from vtt.pipeline.config import ConfigError, PrepConfig
 from vtt.pipeline.run import run_extract
+from vtt.pipeline.verify import verify_shards
 from vtt.shards.format import read_samples
 from vtt.trainer.conversation import conversation_of
 
@@ -111,9 +112,10 @@ def test_llava_entries_share_one_extraction_and_reruns_repackage_only_what_chang
     assert rep.exit_code == 0 and probes(tmp_path) == 0 and rep.plan["deleted"] == ["clips/c0.mp4#q0"]
     assert sorted(samples(tmp_path / "shards")) == ["q1", "q2", "q3"]
 
-    # a no-op rerun writes nothing
+    # a no-op rerun writes nothing; ledger, index and tars agree (every frame decodes)
     rep = run_extract(cfg(tmp_path, data, ann, **one))
     assert rep.exit_code == 0 and probes(tmp_path) == 0 and not rep.shards_written
+    assert verify_shards(tmp_path / "shards").ok
 
 
 def test_changed_video_reextracts_once_for_all_its_entries(tmp_path):
