@@ -46,7 +46,7 @@ def _entries(path: Path, video_column: str, caption_column: str) -> Iterator[tup
                     try:
                         yield n, json.loads(line), None
                     except json.JSONDecodeError as e:
-                        yield n, None, f"line {n}: invalid JSON: {e}"
+                        yield n, None, f"invalid JSON: {e}"
         else:
             try:
                 raw = json.loads(path.read_text(encoding="utf-8"))
@@ -69,12 +69,12 @@ def _csv_entries(path: Path, delimiter: str, video_column: str, caption_column: 
         for row in reader:
             n = reader.line_num
             if _EXTRA in row or None in row.values():
-                yield n, None, f"row {n}: has {'more' if _EXTRA in row else 'fewer'} fields than the header"
+                yield n, None, f"has {'more' if _EXTRA in row else 'fewer'} fields than the header"
                 continue
             entry = {k: v for k, v in row.items() if k not in (video_column, caption_column)}
             entry.update(video=row[video_column], description=row[caption_column])
             if not entry["description"].strip():
-                yield n, None, f"row {n}: column {caption_column!r} is empty"
+                yield n, None, f"column {caption_column!r} is empty"
                 continue
             yield n, entry, None
 
@@ -123,9 +123,11 @@ def load_annotations(data_dir: Path, files, video_column: str = "video", caption
     out, owner, exists = [], {}, {}
     for file in files:
         file = Path(file)
+        # how a user finds the entry: a CSV/TSV row or JSONL line number (1-based), a JSON list index
+        kind = "row" if file.suffix.lower() in _CSV_EXTS else "line" if file.suffix.lower() == ".jsonl" else "entry"
         for n, entry, problem in _entries(file, video_column, caption_column):
             eid = entry.get("id") if isinstance(entry, dict) else None
-            where = f"entry {n}" + (f" (id {eid!r})" if eid is not None else "")
+            where = f"{kind} {n}" + (f" (id {eid!r})" if eid is not None else "")
             video = meta = None
             if problem is None:
                 video, meta, problem = _entry_meta(entry, where)

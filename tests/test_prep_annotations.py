@@ -179,17 +179,24 @@ def test_bad_entries_fail_as_data_naming_file_entry_and_reason(tmp_path):
                     "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
         json.dumps({"id": "gone", "video": "clips/missing.mp4", "conversations": conv("q?", "a.")}),
         "{not json",
+        json.dumps({"id": "broken1", "video": "clips/broken.mp4", "conversations": conv("q?", "a.")}),
+        json.dumps({"id": "broken2", "video": "clips/broken.mp4", "conversations": conv("q?", "b.")}),
     ]) + "\n")
+    (data / "clips" / "broken.mp4").write_bytes(b"not a video at all" * 100)
     table = tmp_path / "t.csv"
     table.write_text('video,caption\nclips/c0.mp4,fine\nclips/c0.mp4,too,many\n')
     rep = run_extract(cfg(tmp_path, data, ann, table))
     assert rep.exit_code == 3
+    assert probes(tmp_path) == 2  # the good video and the broken one, once for both its entries
+    broken = [f for f in rep.failed if f["source"].startswith("clips/broken.mp4#")]
+    assert len(broken) == 2 and broken[0]["class"] == broken[1]["class"] and broken[0]["class"] != "annotation_invalid"
+    rep.failed = [f for f in rep.failed if f not in broken]
     reasons = {f["source"]: f["reason"] for f in rep.failed}
-    assert len(rep.failed) == 7 and rep.videos_failed == 7 and "7 failed" in rep.summary().replace("videos ", "")
+    assert len(reasons) == 7 and rep.videos_failed == 9 and "9 failed" in rep.summary().replace("videos ", "")
     assert all(str(ann) in r or str(table) in r for r in reasons.values())
     text = "\n".join(reasons.values())
-    for needle in ("entry 2 (id 'noanswer')", "no assistant turn", "entry 3 (id 'order')", "roles out of order",
-                   "entry 4 (id 'twice')", "found 2", "entry 5 (id 'none')", "found 0", "entry 6 (id 'gone')",
+    for needle in ("line 2 (id 'noanswer')", "no assistant turn", "line 3 (id 'order')", "roles out of order",
+                   "line 4 (id 'twice')", "found 2", "line 5 (id 'none')", "found 0", "line 6 (id 'gone')",
                    "not found", "line 7: invalid JSON", "row 3: has more fields"):
         assert needle in text, (needle, text)
     assert sorted(samples(tmp_path / "shards")) == ["good", "t-2"]
