@@ -74,6 +74,12 @@ def main():
 @click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
 @click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
 @click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
+@click.option("--annotations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable): one sample per entry instead of "
+                   "sidecars; video paths relative to DATA_DIR.")
+@click.option("--video-column", default="video", show_default=True, help="CSV/TSV annotations: the video column.")
+@click.option("--caption-column", default="caption", show_default=True,
+              help="CSV/TSV annotations: the caption column (the sample's description).")
 @click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed); the old "
               "shards stay valid until the new set is complete.")
 @click.option("--retry-failed", is_flag=True, help="Retry earlier failures even when neither file, sidecar, "

@@ -85,6 +85,9 @@ class PrepConfig:
     ffmpeg: str = field(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg")
     ffprobe: str = field(default_factory=lambda: os.environ.get("VTT_FFPROBE") or "ffprobe")
     allow_missing_sidecar: bool = False
+    annotations: tuple = ()                     # annotation files (JSON list, JSONL, CSV/TSV): entries, not sidecars
+    video_column: str = "video"                 # CSV/TSV: the column with the video path (relative to data_dir)
+    caption_column: str = "caption"             # CSV/TSV: the column with the caption (-> description)
     rebuild: bool = False
     retry_failed: bool = False                  # retry earlier failures even if nothing changed
     retention_hours: float = RETENTION_HOURS
@@ -97,6 +100,10 @@ class PrepConfig:
         set_("out_dir", Path(self.out_dir))
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
+        set_("annotations", tuple(Path(p) for p in self.annotations))
+        for p in self.annotations:
+            if not p.is_file():
+                raise ConfigError(f"annotation file {p} does not exist")
         if not self.data_dir.is_dir():
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         if self.out_dir.exists() and not self.out_dir.is_dir():

@@ -25,6 +25,7 @@ class Video:
     video_id: str | None = None
     key: str | None = None
     error: dict | None = None      # {"class", "reason"} when the video cannot be used
+    entry: object | None = None    # annotation entries: Fingerprint of the entry (stands for the sidecar's)
 
     @property
     def ok(self) -> bool:

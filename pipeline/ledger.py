@@ -65,6 +65,18 @@ def _same(path: Path | None, known: Fingerprint | None, hashes: dict) -> tuple[b
     return fresh.sha256 == known.sha256, fresh
 
 
+def sidecar_fp(v: Video) -> Fingerprint | None:
+    """What stands for the video's sidecar in its record: the sidecar file's fingerprint, or an
+    annotation entry's (a hash of its canonical JSON)."""
+    return v.entry if v.entry is not None else fingerprint(v.sidecar_path)
+
+
+def _same_sidecar(v: Video, known: Fingerprint | None, hashes: dict) -> tuple[bool, Fingerprint | None]:
+    if v.entry is not None:
+        return known is not None and known.sha256 == v.entry.sha256, None
+    return _same(v.sidecar_path, known, hashes)
+
+
 def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str]:
     """sha256 of every touched file, in threads (hashlib releases the GIL): after a copy that lost
     mtimes, every file needs its hash and one core would be the bottleneck."""
@@ -87,6 +99,9 @@ class Work:
     remove: set[str] = field(default_factory=set)            # sources whose samples must leave the shards
     # video unchanged, only its sidecar changed: the sample is rebuilt from its old frames, no ffmpeg
     residecar: dict[str, tuple[Video, Fingerprint]] = field(default_factory=dict)
+    # annotation entries new to an unchanged, extracted video: source -> (entry, source of a sample of
+    # the same video whose frames it takes); packaged without ffmpeg
+    from_frames: dict[str, tuple[Video, str]] = field(default_factory=dict)
     # touched but unchanged: source -> (video, sidecar) fingerprints with the new stat
     refreshed: dict[str, tuple[Fingerprint, Fingerprint | None]] = field(default_factory=dict)
 
@@ -118,7 +133,7 @@ class RetryPolicy:
         if self.always or rec.video is None or rec.ffmpeg_version is None:
             return True
         same_v, fresh_v = _same(v.path, rec.video, hashes)
-        same_s, fresh_s = _same(v.sidecar_path, rec.sidecar, hashes) if same_v else (False, None)
+        same_s, fresh_s = _same_sidecar(v, rec.sidecar, hashes) if same_v else (False, None)
         if not (same_v and same_s) or v.key != rec.key or rec.settings_hash != self.settings_hash:
             return True
         if rec.error["class"] in ("timeout", "video_timeout") and any(
@@ -143,7 +158,7 @@ def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hash
         kind = "changed"
     else:
         same_v, fresh_v = _same(v.path, rec.video, hashes)
-        same_s, fresh_s = _same(v.sidecar_path, rec.sidecar, hashes) if same_v else (False, None)
+        same_s, fresh_s = _same_sidecar(v, rec.sidecar, hashes) if same_v else (False, None)
         same_id = v.key == rec.key
         kind = "unchanged" if same_v and same_s and same_id and v.ok else "changed"
         if kind == "unchanged" and (fresh_v or fresh_s):
@@ -185,7 +200,38 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
             plan.deleted.append(source)
             if rec.status == STATUS_OK:
                 work.remove.add(source)
+    if not rebuild:
+        _reuse_frames(ledger, work, hashes)
     return plan, work
+
+
+def _video_of(source: str, video_id: str | None) -> str | None:
+    """The video part of an annotation entry's identity `<video source>#<video_id>`."""
+    tail = f"#{video_id}"
+    return source[:-len(tail)] if video_id and source.endswith(tail) else None
+
+
+def _reuse_frames(ledger: Ledger, work: Work, hashes: dict) -> None:
+    """New annotation entries of a video that a sample already holds, unchanged: taken out of
+    `work.extract`, packaged from that sample's frames (also when that sample itself is being edited
+    or deleted in this run: its shard is read before the rewrite). Cost: O(records), only when there
+    are entries to extract."""
+    new = [v for v in work.extract if v.entry is not None]
+    if not new:
+        return
+    wanted = {_video_of(v.source, v.video_id) for v in new}
+    donors = {}
+    for source, rec in ledger.records.items():
+        video = _video_of(source, rec.video_id)
+        if video in wanted and rec.status == STATUS_OK:
+            donors.setdefault(video, (source, rec))
+    taken = set()
+    for v in new:
+        donor = donors.get(_video_of(v.source, v.video_id))
+        if donor is not None and donor[0] != v.source and _same(v.path, donor[1].video, hashes)[0]:
+            work.from_frames[v.source] = (v, donor[0])
+            taken.add(v.source)
+    work.extract = [v for v in work.extract if v.source not in taken]
 
 
 def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:

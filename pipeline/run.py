@@ -28,7 +28,7 @@ from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Fingerprint, Ledger, Vid
 from .config import PrepConfig
 from .discover import Video, discover
 from .faults import crash_point
-from .ledger import RetryPolicy, Work, fingerprint, make_plan, reconcile, sync_index
+from .ledger import RetryPolicy, Work, fingerprint, make_plan, reconcile, sidecar_fp, sync_index
 from .pool import ordered_map
 from .report import EXIT_FAILED_VIDEOS, Report
 from .retire import purge, retire
@@ -129,9 +129,9 @@ class _Run:
         error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
         video = Fingerprint(*outcome.stat, outcome.sha256) if outcome is not None and outcome.sha256 else None
         sidecar = None
-        if video is not None and v.sidecar_path is not None:
+        if video is not None and (v.sidecar_path is not None or v.entry is not None):
             try:
-                sidecar = fingerprint(v.sidecar_path)
+                sidecar = sidecar_fp(v)
             except OSError:  # gone meanwhile: a record without it is retried next run
                 pass
         limits = {"timeout": self.cfg.timeout, "video_timeout": self.cfg.video_timeout}
@@ -191,7 +191,7 @@ def _moved_record(run: _Run, work: Work, rec: VideoRecord, url: str, nbytes: dic
     if rec.source in work.residecar:
         v, video = work.residecar[rec.source]
         rec = replace(rec, video_id=v.video_id, key=v.key, video=video,
-                      sidecar=fingerprint(v.sidecar_path), nbytes=nbytes[rec.source])
+                      sidecar=sidecar_fp(v), nbytes=nbytes[rec.source])
         run.report.videos_ok += 1
     return rec
 
@@ -230,10 +230,63 @@ def _accept(run: _Run, writer: ShardWriter, v: Video, outcome: Outcome, ffmpeg_v
     nbytes = sum(len(d) for _, d in outcome.members)
     run.pending[v.source] = VideoRecord(
         source=v.source, status=STATUS_OK, video_id=v.video_id, key=v.key, video=video,
-        sidecar=fingerprint(v.sidecar_path), settings_hash=run.settings_hash, ffmpeg_version=ffmpeg_version,
+        sidecar=sidecar_fp(v), settings_hash=run.settings_hash, ffmpeg_version=ffmpeg_version,
         shard=url, nframes=outcome.nframes, nbytes=nbytes)
     run.report.videos_ok += 1
     run.report.frames += outcome.nframes
+    run.report.bytes_written += nbytes
+
+
+def _by_video(videos: list[Video]) -> tuple[list[Video], dict[Path, list[Video]]]:
+    """(one entry per video file, the others by file): annotation entries of one video extract once."""
+    leaders, followers, seen = [], {}, set()
+    for v in videos:
+        if v.entry is not None and v.path in seen:
+            followers.setdefault(v.path, []).append(v)
+        else:
+            seen.add(v.path)
+            leaders.append(v)
+    return leaders, followers
+
+
+def _share(outcome: Outcome, v: Video) -> Outcome:
+    """Another entry's sample from one extracted video: same frames and provenance, its own metadata."""
+    members = [] if outcome.error else residecar_members(outcome.members, v.key, v.meta, v.source)
+    return replace(outcome, source=v.source, key=v.key, members=members, seconds={})
+
+
+def package_from_frames(run: _Run, work: Work) -> None:
+    """New entries of unchanged videos (work.from_frames): each donor shard read once, the entry's sample
+    built from the donor's frames, no ffmpeg; committed per shard like extracted ones. Runs before the
+    rewrite, while every donor's shard is live. Cost: reads the donors' shards."""
+    if not work.from_frames:
+        return
+    from vtt.shards.format import read_samples
+    by_shard: dict[str, dict[str, list[Video]]] = {}
+    for source, (v, donor) in sorted(work.from_frames.items()):
+        rec = run.ledger.records[donor]
+        by_shard.setdefault(rec.shard, {}).setdefault(rec.key, []).append(v)
+    writer = ShardWriter(run.cfg.out_dir, run.ledger.next_shard_number(), run.cfg.shard_size,
+                         run.cfg.shard_max_samples, on_close=run.shard_closed)
+    try:
+        with timed(run.report, "package"):
+            for url, wanted in sorted(by_shard.items()):
+                for key, members in read_samples(run.cfg.out_dir / url):
+                    for v in wanted.get(key, []):
+                        _accept_shared(run, writer, v, run.ledger.records[work.from_frames[v.source][1]], members)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _accept_shared(run: _Run, writer: ShardWriter, v: Video, donor: VideoRecord, members) -> None:
+    members = residecar_members(members, v.key, v.meta, v.source)
+    url = writer.add(v.key, members)
+    nbytes = sum(len(d) for _, d in members)
+    run.pending[v.source] = replace(donor, source=v.source, video_id=v.video_id, key=v.key, sidecar=v.entry,
+                                    shard=url, nbytes=nbytes)
+    run.report.videos_ok += 1
     run.report.bytes_written += nbytes
 
 
@@ -258,17 +311,20 @@ def extract_all(run: _Run, work: Work) -> None:
     if older:  # other pixels are possible; not refused, as an ffmpeg upgrade would block every rerun
         run.report.warnings.append(f"existing samples were made with {', '.join(older)}; new ones with "
                                    f"{version} (--rebuild makes them uniform)")
-    by_source = {v.source: v for v in work.extract}
+    leaders, followers = _by_video(sample_order(work.extract))
+    by_source = {v.source: v for v in leaders}
     writer = ShardWriter(run.cfg.out_dir, run.ledger.next_shard_number(), run.cfg.shard_size,
                          run.cfg.shard_max_samples, on_close=run.shard_closed)
     bar = _progress(run.cfg, len(work.extract))
     try:
         with timed(run.report, "extract"):
-            workers = min(run.cfg.workers, len(work.extract))  # 1: in this process, no pool to start
-            videos = sample_order(work.extract)
-            for outcome in ordered_map(process_video, _tasks(run, videos, version), workers, size=_size):
-                _accept(run, writer, by_source[outcome.source], outcome, version)
-                bar.update(1)
+            workers = min(run.cfg.workers, len(leaders))  # 1: in this process, no pool to start
+            for outcome in ordered_map(process_video, _tasks(run, leaders, version), workers, size=_size):
+                v = by_source[outcome.source]
+                _accept(run, writer, v, outcome, version)
+                for f in followers.get(v.path, []):  # the video's other entries: its frames, their metadata
+                    _accept(run, writer, f, _share(outcome, f), version)
+                bar.update(1 + len(followers.get(v.path, [])))
                 bar.set_postfix(failed=run.report.videos_failed, refresh=False)
         writer.close()
     except BaseException:
@@ -298,6 +354,7 @@ def run_extract(cfg: PrepConfig) -> Report:
         gc.freeze()  # the discovered videos and the plan live as long as the run, too
         run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
         if not run.rebuild:
+            package_from_frames(run, work)  # before the rewrite: a donor sample may be on its way out
             with timed(report, "rewrite"):
                 rewrite_shards(run, work, report.plan["deleted"])
         extract_all(run, work)
@@ -331,7 +388,11 @@ def _ffmpeg_version(cfg: PrepConfig):
 
 def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
     with timed(report, "discover"):
-        videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir)
+        if cfg.annotations:
+            from .annotations import load_annotations
+            videos = load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column)
+        else:
+            videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir)
     with timed(report, "plan"):
         policy = RetryPolicy(cfg.settings_hash(), {"timeout": cfg.timeout, "video_timeout": cfg.video_timeout},
                              lambda: _ffmpeg_version(cfg), always=cfg.retry_failed)

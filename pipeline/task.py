@@ -94,8 +94,10 @@ def build_members(task: Task, sha256: str, result) -> list[tuple[str, bytes]]:
     return members
 
 
-def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict) -> list[tuple[str, bytes]]:
-    """The sample for a new sidecar of an unchanged video: its frames and provenance, new metadata.
+def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict, source: str | None = None
+                      ) -> list[tuple[str, bytes]]:
+    """The sample for a new sidecar of an unchanged video: its frames and provenance, new metadata
+    (and `source`, when it is another annotation entry's sample of the same video).
 
     Gives the same bytes as extracting again: everything in "vtt" but the sidecar comparison
     depends on the video only, and that comparison is a pure function of sidecar and probe.
@@ -107,7 +109,8 @@ def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict) ->
     agreement, warnings = sidecar_vs_probe(meta, vtt["probe"])
     kept = [w for w in vtt["warnings"] if w not in old_warnings]
     new = dict(meta)
-    new["vtt"] = {**vtt, "key": key, "warnings": kept + warnings, "sidecar_vs_probe": agreement}
+    new["vtt"] = {**vtt, "key": key, "warnings": kept + warnings, "sidecar_vs_probe": agreement,
+                  "source": source or vtt["source"]}
     out = [(f"{key}.json", json.dumps(new, sort_keys=True, ensure_ascii=False).encode()),
            (f"{key}.txt", str(meta.get("description", "")).encode())]
     return out + [(f"{key}.{n.partition('.')[2]}", d) for n, d in members
