@@ -6,9 +6,9 @@ same). So a ledger commit is "create the next numbered commit file"; the moment 
 the commit happened, and a second writer that raced for the same number fails instead of overwriting.
 LocalStore gives the same semantics on a filesystem: the bytes go to a temp file (fsynced), then
 os.link(temp, name), which fails when `name` exists and makes it appear complete in one step.
-An S3 store implements the same methods: `names` = ListObjectsV2 under the prefix, `open` = GetObject,
-`put_if_absent` = PutObject(IfNoneMatch="*") mapping 412 to CommitConflict, `delete` = DeleteObject,
-`remove_temp` = nothing (a PUT is atomic, it leaves no temp object).
+ObjectStore implements the same methods on any fsspec URL (built from shards/storage.py's Store):
+`names` = ListObjectsV2 under the prefix, `open` = GetObject, `put_if_absent` = PutObject(IfNoneMatch="*")
+mapping 412 to CommitConflict, `delete` = DeleteObject, `remove_temp` = nothing (a PUT is atomic).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from .format import TMP_PREFIX, ShardFormatError, fsync_dir
+from .storage import PERMANENT, Store, StorageError, _problem, is_url, retry
 
 LEDGER_DIR = "_ledger"   # inside the shards folder
 
@@ -114,9 +115,67 @@ class MemoryStore:
         return []
 
 
-def store_for(folder: str | os.PathLike) -> LedgerStore:
-    """The store of a shards folder. The S3 side plugs in here (an `s3://` folder -> an S3 store)."""
-    if str(folder).startswith("s3://"):
-        raise NotImplementedError(f"{folder}: the ledger on object storage needs an S3 LedgerStore "
-                                  f"(see vtt.shards.store)")
+class ObjectStore:
+    """The log as objects under `URL/_ledger/`, through the same fsspec `Store` the readers use (so the
+    same storage options and the same StorageError for an unreachable folder). The commit point is
+    fsspec's exclusive write, `pipe_file(mode="create")`: on S3 a PutObject with If-None-Match: *, whose
+    412 s3fs raises as FileExistsError. A PUT is atomic, so no temp object exists and remove_temp has
+    nothing to do. Cost: names = one listing request per ~1000 objects; the others one request each."""
+
+    def __init__(self, folder: Store):
+        self.folder = folder
+        self.root = folder.join(LEDGER_DIR)
+
+    def _fs(self):
+        return self.folder.fs()
+
+    def names(self) -> list[str]:
+        fs = self._fs()
+        fs.invalidate_cache(self.root)
+        try:
+            entries = retry(lambda: fs.ls(self.root, detail=False), self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+                      if n and not n.startswith(TMP_PREFIX))
+
+    def open(self, name: str) -> BinaryIO:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        return io.BytesIO(retry(lambda: fs.cat_file(path), path))  # commit files are small; checkpoints read once
+
+    def put_if_absent(self, name: str, data: bytes) -> None:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        try:
+            # not retried blindly: a lost reply to a PUT that did land would read as a conflict
+            fs.pipe_file(path, bytes(data), mode="create")
+        except FileExistsError:
+            raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this ledger "
+                                 f"meanwhile") from None
+        except FileNotFoundError:
+            self.folder._check_bucket(fs)  # StorageError naming a missing bucket
+            raise
+        except NotImplementedError as e:
+            raise StorageError(f"{self.folder.root}: this filesystem has no exclusive create, which the "
+                               f"ledger's commit needs ({e})") from e
+        except PERMANENT:
+            raise
+        except Exception as e:
+            raise StorageError(f"{path}: {_problem(e)}") from e
+
+    def delete(self, name: str) -> None:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        try:
+            retry(lambda: fs.rm_file(path), path)
+        except FileNotFoundError:
+            pass
+
+    def remove_temp(self) -> list[str]:
+        return []
+
+
+def store_for(folder: str | os.PathLike, options: dict | None = None) -> LedgerStore:
+    """The store of a shards folder: LocalStore for a path, ObjectStore for a URL (s3://..., with the
+    fsspec storage `options`)."""
+    if is_url(folder):
+        return ObjectStore(Store.of(folder, options))
     return LocalStore(folder)
