@@ -179,3 +179,89 @@ def store_for(folder: str | os.PathLike, options: dict | None = None) -> LedgerS
     if is_url(folder):
         return ObjectStore(Store.of(folder, options))
     return LocalStore(folder)
+
+
+class LockHeld(ShardFormatError):
+    """Another vtt-prep run holds the remote shards folder (or its lock is stale and --break-lock was not given)."""
+
+
+class RemoteLock:
+    """The writer's lock on a URL folder: one object `LOCK_NAME` created with If-None-Match: * (so two runs
+    cannot both take it), holding the owner (host, pid, start) and a heartbeat time a background thread
+    rewrites every `heartbeat_s` with If-Match on the last ETag (a broken-and-taken lock is noticed: `lost`).
+    A lock whose heartbeat is older than `stale_s` belongs to a dead run; it is replaced only with
+    `break_lock` (a conditional overwrite of exactly that object). Released (deleted) on exit.
+    Cost: one PUT to take it, one per heartbeat, one GET + DELETE to release."""
+    LOCK_NAME = ".vtt-prep.lock"
+
+    def __init__(self, folder: Store, break_lock: bool = False, heartbeat_s: float = 10.0, stale_s: float = 120.0):
+        import threading
+        self.folder, self.path = folder, folder.join(self.LOCK_NAME)
+        self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
+        self.etag, self.lost, self.owner = None, False, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _body(self) -> bytes:
+        import json
+        import time
+        return json.dumps({"owner": self.owner, "heartbeat": time.time()}, sort_keys=True).encode()
+
+    def _put(self, **match) -> None:
+        out = self.folder.fs().pipe_file(self.path, self._body(), **match)
+        self.etag = (out or {}).get("ETag") or self.folder.fs().info(self.path).get("ETag")
+
+    def __enter__(self) -> "RemoteLock":
+        import os
+        import socket
+        import time
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+        try:
+            self._put(mode="create")
+        except FileExistsError:
+            self._take_stale()
+        except FileNotFoundError:
+            self.folder._check_bucket(self.folder.fs())
+            raise
+        except PERMANENT:
+            raise
+        except Exception as e:
+            raise StorageError(f"{self.path}: {_problem(e)}") from e
+        self._thread.start()
+        return self
+
+    def _take_stale(self) -> None:
+        import json
+        import time
+        fs = self.folder.fs()
+        etag = fs.info(self.path, refresh=True).get("ETag")
+        held = json.loads(fs.cat_file(self.path))
+        o, age = held.get("owner") or {}, time.time() - float(held.get("heartbeat", 0))
+        who = f"{o.get('host')} pid {o.get('pid')}, heartbeat {age:.0f} s ago"
+        if age <= self.stale_s or not self.break_lock:
+            hint = (f"the heartbeat is older than {self.stale_s:.0f} s: if that run is dead, rerun with --break-lock"
+                    if age > self.stale_s else "wait for it to finish")
+            raise LockHeld(f"another vtt-prep run holds {self.path} ({who}); {hint}")
+        try:
+            self._put(IfMatch=etag)  # replaces exactly the stale lock; a run that took it meanwhile wins
+        except OSError as e:
+            raise LockHeld(f"{self.path}: another run took the stale lock meanwhile ({e})") from None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._put(IfMatch=self.etag)
+            except OSError:  # 412: someone broke the lock; the ledger's create-if-absent still guards commits
+                self.lost = True
+                return
+            except Exception:  # a network blip: the next beat tries again
+                continue
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self.lost:
+            try:
+                self.folder.fs().rm_file(self.path)
+            except FileNotFoundError:
+                pass

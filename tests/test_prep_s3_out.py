@@ -71,3 +71,29 @@ def test_unreachable_endpoint_or_missing_bucket_is_one_storage_error(server, mon
         dead.names()
     with pytest.raises(StorageError, match=r"s3://vtt-out/x/_ledger/0+\.json: endpoint unreachable"):
         dead.put_if_absent(commit_name(0), b"{}")
+
+
+def test_remote_lock_refuses_a_second_run_and_breaks_a_stale_one_only_with_the_flag(server):
+    import json
+    import time
+
+    from vtt.shards.storage import Store
+    from vtt.shards.store import LockHeld, RemoteLock
+    folder = Store.of("s3://vtt-out/locked")
+    fs = s3()
+    with RemoteLock(folder, heartbeat_s=0.2) as lock:
+        first = json.loads(fs.cat_file(lock.path))
+        with pytest.raises(LockHeld, match=r"another vtt-prep run holds s3://vtt-out/locked/.vtt-prep.lock "
+                                           r"\(.+ pid \d+, heartbeat \d+ s ago\); wait for it to finish"):
+            RemoteLock(folder, break_lock=True).__enter__()  # a fresh lock is never broken
+        time.sleep(0.7)
+        assert json.loads(fs.cat_file(lock.path))["heartbeat"] > first["heartbeat"]  # the heartbeat moves
+    assert not fs.exists(lock.path)  # released
+    dead = {"owner": {"host": "gone", "pid": 1, "start": 0}, "heartbeat": time.time() - 600}
+    fs.pipe_file(lock.path, json.dumps(dead).encode())
+    with pytest.raises(LockHeld, match=r"gone pid 1, heartbeat 600 s ago\); the heartbeat is older than 120 s: "
+                                       r"if that run is dead, rerun with --break-lock"):
+        RemoteLock(folder).__enter__()
+    with RemoteLock(folder, break_lock=True) as lock:
+        assert json.loads(fs.cat_file(lock.path))["owner"]["host"] != "gone"
+    assert not fs.exists(lock.path)
