@@ -6,9 +6,9 @@ same). So a ledger commit is "create the next numbered commit file"; the moment 
 the commit happened, and a second writer that raced for the same number fails instead of overwriting.
 LocalStore gives the same semantics on a filesystem: the bytes go to a temp file (fsynced), then
 os.link(temp, name), which fails when `name` exists and makes it appear complete in one step.
-An S3 store implements the same methods: `names` = ListObjectsV2 under the prefix, `open` = GetObject,
-`put_if_absent` = PutObject(IfNoneMatch="*") mapping 412 to CommitConflict, `delete` = DeleteObject,
-`remove_temp` = nothing (a PUT is atomic, it leaves no temp object).
+ObjectStore implements the same methods on any fsspec URL (built from shards/storage.py's Store):
+`names` = ListObjectsV2 under the prefix, `open` = GetObject, `put_if_absent` = PutObject(IfNoneMatch="*")
+mapping 412 to CommitConflict, `delete` = DeleteObject, `remove_temp` = nothing (a PUT is atomic).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from .format import TMP_PREFIX, ShardFormatError, fsync_dir
+from .storage import PERMANENT, Store, StorageError, _problem, is_url, retry
 
 LEDGER_DIR = "_ledger"   # inside the shards folder
 
@@ -114,9 +115,153 @@ class MemoryStore:
         return []
 
 
-def store_for(folder: str | os.PathLike) -> LedgerStore:
-    """The store of a shards folder. The S3 side plugs in here (an `s3://` folder -> an S3 store)."""
-    if str(folder).startswith("s3://"):
-        raise NotImplementedError(f"{folder}: the ledger on object storage needs an S3 LedgerStore "
-                                  f"(see vtt.shards.store)")
+class ObjectStore:
+    """The log as objects under `URL/_ledger/`, through the same fsspec `Store` the readers use (so the
+    same storage options and the same StorageError for an unreachable folder). The commit point is
+    fsspec's exclusive write, `pipe_file(mode="create")`: on S3 a PutObject with If-None-Match: *, whose
+    412 s3fs raises as FileExistsError. A PUT is atomic, so no temp object exists and remove_temp has
+    nothing to do. Cost: names = one listing request per ~1000 objects; the others one request each."""
+
+    def __init__(self, folder: Store):
+        self.folder = folder
+        self.root = folder.join(LEDGER_DIR)
+
+    def _fs(self):
+        return self.folder.fs()
+
+    def names(self) -> list[str]:
+        fs = self._fs()
+        fs.invalidate_cache(self.root)
+        try:
+            entries = retry(lambda: fs.ls(self.root, detail=False), self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+                      if n and not n.startswith(TMP_PREFIX))
+
+    def open(self, name: str) -> BinaryIO:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        return io.BytesIO(retry(lambda: fs.cat_file(path), path))  # commit files are small; checkpoints read once
+
+    def put_if_absent(self, name: str, data: bytes) -> None:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        try:
+            # not retried blindly: a lost reply to a PUT that did land would read as a conflict
+            fs.pipe_file(path, bytes(data), mode="create")
+        except FileExistsError:
+            raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this ledger "
+                                 f"meanwhile") from None
+        except FileNotFoundError:
+            self.folder._check_bucket(fs)  # StorageError naming a missing bucket
+            raise
+        except NotImplementedError as e:
+            raise StorageError(f"{self.folder.root}: this filesystem has no exclusive create, which the "
+                               f"ledger's commit needs ({e})") from e
+        except PERMANENT:
+            raise
+        except Exception as e:
+            raise StorageError(f"{path}: {_problem(e)}") from e
+
+    def delete(self, name: str) -> None:
+        fs, path = self._fs(), f"{self.root}/{name}"
+        try:
+            retry(lambda: fs.rm_file(path), path)
+        except FileNotFoundError:
+            pass
+
+    def remove_temp(self) -> list[str]:
+        return []
+
+
+def store_for(folder: str | os.PathLike, options: dict | None = None) -> LedgerStore:
+    """The store of a shards folder: LocalStore for a path, ObjectStore for a URL (s3://..., with the
+    fsspec storage `options`)."""
+    if is_url(folder):
+        return ObjectStore(Store.of(folder, options))
     return LocalStore(folder)
+
+
+class LockHeld(ShardFormatError):
+    """Another vtt-prep run holds the remote shards folder (or its lock is stale and --break-lock was not given)."""
+
+
+class RemoteLock:
+    """The writer's lock on a URL folder: one object `LOCK_NAME` created with If-None-Match: * (so two runs
+    cannot both take it), holding the owner (host, pid, start) and a heartbeat time a background thread
+    rewrites every `heartbeat_s` with If-Match on the last ETag (a broken-and-taken lock is noticed: `lost`).
+    A lock whose heartbeat is older than `stale_s` belongs to a dead run; it is replaced only with
+    `break_lock` (a conditional overwrite of exactly that object). Released (deleted) on exit.
+    Cost: one PUT to take it, one per heartbeat, one GET + DELETE to release."""
+    LOCK_NAME = ".vtt-prep.lock"
+
+    def __init__(self, folder: Store, break_lock: bool = False, heartbeat_s: float = 10.0, stale_s: float = 120.0):
+        import threading
+        self.folder, self.path = folder, folder.join(self.LOCK_NAME)
+        self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
+        self.etag, self.lost, self.owner = None, False, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _body(self) -> bytes:
+        import json
+        import time
+        return json.dumps({"owner": self.owner, "heartbeat": time.time()}, sort_keys=True).encode()
+
+    def _put(self, **match) -> None:
+        out = self.folder.fs().pipe_file(self.path, self._body(), **match)
+        self.etag = (out or {}).get("ETag") or self.folder.fs().info(self.path).get("ETag")
+
+    def __enter__(self) -> "RemoteLock":
+        import os
+        import socket
+        import time
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+        try:
+            self._put(mode="create")
+        except FileExistsError:
+            self._take_stale()
+        except FileNotFoundError:
+            self.folder._check_bucket(self.folder.fs())
+            raise
+        except PERMANENT:
+            raise
+        except Exception as e:
+            raise StorageError(f"{self.path}: {_problem(e)}") from e
+        self._thread.start()
+        return self
+
+    def _take_stale(self) -> None:
+        import json
+        import time
+        fs = self.folder.fs()
+        etag = fs.info(self.path, refresh=True).get("ETag")
+        held = json.loads(fs.cat_file(self.path))
+        o, age = held.get("owner") or {}, time.time() - float(held.get("heartbeat", 0))
+        who = f"{o.get('host')} pid {o.get('pid')}, heartbeat {age:.0f} s ago"
+        if age <= self.stale_s or not self.break_lock:
+            hint = (f"the heartbeat is older than {self.stale_s:.0f} s: if that run is dead, rerun with --break-lock"
+                    if age > self.stale_s else "wait for it to finish")
+            raise LockHeld(f"another vtt-prep run holds {self.path} ({who}); {hint}")
+        try:
+            self._put(IfMatch=etag)  # replaces exactly the stale lock; a run that took it meanwhile wins
+        except OSError as e:
+            raise LockHeld(f"{self.path}: another run took the stale lock meanwhile ({e})") from None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._put(IfMatch=self.etag)
+            except OSError:  # 412: someone broke the lock; the ledger's create-if-absent still guards commits
+                self.lost = True
+                return
+            except Exception:  # a network blip: the next beat tries again
+                continue
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self.lost:
+            try:
+                self.folder.fs().rm_file(self.path)
+            except FileNotFoundError:
+                pass
