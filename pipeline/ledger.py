@@ -85,6 +85,7 @@ def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str
         rec = ledger.records.get(v.source)
         if rec is not None and rec.video is not None:
             todo += [p for p, fp in ((v.path, rec.video), (v.sidecar_path, rec.sidecar)) if _needs_hash(p, fp)]
+    todo = list(dict.fromkeys(todo))   # many annotation entries share one video: hash it once
     if not todo:
         return {}
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -52,7 +52,15 @@ def set_env(server: MotoServer) -> dict:
     """Point this process at the server (returns the previous values for restore_env)."""
     old = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
+    # fsspec keeps one filesystem per options and process, and an endpoint taken from the environment is
+    # not part of its cache key: a filesystem made for an earlier test's server would be reused.
+    _forget_filesystems()
     return old
+
+
+def _forget_filesystems() -> None:
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def restore_env(old: dict) -> None:
@@ -61,6 +69,7 @@ def restore_env(old: dict) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    _forget_filesystems()
 
 
 def s3() -> "s3fs.S3FileSystem":  # noqa: F821

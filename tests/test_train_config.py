@@ -324,3 +324,14 @@ def test_every_shipped_deepspeed_json_fills_completely(name, stage):
     assert cfg["bf16"]["enabled"] is True and cfg["optimizer"]["params"]["torch_adam"] is True
     if "offload" in name:
         assert cfg["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_conversation_flags_map_onto_model_config(tmp_path):
+    from click.testing import CliRunner
+    args = ["--model", "llava", "--preset", "tiny", "--shards", "S", "--output-dir", str(tmp_path), "--print-config"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0, plain.output
+    assert "mask_history: false" in plain.output
+    res = CliRunner().invoke(main, args + ["--mask-history", "--max-length", "512"])
+    assert res.exit_code == 0, res.output
+    assert "mask_history: true" in res.output and "max_length: 512" in res.output

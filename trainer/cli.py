@@ -13,6 +13,7 @@ import click
 FLAG_FIELDS = {
     "kind": ("model", "kind"), "model_path": ("model", "model_path"), "lora": ("model", "lora"),
     "num_frames": ("model", "num_frames"), "gradient_checkpointing": ("model", "gradient_checkpointing"),
+    "mask_history": ("model", "mask_history"), "max_length": ("model", "max_length"),
     "shards": ("data", "shards"), "eval_shards": ("data", "eval_shards"),
     "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
     "data_seed": ("data", "seed"), "on_corrupt": ("data", "on_corrupt"),
@@ -134,6 +135,10 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--lora/--no-lora", default=None, help="LoRA (peft) on the language model.")
 @click.option("--num-frames", type=int, help="LLaVA: resample every clip to N frames.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--mask-history/--no-mask-history", default=None,
+              help="Conversations: loss on the last assistant turn only [default: every assistant turn].")
+@click.option("--max-length", type=int, help="Tokens per sample, video included; longer ones are dropped and "
+              "counted, or cut (--set model.overflow=truncate_history) [default: the model's positions].")
 @click.option("--num-workers", type=int, help="DataLoader workers per rank [default: 0].")
 @click.option("--on-corrupt", type=click.Choice(["skip", "stop"]), help="Corrupt samples [default: skip].")
 @click.option("--interleave-shards", type=int, help="Shards each data stream reads at once [default: 4].")
