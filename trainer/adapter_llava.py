@@ -11,7 +11,7 @@ import torch
 from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
                                   enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
                                   read_json, render, save_checkpoint, set_trainable, unwrap)
-from vtt.trainer.conversation import FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, drop_oldest_exchange, learned
+from vtt.trainer.conversation import FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, fit_turns
 from vtt.trainer.conversation import render as render_conversation
 from vtt.trainer.text import encode, encode_offsets, render_spans
 
@@ -203,19 +203,8 @@ class LlavaAdapter:
         """ids and labels of a conversation sample, within the length limit by `model.overflow`: drop (a
         SampleError, counted by the data's on_corrupt policy) or cut history exchanges from the front."""
         key, limit = sample.get("key", "?"), self.cfg.max_length or self.max_positions
-        while True:
-            ids, labels = self._turn_ids(key, learned(turns, self.cfg.mask_history), t)
-            if not limit or len(ids) <= limit:
-                break
-            shorter = drop_oldest_exchange(turns) if self.cfg.overflow == "truncate_history" else None
-            if shorter is None:
-                raise SampleError(f"sample {key!r}: the conversation is {len(ids)} tokens with its video, over the "
-                                  f"limit of {limit} (model.max_length / the model's positions; model.overflow="
-                                  f"{self.cfg.overflow}): dropped")
-            turns = shorter
-        if all(y == -100 for y in labels):
-            raise SampleError(f"sample {key!r}: no assistant turn is learned (all have \"loss\": false)")
-        return ids, labels
+        return fit_turns(key, turns, lambda ts: self._turn_ids(key, ts, t), limit, self.cfg.mask_history,
+                         self.cfg.overflow)
 
     def _turn_ids(self, key: str, turns: list[Turn], t: int) -> tuple[list[int], list[int]]:
         template = self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]

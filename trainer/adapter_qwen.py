@@ -17,7 +17,7 @@ import torch
 from vtt.trainer.adapters import (ModelConfig, SampleError, apply_lora, common_load, enable_gradient_checkpointing,
                                   load_tokenizer, model_device, pad_left, pad_right, render, save_checkpoint,
                                   set_trainable, unwrap)
-from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, drop_oldest_exchange, learned
+from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, fit_turns
 from vtt.trainer.conversation import render as render_conversation
 from vtt.trainer.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
 from vtt.trainer.text import encode_offsets
@@ -151,20 +151,11 @@ class QwenAdapter:
         oldest exchanges)."""
         key, limit = sample.get("key", "?"), self.cfg.max_length or self.max_positions
         turns, vid = self._turns(sample), self._video_ids(video)
-        while True:
-            ids, labels, at = self._text_ids(key, learned(turns, self.cfg.mask_history))
-            ids, labels = ids[:at] + vid + ids[at + 1:], labels[:at] + [-100] * len(vid) + labels[at + 1:]
-            if not limit or len(ids) <= limit:
-                break
-            shorter = drop_oldest_exchange(turns) if self.cfg.overflow == "truncate_history" else None
-            if shorter is None:
-                raise SampleError(f"sample {key!r}: {len(ids)} tokens with its {len(vid)} video tokens, over the "
-                                  f"limit of {limit} (model.max_length / the model's positions; "
-                                  f"model.overflow={self.cfg.overflow}): use fewer frames (--num-frames)")
-            turns = shorter
-        if all(y == -100 for y in labels):
-            raise SampleError(f"sample {key!r}: no assistant turn is learned")
-        return ids, labels
+
+        def encode(ts: list[Turn]) -> tuple[list[int], list[int]]:
+            ids, labels, at = self._text_ids(key, ts)
+            return ids[:at] + vid + ids[at + 1:], labels[:at] + [-100] * len(vid) + labels[at + 1:]
+        return fit_turns(key, turns, encode, limit, self.cfg.mask_history, self.cfg.overflow)
 
     def check_sample(self, sample: dict) -> None:
         self._sample_ids(sample, self._video(sample))

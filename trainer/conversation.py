@@ -106,6 +106,26 @@ def drop_oldest_exchange(turns: list[Turn]) -> list[Turn] | None:
     return turns[:first] + rest
 
 
+def fit_turns(key: str, turns: list[Turn], encode, limit: int | None, mask_history: bool, overflow: str
+              ) -> tuple[list[int], list[int]]:
+    """`encode(learned turns) -> (ids, labels)` within `limit` tokens, by `overflow`: drop (a SampleError, which
+    the data's on_corrupt policy counts) or cut history exchanges from the front. Never a sample without any
+    learned token. Cost: one encode per history exchange cut."""
+    while True:
+        ids, labels = encode(learned(turns, mask_history))
+        if not limit or len(ids) <= limit:
+            break
+        shorter = drop_oldest_exchange(turns) if overflow == "truncate_history" else None
+        if shorter is None:
+            raise SampleError(f"sample {key!r}: {len(ids)} tokens with its video, over the limit of {limit} "
+                              f"(model.max_length / the model's positions; model.overflow={overflow}): dropped; "
+                              f"fewer frames (--num-frames) or model.overflow=truncate_history make it fit")
+        turns = shorter
+    if all(y == -100 for y in labels):
+        raise SampleError(f"sample {key!r}: no assistant turn is learned (all have \"loss\": false)")
+    return ids, labels
+
+
 def _sentinel(i: int) -> str:
     return f"VTTTURN{i:04d}X"  # survives templates that trim or case-fold nothing
 
