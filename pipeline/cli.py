@@ -8,7 +8,7 @@ import click
 
 from vtt.shards.format import ShardFormatError
 
-from .config import RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig
+from .config import RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig, local_folder
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -20,6 +20,20 @@ Exit status:
      everything else was written
   {EXIT_LOCKED}  another vtt-prep run holds the shards folder
 """
+
+
+class LocalFolder(click.Path):
+    """A folder argument; a URL is refused here, before click turns "s3://b/p" into the local Path "s3:/b/p"."""
+
+    def __init__(self):
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        try:
+            local_folder(value, param.human_readable_name if param else "the folder")
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def _fail(message: str, code: int = EXIT_USAGE):
@@ -50,8 +64,8 @@ def main():
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("data_dir", type=LocalFolder())
+@click.argument("out_dir", type=LocalFolder())
 @click.option("--num-frames", type=int, default=8, show_default=True,
               help="Frames per video, uniformly spaced over its real duration.")
 @click.option("--fps", type=float, default=None, help="Fixed-rate mode: frames per second (overrides --num-frames).")
@@ -113,7 +127,7 @@ def extract(**kwargs):
 
 
 @main.command()
-@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shards", type=LocalFolder())
 @shard_limits
 @retention
 @click.option("--min-fill", type=float, default=0.5, show_default=True,
@@ -138,7 +152,7 @@ def compact(shards, **kwargs):
 
 
 @main.command()
-@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shards", type=LocalFolder())
 def status(shards):
     """Summarise a shards folder: index, ledger (ok/failed videos), last run. Exit 1 if index and tars disagree."""
     from .verify import status_text
@@ -151,7 +165,7 @@ def status(shards):
 
 
 @main.command()
-@click.argument("shards", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shards", type=LocalFolder())
 def verify(shards):
     """Read every shard, check index sizes and checksums and the ledger, decode every frame.
 
@@ -171,7 +185,7 @@ def verify(shards):
 
 
 @main.command("sample-data")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=LocalFolder())
 @click.option("--n-train", type=int, default=96, show_default=True)
 @click.option("--n-heldout", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -16,6 +16,17 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting."""
 
 
+def local_folder(value, what: str) -> Path:
+    """`value` as a local Path. vtt-prep does not read or write object storage yet (the ledger's commit log and
+    its lock can: shards/store.py), and Path("s3://b/p") would silently become a local folder "s3:/b/p"."""
+    from vtt.shards.storage import is_url
+    if is_url(value):
+        raise ConfigError(f"{value}: {what} must be a local folder for vtt-prep so far (object storage is read by "
+                          f"vtt-train --shards and vtt-caption); extract to a local folder, then copy it "
+                          f"(e.g. `aws s3 sync OUT s3://bucket/shards`)")
+    return Path(value)
+
+
 def usable_cpus() -> int:
     """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
     try:
@@ -96,8 +107,8 @@ class PrepConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
-        set_("data_dir", Path(self.data_dir))
-        set_("out_dir", Path(self.out_dir))
+        set_("data_dir", local_folder(self.data_dir, "the data folder"))
+        set_("out_dir", local_folder(self.out_dir, "the shards folder"))
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
         set_("annotations", tuple(Path(p) for p in self.annotations))
@@ -149,7 +160,7 @@ class CompactConfig:
     dry_run: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "out_dir", local_folder(self.out_dir, "the shards folder"))
         object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
         from vtt.shards.ledger import has_ledger
         if not has_ledger(self.out_dir):

@@ -132,3 +132,21 @@ def test_lock_exit_4_through_the_real_command(made, tmp_path):
     assert res.returncode == 4 and "another vtt-prep run holds" in res.stderr
     assert not list(out.glob("shard-*"))
     assert not (out / "report.json").exists()  # a refused run writes nothing
+
+
+@pytest.mark.parametrize("args", [["extract", "DATA", "s3://bucket/shards"], ["extract", "gs://bucket/videos", "OUT"],
+                                  ["status", "s3://bucket/shards"], ["verify", "s3://bucket/shards"],
+                                  ["compact", "s3://bucket/shards"]])
+def test_a_url_folder_is_refused_instead_of_becoming_a_local_folder(tmp_path, monkeypatch, args):
+    # Path("s3://b/p") is the local "s3:/b/p": it used to be created and filled, exit 0.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DATA").mkdir()
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "must be a local folder for vtt-prep" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DATA"]
+
+
+def test_a_url_is_refused_by_the_config_too():
+    from vtt.pipeline.config import ConfigError, PrepConfig
+    with pytest.raises(ConfigError, match="s3://b/p: the shards folder must be a local folder"):
+        PrepConfig(data_dir="data", out_dir="s3://b/p")
