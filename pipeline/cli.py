@@ -36,6 +36,14 @@ class LocalFolder(click.Path):
         return super().convert(value, param, ctx)
 
 
+class DataFolder(LocalFolder):
+    """The data folder: a local folder, or a URL (s3://bucket/videos, any fsspec scheme) kept as a string."""
+
+    def convert(self, value, param, ctx):
+        from vtt.shards.storage import is_url
+        return str(value) if is_url(value) else super().convert(value, param, ctx)
+
+
 def _fail(message: str, code: int = EXIT_USAGE):
     click.echo(f"vtt-prep: error: {message}", err=True)
     sys.exit(code)
@@ -64,7 +72,7 @@ def main():
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("data_dir", type=LocalFolder())
+@click.argument("data_dir", type=DataFolder())
 @click.argument("out_dir", type=LocalFolder())
 @click.option("--num-frames", type=int, default=8, show_default=True,
               help="Frames per video, uniformly spaced over its real duration.")
@@ -89,8 +97,12 @@ def main():
 @click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
 @click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
 @click.option("--annotations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable): one sample per entry instead of "
-                   "sidecars; video paths relative to DATA_DIR.")
+              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a local file, and DATA_DIR local "
+                   "too so far): one sample per entry instead of sidecars; video paths relative to DATA_DIR.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec storage option for a URL folder (repeatable), e.g. endpoint_url=http://host:9000, "
+                   "key=..., secret=..., client_kwargs.region_name=eu-west-1; credentials and endpoint also "
+                   "come from AWS_* variables (AWS_ENDPOINT_URL), profiles and instance roles.")
 @click.option("--video-column", default="video", show_default=True, help="CSV/TSV annotations: the video column.")
 @click.option("--caption-column", default="caption", show_default=True,
               help="CSV/TSV annotations: the caption column (the sample's description).")
@@ -103,6 +115,10 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(**kwargs):
     """Extract frames from the videos under DATA_DIR into WebDataset shards in OUT_DIR.
+
+    DATA_DIR may be a URL (s3://bucket/videos/, any installed fsspec scheme): one listing finds the
+    videos and sidecars; each video is downloaded by the worker that extracts it, and an object whose
+    size and ETag are unchanged is neither downloaded nor hashed on a rerun.
 
     Reruns are incremental: unchanged videos cost no ffmpeg call, new ones go into new shards,
     changed and deleted ones replace/remove their samples, earlier failures are retried when their

@@ -12,6 +12,11 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+def is_url(value) -> bool:
+    from vtt.shards.storage import is_url as url
+    return url(value)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting."""
 
@@ -77,7 +82,7 @@ def check_shard_limits(shard_size: int, shard_max_samples: int) -> None:
 
 @dataclass(frozen=True)
 class PrepConfig:
-    data_dir: Path
+    data_dir: Path                              # or a URL string (s3://bucket/videos, any fsspec scheme)
     out_dir: Path
     num_frames: int = 8
     fps: float | None = None
@@ -104,10 +109,17 @@ class PrepConfig:
     retention_hours: float = RETENTION_HOURS
     dry_run: bool = False
     quiet: bool = False
+    # `--storage-option key=value` pairs: fsspec options for every URL folder of the run
+    storage_options: tuple[str, ...] = ()
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
-        set_("data_dir", local_folder(self.data_dir, "the data folder"))
+        set_("storage_options", tuple(self.storage_options))
+        self.storage()  # a malformed pair fails here
+        if is_url(self.data_dir):
+            set_("data_dir", str(self.data_dir).rstrip("/"))
+        else:
+            set_("data_dir", Path(self.data_dir))
         set_("out_dir", local_folder(self.out_dir, "the shards folder"))
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
@@ -115,7 +127,9 @@ class PrepConfig:
         for p in self.annotations:
             if not p.is_file():
                 raise ConfigError(f"annotation file {p} does not exist")
-        if not self.data_dir.is_dir():
+        if is_url(self.data_dir) and self.annotations:
+            raise ConfigError(f"{self.data_dir}: --annotations needs a local data folder so far")
+        if not is_url(self.data_dir) and not self.data_dir.is_dir():
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ConfigError(f"shards folder {self.out_dir} exists and is not a folder")
@@ -128,6 +142,25 @@ class PrepConfig:
             raise ConfigError(f"video_timeout {self.video_timeout}: must be > 0 seconds")
         check_retention(self.retention_hours)
         self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
+        self.check_data_url()  # last: the only check that talks to the network
+
+    def storage(self) -> dict:
+        """The fsspec storage options (`--storage-option` pairs parsed)."""
+        from vtt.shards.storage import parse_options
+        try:
+            return parse_options(self.storage_options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def check_data_url(self) -> None:
+        """A URL data folder that cannot be listed is a ConfigError naming it (network: a few requests)."""
+        if is_url(self.data_dir):
+            from vtt.shards.storage import StorageError
+            from .discover_remote import check_data_url
+            try:
+                check_data_url(self.data_dir, self.storage())
+            except StorageError as e:
+                raise ConfigError(str(e)) from e
 
     def frame_spec(self):
         from .frames import FrameSpec

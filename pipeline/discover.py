@@ -19,8 +19,8 @@ VIDEO_EXTS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"})
 @dataclass(frozen=True)
 class Video:
     source: str                    # path relative to the data folder, POSIX separators: the identity
-    path: Path                     # absolute
-    sidecar_path: Path | None      # None when the video has no sidecar (allowed by option)
+    path: Path                     # absolute; a RemoteFile (discover_remote.py) in a URL data folder
+    sidecar_path: Path | None      # None when the video has no sidecar (allowed by option); or a RemoteFile
     meta: dict | None = None       # validated sidecar fields (or the synthesised ones)
     video_id: str | None = None
     key: str | None = None
@@ -101,17 +101,29 @@ def _load_sidecar(video: Path, source: str, allow_missing: bool) -> tuple[Path |
     return sidecar, raw, None
 
 
-def discover(data_dir: Path, allow_missing_sidecar: bool = False, exclude: Path | None = None) -> list[Video]:
-    """Every video under `data_dir` with its validated sidecar, id and key, in sorted order.
+def discover(data_dir, allow_missing_sidecar: bool = False, exclude: Path | None = None,
+             options: dict | None = None) -> list[Video]:
+    """Every video under `data_dir` (a local folder or a URL, see discover_remote.py) with its validated
+    sidecar, id and key, in sorted order. `options`: fsspec storage options for a URL.
 
     Duplicates: the first video (in sorted order) keeps an id or key; later ones fail, so the outcome
     depends only on the current folder, never on what an earlier run saw.
     """
+    from vtt.shards.storage import is_url
+    if is_url(data_dir):
+        from .discover_remote import find_remote_videos, load_remote_sidecar
+        found, objects = find_remote_videos(str(data_dir), options or {})
+        return _identify((source, path, load_remote_sidecar(path, source, objects, allow_missing_sidecar))
+                         for source, path in found)
     data_dir = Path(data_dir).resolve()
+    found = ((p.relative_to(data_dir).as_posix(), p) for p in find_videos(data_dir, exclude))
+    return _identify((source, path, _load_sidecar(path, source, allow_missing_sidecar)) for source, path in found)
+
+
+def _identify(found) -> list[Video]:
+    """(source, path, (sidecar, meta, error)) in sorted order -> Videos with ids, keys, duplicate errors."""
     videos, owner = [], {}
-    for path in find_videos(data_dir, exclude):
-        source = path.relative_to(data_dir).as_posix()
-        sidecar, meta, error = _load_sidecar(path, source, allow_missing_sidecar)
+    for source, path, (sidecar, meta, error) in found:
         vid = key = None
         if error is None:
             vid = meta["video_id"]

@@ -6,7 +6,7 @@ stat differs, so a touched-but-unchanged file costs a hash, never an ffmpeg call
 their fingerprints too: an unchanged broken file is not tried again (with all its timeouts) on every
 run, only when its file, sidecar, key, the settings, the ffmpeg version or a timeout that stopped it
 changed, or with --retry-failed.
-Cost: one stat per video and ledger record; a hash per touched file; no ffmpeg for unchanged videos
+Cost: one stat per video and ledger record (URL data folder: none, the listing has size and ETag); a hash per touched file; no ffmpeg for unchanged videos
 (one `ffmpeg -version` when unchanged failures exist, to see whether ffmpeg changed).
 """
 from __future__ import annotations
@@ -29,39 +29,64 @@ class SettingsChanged(ShardFormatError):
     """The shards were made with other extraction settings; --rebuild is needed."""
 
 
-def stat_of(path: Path) -> tuple[int, int]:
+def _remote(path) -> bool:
+    from .discover_remote import RemoteFile
+    return isinstance(path, RemoteFile)
+
+
+def stat_of(path) -> tuple[int, int | str | None]:
+    """The fast path: (size, mtime_ns) of a local file, (size, ETag) of an object from its listing (no request)."""
+    if _remote(path):
+        return path.size, path.etag
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
 
 
-def fingerprint(path: Path | None, known: Fingerprint | None = None) -> Fingerprint | None:
-    """Fingerprint of `path`; reuses `known`'s hash when size and mtime are unchanged."""
+def _known(path, known: Fingerprint) -> tuple[int, int | str | None]:
+    """What the record says about the same fast path (a local record's etag is None: never equal)."""
+    return (known.size, known.etag) if _remote(path) else (known.size, known.mtime_ns)
+
+
+def hash_of(path) -> str:
+    """sha256 of a local file, or of an object (streamed; a sidecar's is known from discovery: no GET)."""
+    if _remote(path):
+        from .discover_remote import sha256_of
+        return sha256_of(path)
+    return sha256_file(path)
+
+
+def _fresh(path, sha256: str) -> Fingerprint:
+    size, tag = stat_of(path)
+    return Fingerprint(size, 0, sha256, tag) if _remote(path) else Fingerprint(size, tag, sha256)
+
+
+def fingerprint(path, known: Fingerprint | None = None) -> Fingerprint | None:
+    """Fingerprint of `path`; reuses `known`'s hash when the fast path (size + mtime or ETag) is unchanged."""
     if path is None:
         return None
-    size, mtime = stat_of(path)
-    if known is not None and known.size == size and known.mtime_ns == mtime:
+    if known is not None and stat_of(path) == _known(path, known):
         return known
-    return Fingerprint(size, mtime, sha256_file(path))
+    return _fresh(path, hash_of(path))
 
 
-def _needs_hash(path: Path | None, known: Fingerprint | None) -> bool:
-    """Same size, other mtime: only the content hash can tell (a different size already does)."""
+def _needs_hash(path, known: Fingerprint | None) -> bool:
+    """Same size, other mtime/ETag: only the content hash can tell (a different size already does)."""
     if path is None or known is None:
         return False
-    size, mtime = stat_of(path)
-    return size == known.size and mtime != known.mtime_ns
+    size, tag = stat_of(path)
+    return size == known.size and (size, tag) != _known(path, known)
 
 
-def _same(path: Path | None, known: Fingerprint | None, hashes: dict) -> tuple[bool, Fingerprint | None]:
+def _same(path, known: Fingerprint | None, hashes: dict) -> tuple[bool, Fingerprint | None]:
     """(content unchanged?, fresh fingerprint when only stat changed). Hashes only when it must."""
     if path is None or known is None:
         return path is None and known is None, None
-    size, mtime = stat_of(path)
-    if (size, mtime) == (known.size, known.mtime_ns):
+    size, tag = stat_of(path)
+    if (size, tag) == _known(path, known):
         return True, None
     if size != known.size:
         return False, None
-    fresh = Fingerprint(size, mtime, hashes.get(path) or sha256_file(path))
+    fresh = _fresh(path, hashes.get(path) or hash_of(path))
     return fresh.sha256 == known.sha256, fresh
 
 
@@ -79,7 +104,8 @@ def _same_sidecar(v: Video, known: Fingerprint | None, hashes: dict) -> tuple[bo
 
 def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str]:
     """sha256 of every touched file, in threads (hashlib releases the GIL): after a copy that lost
-    mtimes, every file needs its hash and one core would be the bottleneck."""
+    mtimes, every file needs its hash and one core would be the bottleneck. A touched object (same size,
+    other ETag) is streamed from the store once; an object with the same size and ETag is never read."""
     todo = []
     for v in videos:
         rec = ledger.records.get(v.source)
@@ -89,7 +115,7 @@ def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str
     if not todo:
         return {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return dict(zip(todo, pool.map(sha256_file, todo)))
+        return dict(zip(todo, pool.map(hash_of, todo)))
 
 
 @dataclass

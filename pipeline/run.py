@@ -127,7 +127,7 @@ class _Run:
         """Record a failure with what decided it (fingerprints, ffmpeg, limits): retried only when one
         of those changes. Without `version` (ffmpeg never ran for it) it is retried every run."""
         error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
-        video = Fingerprint(*outcome.stat, outcome.sha256) if outcome is not None and outcome.sha256 else None
+        video = outcome.fingerprint() if outcome is not None and outcome.sha256 else None
         sidecar = None
         if video is not None and (v.sidecar_path is not None or v.entry is not None):
             try:
@@ -224,7 +224,7 @@ def _accept(run: _Run, writer: ShardWriter, v: Video, outcome: Outcome, ffmpeg_v
     if outcome.error:
         run.fail(v, outcome.error, outcome, ffmpeg_version)
         return
-    video = Fingerprint(outcome.stat[0], outcome.stat[1], outcome.sha256)  # the worker hashed it already
+    video = outcome.fingerprint()  # the worker hashed it already
     with timed(run.report, "write"):
         url = writer.add(v.key, outcome.members)
     nbytes = sum(len(d) for _, d in outcome.members)
@@ -392,7 +392,7 @@ def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
             from .annotations import load_annotations
             videos = load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column)
         else:
-            videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir)
+            videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir, options=cfg.storage())
     with timed(report, "plan"):
         policy = RetryPolicy(cfg.settings_hash(), {"timeout": cfg.timeout, "video_timeout": cfg.video_timeout},
                              lambda: _ffmpeg_version(cfg), always=cfg.retry_failed)

@@ -22,7 +22,7 @@ _STDERR_TAIL = 2000
 
 @dataclass(frozen=True)
 class Task:
-    path: Path
+    path: Path              # or a RemoteFile: its URL, listing size/ETag and the storage options (a dict)
     source: str
     key: str
     meta: dict              # validated sidecar fields
@@ -38,10 +38,16 @@ class Outcome:
     sha256: str | None = None
     stat: tuple[int, int] | None = None   # (size, mtime_ns) taken before hashing: a file changed
                                           # meanwhile then looks changed to the next run
+    etag: str | None = None               # an object's (URL data folder), from the listing; mtime_ns is 0
     members: list[tuple[str, bytes]] = field(default_factory=list)
     nframes: int = 0
     error: dict | None = None   # {"class", "reason", "stderr_tail"}
     seconds: dict = field(default_factory=dict)   # stage -> seconds spent in the worker
+
+    def fingerprint(self):
+        """The video's ledger fingerprint (the worker hashed it already)."""
+        from vtt.shards.ledger import Fingerprint
+        return Fingerprint(self.stat[0], self.stat[1], self.sha256, self.etag)
 
 
 def _agree(a: float, b: float, tol_abs: float, tol_rel: float) -> bool:
@@ -118,26 +124,52 @@ def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict, so
 
 
 def process_video(task: Task) -> Outcome:
-    """Hash, extract and package one video; failures come back as data with their class."""
+    """Hash, extract and package one video; failures come back as data with their class. A video in a URL
+    data folder is downloaded to a temp file first (retried with backoff; failure: class download_error)
+    and the file is deleted after. Cost: the video's bytes once over the network, disk for one video."""
+    from .discover_remote import RemoteFile
+    if not isinstance(task.path, RemoteFile):
+        st = os.stat(task.path) if os.path.exists(task.path) else None
+        return _process(task, task.path, (st.st_size, st.st_mtime_ns) if st else None, None)
+    import tempfile
+    from .discover_remote import download
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vtt-prep-") as tmp:
+        local = Path(tmp) / task.path.name   # keeps the extension: ffmpeg's demuxer guess
+        try:
+            download(task.path, local)
+        except Exception as e:  # StorageError after the retries, or gone / denied at once
+            out = Outcome(task.source, task.key)
+            out.error = {"class": "download_error", "reason": f"{task.path}: {e}", "stderr_tail": ""}
+            out.seconds = {"download": time.perf_counter() - t0}
+            return out
+        out = _process(task, local, (task.path.size, 0), task.path.etag)
+        out.seconds["download"] = time.perf_counter() - t0 - sum(out.seconds.values())
+        return out
+
+
+def _process(task: Task, path: Path, stat: tuple[int, int] | None, etag: str | None) -> Outcome:
     from .extract import extract_frames
     from .frames import ExtractError
     from .proc import BudgetExceeded, budget
-    out = Outcome(task.source, task.key)
+    out = Outcome(task.source, task.key, etag=etag)
     t0 = time.perf_counter()
     try:
-        st = os.stat(task.path)
-        out.stat = (st.st_size, st.st_mtime_ns)
-        out.sha256 = sha256_file(task.path)
+        if stat is None:
+            os.stat(path)  # raises the OSError that names the problem
+        out.stat = stat
+        out.sha256 = sha256_file(path)
         t1 = time.perf_counter()
         with budget(task.spec.video_timeout_s):
-            result = extract_frames(task.path, task.spec)
+            result = extract_frames(path, task.spec)
         t2 = time.perf_counter()
         out.members = build_members(task, out.sha256, result)
         out.nframes = len(result.frames)
         out.seconds = {"hash": t1 - t0, "extract": t2 - t1, "package": time.perf_counter() - t2}
     except ExtractError as e:
-        where = "" if e.message.startswith(str(task.path)) else f"{task.path}: "  # the file, named once
-        out.error = {"class": e.error_class, "reason": f"{where}{e.message}",
+        message = e.message.replace(str(path), str(task.path))  # the user's file, not the temp copy
+        where = "" if message.startswith(str(task.path)) else f"{task.path}: "  # the file, named once
+        out.error = {"class": e.error_class, "reason": f"{where}{message}",
                      "stderr_tail": (e.stderr_tail or "")[-_STDERR_TAIL:]}
     except BudgetExceeded as e:
         out.error = {"class": "video_timeout", "reason": f"{task.path}: {e} (--video-timeout)",

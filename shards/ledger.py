@@ -52,17 +52,32 @@ _MISSING = object()
 
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
-    """What a file looked like: stat for the fast path, sha256 to decide when stat changed."""
+    """What a file looked like: stat for the fast path, sha256 to decide when stat changed.
+
+    A local file's fast path is (size, mtime_ns); an object's in a URL data folder is (size, etag) from the
+    listing, with mtime_ns 0 (an object store's ETag changes with the content, its time with every upload).
+    `etag` is written to JSON only when set, so local records keep their bytes and older ledgers read."""
     size: int
     mtime_ns: int
     sha256: str
+    etag: str | None = None
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "Fingerprint | None":
-        return None if raw is None else cls(int(raw["size"]), int(raw["mtime_ns"]), str(raw["sha256"]))
+        return _fingerprint(raw)
 
     def to_json(self) -> dict:
-        return {"size": self.size, "mtime_ns": self.mtime_ns, "sha256": self.sha256}
+        d = {"size": self.size, "mtime_ns": self.mtime_ns, "sha256": self.sha256}
+        if self.etag is not None:
+            d["etag"] = self.etag
+        return d
+
+
+def _fingerprint(raw: dict | None) -> Fingerprint | None:
+    if raw is None:
+        return None
+    etag = raw.get("etag")
+    return Fingerprint(int(raw["size"]), int(raw["mtime_ns"]), str(raw["sha256"]), None if etag is None else str(etag))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +121,7 @@ class VideoRecord:
         # the same few values in a million records: keep one copy of each
         ffv, sh, shard = g("ffmpeg_version"), g("settings_hash"), g("shard")
         return cls(raw["source"], _intern(raw["status"]), g("video_id"), g("key"),
-                   None if v is None else Fingerprint(int(v["size"]), int(v["mtime_ns"]), str(v["sha256"])),
-                   None if s is None else Fingerprint(int(s["size"]), int(s["mtime_ns"]), str(s["sha256"])),
+                   _fingerprint(v), _fingerprint(s),
                    sh if sh is None else _intern(sh), ffv if ffv is None else _intern(ffv),
                    shard if shard is None else _intern(shard), g("nframes", 0), g("nbytes", 0), g("error"),
                    g("limits"))

@@ -1,0 +1,125 @@
+"""Videos and sidecars in a URL data folder (s3://bucket/videos, any fsspec scheme): the same rules as
+discover.py (extensions, dot-files, sidecar next to its video, ids and keys), from one recursive listing.
+
+An object is a `RemoteFile`: its URL with the listing's size and ETag, which are its fingerprint's fast
+path (an unchanged object costs no GET and no hash on a rerun). Sidecars are small and are read here (one
+GET each); videos are downloaded by the worker that extracts them (task.py), never here.
+Cost: one listing (one request per ~1000 objects), one GET per sidecar.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from vtt.shards.storage import StorageError, Store, _problem, _tag, retry
+
+from .discover import VIDEO_EXTS, validate_sidecar
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One object of a URL data folder as the listing saw it. Picklable: it travels to the worker with the
+    storage options (kept out of equality and repr: they may hold credentials)."""
+    url: str
+    size: int
+    etag: str | None
+    sha256: str | None = field(default=None, compare=False)   # sidecars: hashed from the bytes read here
+    options: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def store(self) -> tuple[Store, str]:
+        parent, _, name = self.url.rpartition("/")
+        return Store.of(parent, self.options), name
+
+
+def check_data_url(url: str, options: dict) -> None:
+    """StorageError (one line naming the URL) unless the folder can be listed: scheme installed, endpoint
+    reachable, credentials accepted, bucket there, something under the prefix. Cost: two requests."""
+    store = Store.of(url, options)
+    fs = store.fs()
+    store._check_bucket(fs)
+    try:
+        found = fs.exists(store.root)
+    except Exception as e:
+        raise StorageError(f"{store.root}: {_problem(e)}") from e
+    if not found:
+        raise StorageError(f"{store.root}: no such folder (no objects under this prefix)")
+
+
+def list_objects(url: str, options: dict) -> dict[str, RemoteFile]:
+    """relative POSIX path -> RemoteFile for every object under `url` (one recursive listing, retried)."""
+    store = Store.of(url, options)
+    fs = store.fs()
+    root = fs._strip_protocol(store.root).rstrip("/")
+    protocol = store.root.split("://", 1)[0]
+    fs.invalidate_cache(root)
+    entries = retry(lambda: fs.find(root, detail=True), store.root)
+    out = {}
+    for name, info in entries.items():
+        if info.get("type", "file") != "file" or not name.startswith(root + "/"):
+            continue
+        rel = name[len(root) + 1:]
+        out[rel] = RemoteFile(f"{store.root}/{rel}", int(info["size"]), _tag(info), options=dict(options))
+    return out
+
+
+def is_video(rel: str) -> bool:
+    """discover.find_videos' rule: a video extension, no dot-file, no dot-folder on the way."""
+    parts = PurePosixPath(rel).parts
+    return not any(p.startswith(".") for p in parts) and PurePosixPath(rel).suffix.lower() in VIDEO_EXTS
+
+
+def find_remote_videos(url: str, options: dict) -> tuple[list[tuple[str, RemoteFile]], dict[str, RemoteFile]]:
+    """(sorted (source, video) pairs, every object by relative path)."""
+    objects = list_objects(url, options)
+    return sorted((rel, f) for rel, f in objects.items() if is_video(rel)), objects
+
+
+def load_remote_sidecar(video: RemoteFile, source: str, objects: dict[str, RemoteFile], allow_missing: bool
+                        ) -> tuple[RemoteFile | None, dict | None, dict | None]:
+    """discover._load_sidecar for an object: (sidecar with its sha256, meta, error); one GET."""
+    rel = str(PurePosixPath(source).with_suffix(".json"))
+    sidecar = objects.get(rel)
+    if sidecar is None:
+        if allow_missing:
+            return None, {"video_id": source.rsplit(".", 1)[0], "description": ""}, None
+        where = video.url.rsplit(".", 1)[0] + ".json"
+        return None, None, {"class": "sidecar_missing",
+                            "reason": f"{where}: no sidecar for {video.name} (expected {rel.rsplit('/', 1)[-1]}; "
+                                      f"--allow-missing-sidecar takes the id from the file name)"}
+    store, name = sidecar.store()
+    try:
+        data = retry(lambda: store.fs().cat_file(store.join(name)), sidecar.url)
+    except (OSError, StorageError) as e:
+        return None, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: cannot read: {e}"}
+    sidecar = RemoteFile(sidecar.url, len(data), sidecar.etag, hashlib.sha256(data).hexdigest(), sidecar.options)
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: invalid JSON: {e}"}
+    problems = validate_sidecar(raw)
+    if problems:
+        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: " + "; ".join(problems)}
+    return sidecar, raw, None
+
+
+def download(f: RemoteFile, dest) -> None:
+    """The object to a local file, retried with backoff on network errors (StorageError after the last)."""
+    store, name = f.store()
+    retry(lambda: store.fs().get_file(store.join(name), str(dest)), f.url)
+
+
+def sha256_of(f: RemoteFile) -> str:
+    """The object's sha256, streamed (ranged reads with retries); a sidecar's is known already."""
+    if f.sha256 is not None:
+        return f.sha256
+    store, name = f.store()
+    return store.sha256(name)
