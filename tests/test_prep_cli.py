@@ -134,7 +134,7 @@ def test_lock_exit_4_through_the_real_command(made, tmp_path):
     assert not (out / "report.json").exists()  # a refused run writes nothing
 
 
-@pytest.mark.parametrize("args", [["extract", "DATA", "s3://bucket/shards"], ["extract", "gs://bucket/videos", "OUT"],
+@pytest.mark.parametrize("args", [["extract", "DATA", "s3://bucket/shards"],
                                   ["status", "s3://bucket/shards"], ["verify", "s3://bucket/shards"],
                                   ["compact", "s3://bucket/shards"]])
 def test_a_url_folder_is_refused_instead_of_becoming_a_local_folder(tmp_path, monkeypatch, args):

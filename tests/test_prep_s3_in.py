@@ -1,0 +1,161 @@
+"""vtt-prep extract with a URL data folder: videos and sidecars in a real S3-compatible server on localhost
+(moto's standalone server, its own process), reached through s3fs with AWS_ENDPOINT_URL and dummy keys as a
+user's S3 would be. The server's request recorder counts the GETs a rerun makes."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prep_helpers import add_video, calls, cfg, logging_ffmpeg, make_corpus, prep_cmd, snapshot  # noqa: E402
+from s3_helpers import MotoServer, restore_env, s3, set_env  # noqa: E402
+
+from vtt.pipeline.config import ConfigError  # noqa: E402
+from vtt.pipeline.run import run_extract  # noqa: E402
+from vtt.shards.ledger import read_ledger  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    os.environ["MOTO_RECORDER_FILEPATH"] = str(tmp_path_factory.mktemp("moto") / "recording.jsonl")
+    srv = MotoServer().start()
+    old = set_env(srv)
+    s3().mkdir("vtt-in")
+    yield srv
+    restore_env(old)
+    srv.stop()
+    os.environ.pop("MOTO_RECORDER_FILEPATH", None)
+
+
+def _recorder(server, action: str) -> str:
+    req = urllib.request.Request(f"{server.url}/moto-api/recorder/{action}", method="POST", data=b"")
+    return urllib.request.urlopen(req, timeout=10).read().decode()
+
+
+def object_gets(server, run) -> list[str]:
+    """The object GETs (not listings) the server saw while `run()` ran."""
+    _recorder(server, "reset-recording")
+    _recorder(server, "start-recording")
+    try:
+        run()
+    finally:
+        _recorder(server, "stop-recording")
+    log = [json.loads(line) for line in _recorder(server, "download-recording").splitlines() if line.strip()]
+    return [e["url"] for e in log if e["method"] == "GET" and "list-type" not in e["url"]
+            and "prefix=" not in e["url"]]
+
+
+def put_folder(local: Path, url: str) -> None:
+    fs = s3()
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{url}/{p.relative_to(local).as_posix()}")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    data = make_corpus(tmp_path / "data", n=3)
+    (data / "sub").mkdir()
+    add_video(data, "sub/w00.mp4")
+    (data / ".hidden.mp4").write_bytes(b"not a video, and skipped")
+    return data
+
+
+def test_a_bucket_copy_gives_the_same_shards_and_a_rerun_reads_no_video(server, corpus, tmp_path):
+    url = "s3://vtt-in/same/videos"
+    put_folder(corpus, url)
+    local = run_extract(cfg(corpus, tmp_path / "local"))
+    remote = run_extract(cfg(url + "/", tmp_path / "remote"))
+    assert local.exit_code == remote.exit_code == 0 and remote.videos_ok == 4
+    a, b = snapshot(tmp_path / "local"), snapshot(tmp_path / "remote")
+    tars = sorted(n for n in a if n.endswith(".tar"))
+    assert tars and sorted(n for n in b if n.endswith(".tar")) == tars
+    assert [n for n in tars + ["index.json"] if a[n][1] != b[n][1]] == []
+    rec = read_ledger(tmp_path / "remote").records["sub/w00.mp4"]
+    assert rec.video.etag and rec.video.mtime_ns == 0 and rec.sidecar.etag
+
+    ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path)
+    reports = []
+    gets = object_gets(server, lambda: reports.append(
+        run_extract(cfg(url, tmp_path / "remote", ffmpeg=str(ffmpeg), ffprobe=str(ffprobe)))))
+    assert reports[0].videos_unchanged == 4 and not calls(log)
+    assert gets and not [g for g in gets if ".mp4" in g]   # the sidecars only: one GET each
+    assert sorted(g.rsplit("/", 1)[-1] for g in gets) == ["v00.json", "v01.json", "v02.json", "w00.json"]
+
+
+def test_changed_video_sidecar_only_and_deleted_object(server, corpus, tmp_path):
+    url = "s3://vtt-in/edits"
+    put_folder(corpus, url)
+    out = tmp_path / "shards"
+    assert run_extract(cfg(url, out)).exit_code == 0
+    fs = s3()
+    (tmp_path / "other").mkdir()
+    other = add_video(tmp_path / "other", "v01.mp4", seconds=1.5)
+    fs.put_file(str(other), f"{url}/v01.mp4")                             # new content, new size and ETag
+    fs.pipe_file(f"{url}/v02.json", json.dumps({"video_id": "v02", "description": "edited"}).encode())
+    fs.rm_file(f"{url}/sub/w00.mp4")
+    ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path)
+    report = run_extract(cfg(url, out, ffmpeg=str(ffmpeg), ffprobe=str(ffprobe)))
+    assert report.exit_code == 0
+    assert sorted(report.plan["changed"]) == ["v01.mp4", "v02.mp4"] and report.plan["deleted"] == ["sub/w00.mp4"]
+    assert report.plan["unchanged"] == ["v00.mp4"]
+    assert [c for c in calls(log) if "v01" in c] and not [c for c in calls(log) if "v02" in c]  # sidecar: no ffmpeg
+    ledger = read_ledger(out)
+    assert sorted(ledger.records) == ["v00.mp4", "v01.mp4", "v02.mp4"]
+    assert ledger.records["v01.mp4"].video.size == other.stat().st_size
+
+
+def test_same_size_new_etag_is_hashed_and_kept_when_the_bytes_are_the_same(server, corpus, tmp_path):
+    """A re-upload of the same bytes as a multipart-like new ETag is not possible in moto; instead the
+    record's ETag is made stale, which is what a copy tool that changes ETags looks like to the plan."""
+    url = "s3://vtt-in/touch"
+    put_folder(corpus, url)
+    out = tmp_path / "shards"
+    assert run_extract(cfg(url, out)).exit_code == 0
+    from dataclasses import replace
+    from prep_helpers import edit_ledger
+    edit_ledger(out, lambda led: led.records.update(
+        {"v00.mp4": replace(led.records["v00.mp4"], video=replace(led.records["v00.mp4"].video, etag='"stale"'))}))
+    reports = []
+    gets = object_gets(server, lambda: reports.append(run_extract(cfg(url, out))))
+    assert reports[0].videos_unchanged == 4 and reports[0].videos_ok == 0
+    assert [g for g in gets if g.endswith("v00.mp4") or "v00.mp4?" in g]      # read to hash it
+    assert not [g for g in gets if "v01.mp4" in g]
+    assert read_ledger(out).records["v00.mp4"].video.etag != '"stale"'     # refreshed: no hash next time
+
+
+def test_a_download_that_fails_is_a_failed_video(server, corpus, tmp_path, monkeypatch):
+    from vtt.pipeline.discover import discover
+    from vtt.pipeline.task import Task, process_video
+    url = "s3://vtt-in/gone"
+    put_folder(corpus, url)
+    c = cfg(url, tmp_path / "shards")
+    v = next(v for v in discover(url) if v.source == "v00.mp4")
+    s3().rm_file(f"{url}/v00.mp4")
+    out = process_video(Task(v.path, v.source, v.key, v.meta, c.frame_spec(), c.output_settings(), "x"))
+    assert out.error["class"] == "download_error" and f"{url}/v00.mp4" in out.error["reason"]
+
+
+@pytest.mark.parametrize("url, env, words", [
+    ("s3://no-such-bucket-vtt/videos", {}, "bucket 'no-such-bucket-vtt' does not exist"),
+    ("s3://vtt-in/nothing-here", {}, "no such folder"),
+    ("s3://vtt-in/x", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint unreachable"),
+    ("nosuchscheme://b/videos", {}, "no filesystem for nosuchscheme://"),
+])
+def test_bad_data_url_is_one_line_and_exit_2(server, tmp_path, url, env, words):
+    run_env = {**os.environ, **server.env(), **env, "AWS_MAX_ATTEMPTS": "1"}
+    p = subprocess.run(prep_cmd("extract", url, str(tmp_path / "out")), capture_output=True, text=True,
+                       env=run_env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and url.rstrip("/") in lines[0] and words in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_storage_option_reaches_the_store(server, tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        cfg("s3://vtt-in/x", tmp_path / "o", storage_options=("oops",))
