@@ -45,13 +45,16 @@ def check_data_url(url: str, options: dict) -> None:
     reachable, credentials accepted, bucket there, something under the prefix. Cost: two requests."""
     store = Store.of(url, options)
     fs = store.fs()
-    store._check_bucket(fs)
     try:
-        found = fs.exists(store.root)
+        fs.invalidate_cache(store.root)
+        fs.ls(store.root)  # exists() would answer False for a dead endpoint; ls raises what went wrong
+        return
+    except FileNotFoundError:
+        pass
     except Exception as e:
         raise StorageError(f"{store.root}: {_problem(e)}") from e
-    if not found:
-        raise StorageError(f"{store.root}: no such folder (no objects under this prefix)")
+    store._check_bucket(fs)
+    raise StorageError(f"{store.root}: no such folder (no objects under this prefix)")
 
 
 def list_objects(url: str, options: dict) -> dict[str, RemoteFile]:
