@@ -145,9 +145,13 @@ def test_a_download_that_fails_is_a_failed_video(server, corpus, tmp_path):
     ("s3://vtt-in/nothing-here", {}, "no such folder"),
     ("s3://vtt-in/x", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint unreachable"),
     ("nosuchscheme://b/videos", {}, "no filesystem for nosuchscheme://"),
+    ("s3://vtt-in/x", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+     "no credentials"),
 ])
 def test_bad_data_url_is_one_line_and_exit_2(server, tmp_path, url, env, words):
-    run_env = {**os.environ, **server.env(), **env, "AWS_MAX_ATTEMPTS": "1"}
+    run_env = {k: v for k, v in {**os.environ, **server.env(), **env, "AWS_MAX_ATTEMPTS": "1"}.items()
+               if v is not None}
     p = subprocess.run(prep_cmd("extract", url, str(tmp_path / "out")), capture_output=True, text=True,
                        env=run_env, timeout=120)
     assert p.returncode == 2, p.stderr
@@ -178,3 +182,16 @@ def test_fingerprint_etag_round_trips_and_local_records_keep_their_bytes():
     assert local.to_json() == {"size": 3, "mtime_ns": 17, "sha256": "a" * 64}   # the old format, unchanged
     assert Fingerprint.from_json(local.to_json()) == local
     assert Fingerprint.from_json(json.loads(json.dumps(remote.to_json()))) == remote
+
+
+def test_the_cli_takes_a_url_and_storage_options(server, corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from vtt.pipeline.cli import main
+    url = "s3://vtt-in/cli/videos/"
+    put_folder(corpus, url.rstrip("/"))
+    res = CliRunner().invoke(main, ["extract", url, str(tmp_path / "out"), "--workers", "1", "-q", "--size", "96x32",
+                                    "--num-frames", "2", "--storage-option", f"endpoint_url={server.url}"])
+    assert res.exit_code == 0, res.output
+    assert sorted(read_ledger(tmp_path / "out").records) == ["sub/w00.mp4", "v00.mp4", "v01.mp4", "v02.mp4"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["data_dir"] == url.rstrip("/")
