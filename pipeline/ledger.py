@@ -6,7 +6,8 @@ stat differs, so a touched-but-unchanged file costs a hash, never an ffmpeg call
 their fingerprints too: an unchanged broken file is not tried again (with all its timeouts) on every
 run, only when its file, sidecar, key, the settings, the ffmpeg version or a timeout that stopped it
 changed, or with --retry-failed.
-Cost: one stat per video and ledger record (URL data folder: none, the listing has size and ETag); a hash per touched file; no ffmpeg for unchanged videos
+Cost: one stat per video and ledger record (a URL data folder: none, the listing has size and ETag);
+a hash per touched file; no ffmpeg for unchanged videos
 (one `ffmpeg -version` when unchanged failures exist, to see whether ffmpeg changed).
 """
 from __future__ import annotations
