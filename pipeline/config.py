@@ -8,13 +8,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vtt.shards.storage import is_url
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def is_url(value) -> bool:
-    from vtt.shards.storage import is_url as url
-    return url(value)
 
 
 class ConfigError(ValueError):
@@ -24,7 +21,6 @@ class ConfigError(ValueError):
 def local_folder(value, what: str) -> Path:
     """`value` as a local Path. vtt-prep does not read or write object storage yet (the ledger's commit log and
     its lock can: shards/store.py), and Path("s3://b/p") would silently become a local folder "s3:/b/p"."""
-    from vtt.shards.storage import is_url
     if is_url(value):
         raise ConfigError(f"{value}: {what} must be a local folder for vtt-prep so far (object storage is read by "
                           f"vtt-train --shards and vtt-caption); extract to a local folder, then copy it "

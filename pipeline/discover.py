@@ -81,24 +81,39 @@ def validate_sidecar(raw) -> list[str]:
     return problems
 
 
+def missing_sidecar(source: str, where, video_name: str, expected: str, allow_missing: bool
+                    ) -> tuple[None, dict | None, dict | None]:
+    """(None, meta, error) for a video without sidecar: synthesised meta when allowed, else the error."""
+    if allow_missing:
+        # The id comes from the path without extension, so a/x.mp4 and b/x.mp4 stay distinct.
+        return None, {"video_id": source.rsplit(".", 1)[0], "description": ""}, None
+    return None, None, {"class": "sidecar_missing",
+                        "reason": f"{where}: no sidecar for {video_name} (expected {expected}; "
+                                  f"--allow-missing-sidecar takes the id from the file name)"}
+
+
+def parse_sidecar(data: bytes, where) -> tuple[dict | None, dict | None]:
+    """(meta, error) from a sidecar's bytes: JSON, then validate_sidecar; `where` names it in errors."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, {"class": "sidecar_invalid", "reason": f"{where}: invalid JSON: {e}"}
+    problems = validate_sidecar(raw)
+    if problems:
+        return None, {"class": "sidecar_invalid", "reason": f"{where}: " + "; ".join(problems)}
+    return raw, None
+
+
 def _load_sidecar(video: Path, source: str, allow_missing: bool) -> tuple[Path | None, dict | None, dict | None]:
     """(sidecar path, meta, error) for one video."""
     sidecar = video.with_suffix(".json")
     if not sidecar.is_file():
-        if allow_missing:
-            # The id comes from the path without extension, so a/x.mp4 and b/x.mp4 stay distinct.
-            return None, {"video_id": source.rsplit(".", 1)[0], "description": ""}, None
-        return None, None, {"class": "sidecar_missing",
-                            "reason": f"{sidecar}: no sidecar for {video.name} (expected {sidecar.name}; "
-                                      f"--allow-missing-sidecar takes the id from the file name)"}
+        return missing_sidecar(source, sidecar, video.name, sidecar.name, allow_missing)
     try:
-        raw = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = sidecar.read_bytes()
+    except OSError as e:
         return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar}: invalid JSON: {e}"}
-    problems = validate_sidecar(raw)
-    if problems:
-        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar}: " + "; ".join(problems)}
-    return sidecar, raw, None
+    return (sidecar, *parse_sidecar(data, sidecar))
 
 
 def discover(data_dir, allow_missing_sidecar: bool = False, exclude: Path | None = None,

@@ -9,13 +9,12 @@ Cost: one listing (one request per ~1000 objects), one GET per sidecar.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from vtt.shards.storage import StorageError, Store, _problem, _tag, retry
 
-from .discover import VIDEO_EXTS, validate_sidecar
+from .discover import VIDEO_EXTS, missing_sidecar, parse_sidecar
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,6 @@ def list_objects(url: str, options: dict) -> dict[str, RemoteFile]:
     store = Store.of(url, options)
     fs = store.fs()
     root = fs._strip_protocol(store.root).rstrip("/")
-    protocol = store.root.split("://", 1)[0]
     fs.invalidate_cache(root)
     entries = retry(lambda: fs.find(root, detail=True), store.root)
     out = {}
@@ -92,26 +90,15 @@ def load_remote_sidecar(video: RemoteFile, source: str, objects: dict[str, Remot
     rel = str(PurePosixPath(source).with_suffix(".json"))
     sidecar = objects.get(rel)
     if sidecar is None:
-        if allow_missing:
-            return None, {"video_id": source.rsplit(".", 1)[0], "description": ""}, None
         where = video.url.rsplit(".", 1)[0] + ".json"
-        return None, None, {"class": "sidecar_missing",
-                            "reason": f"{where}: no sidecar for {video.name} (expected {rel.rsplit('/', 1)[-1]}; "
-                                      f"--allow-missing-sidecar takes the id from the file name)"}
+        return missing_sidecar(source, where, video.name, rel.rsplit("/", 1)[-1], allow_missing)
     store, name = sidecar.store()
     try:
         data = retry(lambda: store.fs().cat_file(store.join(name)), sidecar.url)
     except (OSError, StorageError) as e:
         return None, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: cannot read: {e}"}
     sidecar = RemoteFile(sidecar.url, len(data), sidecar.etag, hashlib.sha256(data).hexdigest(), sidecar.options)
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: invalid JSON: {e}"}
-    problems = validate_sidecar(raw)
-    if problems:
-        return sidecar, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: " + "; ".join(problems)}
-    return sidecar, raw, None
+    return (sidecar, *parse_sidecar(data, sidecar.url))
 
 
 def download(f: RemoteFile, dest) -> None:
