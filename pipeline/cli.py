@@ -113,6 +113,11 @@ def main():
 @retention
 @click.option("--dry-run", is_flag=True, help="Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the per-video work runs: worker processes here, or Ray tasks on a Ray cluster "
+                   "(pip install -e .[ray]); the shards are the same bytes either way.")
+@click.option("--ray-address", default=None, help="--engine ray: auto (the cluster `ray start` runs here), "
+              "HOST:6379 or ray://HOST:10001 [default: start a local Ray with --workers CPUs].")
 def extract(**kwargs):
     """Extract frames from the videos under DATA_DIR into WebDataset shards in OUT_DIR.
 

@@ -76,6 +76,17 @@ def check_shard_limits(shard_size: int, shard_max_samples: int) -> None:
         raise ConfigError(f"shard_max_samples {shard_max_samples}: must be >= 1")
 
 
+def check_engine(engine: str, ray_address: str | None) -> None:
+    from .engine import ENGINES
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise ConfigError(f"--ray-address {ray_address}: needs --engine ray")
+    if ray_address is not None and not re.fullmatch(r"auto|(ray://)?[^\s:/]+:\d{1,5}", ray_address):
+        raise ConfigError(f"ray address {ray_address!r}: expected auto, HOST:PORT (the head's GCS port, "
+                          f"6379 by default) or ray://HOST:10001 (Ray Client)")
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     data_dir: Path                              # or a URL string (s3://bucket/videos, any fsspec scheme)
@@ -107,6 +118,8 @@ class PrepConfig:
     quiet: bool = False
     # `--storage-option key=value` pairs: fsspec options for every URL folder of the run
     storage_options: tuple[str, ...] = ()
+    engine: str = "local"                       # where the per-video tasks run: local processes or "ray"
+    ray_address: str | None = None              # --engine ray: auto, HOST:PORT, ray://HOST:10001; none: a local Ray
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
@@ -137,6 +150,7 @@ class PrepConfig:
         if not self.video_timeout > 0:
             raise ConfigError(f"video_timeout {self.video_timeout}: must be > 0 seconds")
         check_retention(self.retention_hours)
+        check_engine(self.engine, self.ray_address)
         self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
         self.check_data_url()  # last: the only check that talks to the network
 

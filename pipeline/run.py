@@ -29,7 +29,7 @@ from .config import PrepConfig
 from .discover import Video, discover
 from .faults import crash_point
 from .ledger import RetryPolicy, Work, fingerprint, make_plan, reconcile, sidecar_fp, sync_index
-from .pool import ordered_map
+from .engine import Engine, make_engine
 from .report import EXIT_FAILED_VIDEOS, Report
 from .retire import purge, retire
 from .task import Outcome, Task, process_video, residecar_members
@@ -290,11 +290,11 @@ def _accept_shared(run: _Run, writer: ShardWriter, v: Video, donor: VideoRecord,
     run.report.bytes_written += nbytes
 
 
-def extract_all(run: _Run, work: Work) -> None:
+def extract_all(run: _Run, work: Work, engine: Engine) -> None:
     """Extract `work.extract` in sample order into new shards; record `work.invalid` as failed.
 
     Cost: one worker task per video to extract; the writer appends in the same order whatever the
-    pool's finishing order (pool.ordered_map), so the bytes do not depend on timing or workers."""
+    engine's finishing order (engine.py: the local pool or Ray), so the bytes do not depend on timing or workers."""
     from .extract import ffmpeg_version as get_version
     from .frames import ExtractError
     for v in work.invalid:
@@ -319,7 +319,7 @@ def extract_all(run: _Run, work: Work) -> None:
     try:
         with timed(run.report, "extract"):
             workers = min(run.cfg.workers, len(leaders))  # 1: in this process, no pool to start
-            for outcome in ordered_map(process_video, _tasks(run, leaders, version), workers, size=_size):
+            for outcome in engine.map(process_video, _tasks(run, leaders, version), workers, size=_size):
                 v = by_source[outcome.source]
                 _accept(run, writer, v, outcome, version)
                 for f in followers.get(v.path, []):  # the video's other entries: its frames, their metadata
@@ -341,8 +341,10 @@ def run_extract(cfg: PrepConfig) -> Report:
     t0 = time.perf_counter()
     if cfg.dry_run:
         return _dry_run(cfg, report, t0)
+    engine = make_engine(cfg)
+    engine.check()  # no Ray, no cluster, no ffmpeg on a node: ConfigError before any work
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(cfg.out_dir):
+    with engine, folder_lock(cfg.out_dir):
         with timed(report, "reconcile"):
             ledger, notes = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
             # the records live as long as the run and hold no cycles (refcounting frees them): out of
@@ -357,7 +359,7 @@ def run_extract(cfg: PrepConfig) -> Report:
             package_from_frames(run, work)  # before the rewrite: a donor sample may be on its way out
             with timed(report, "rewrite"):
                 rewrite_shards(run, work, report.plan["deleted"])
-        extract_all(run, work)
+        extract_all(run, work, engine)
         _keep_failures(ledger, report)
         if run.rebuild:
             run.switch()
