@@ -45,7 +45,7 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def resolve_address(ray, address: str | None) -> str:
+def resolve_address(address: str | None) -> str:
     """What to pass to ray.init: "local" (start one; RAY_ADDRESS is ignored then) or a reachable address.
 
     `auto` is resolved as Ray does ($RAY_ADDRESS, then the cluster `ray start` last started here); the head
@@ -85,10 +85,10 @@ class RayEngine:
             return
         ray = import_ray()
         if not ray.is_initialized():
-            address = resolve_address(ray, self.cfg.ray_address)
+            address = resolve_address(self.cfg.ray_address)
             extra = {"num_cpus": self.cfg.workers, "include_dashboard": False} if address == "local" else {}
             try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **extra)
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **extra)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"Ray cluster {address}: cannot connect: {str(e).splitlines()[0]}") from None
             self.started = True
