@@ -108,6 +108,28 @@ def test_corrupt_video_fails_as_data_like_local(ray_out, reference):
     assert failed[0]["class"] != "worker_lost" and "broken.mp4" in failed[0]["reason"]
 
 
+def test_without_address_a_local_ray_is_started_and_stopped(corpus, reference, tmp_path):
+    """No --ray-address: the driver starts a local Ray of --workers CPUs and stops it again on exit (no
+    process of its group outlives it); the shards are the local engine's."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(prep_cmd("extract", str(corpus), str(out), *FLAGS, "--engine", "ray", "--workers", "2"),
+                            env={**env(), **RAY_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert states(out) == states(reference)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("processes of the local Ray outlived vtt-prep")
+        time.sleep(0.1)
+
+
 def test_killed_worker_is_retried_and_nothing_is_duplicated(cluster, corpus, reference, tmp_path):
     """The third ffprobe call SIGKILLs the Ray worker process that started it (its parent): Ray runs the
     task again on a new worker; the shards equal the local run's, no sample twice, none missing."""
@@ -199,10 +221,30 @@ def test_missing_ray_is_config_error_naming_the_extra(corpus, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: parent of each)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rpartition(")")[2].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        top = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == top]
+        out += kids
+        todo += kids
+    return out
+
+
 @pytest.mark.slow
 def test_node_removed_mid_run_output_is_identical(corpus, reference, tmp_path):
-    """Two one-CPU nodes (the head has none); one is removed once 3 videos were probed: its tasks run again
-    on the other node (Ray notices a dead node after 2.5-14 s) and the shards equal the local run's."""
+    """Two one-CPU nodes (the head has none); once 3 videos were probed one node dies with all its processes:
+    its tasks run again on the other node (Ray notices a dead node after 2.5-14 s) and the shards equal
+    the local run's."""
     c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 10**8})
     try:
         nodes = [c.add_node(num_cpus=1, object_store_memory=10**8) for _ in range(2)]
@@ -218,10 +260,18 @@ def test_node_removed_mid_run_output_is_identical(corpus, reference, tmp_path):
         while len([x for x in calls(log) if x.startswith("ffprobe") and "-version" not in x]) < 3:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
+        doomed = _descendants(nodes[0].all_processes["raylet"][0].process.pid)
         c.remove_node(nodes[0], allow_graceful=False)
+        for pid in doomed:  # the machine is gone: its workers (and their ffmpeg) too, not only the raylet
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 3, err[-3000:]
     finally:
         c.shutdown()
+    probes = [x for x in calls(log) if x.startswith("ffprobe") and "-version" not in x]
+    assert len(probes) > N_VIDEOS + 1, "no task of the removed node was run again"
     assert states(out) == states(reference)
     assert report_facts(out) == report_facts(reference)
