@@ -147,6 +147,20 @@ def test_killed_worker_is_retried_and_nothing_is_duplicated(cluster, corpus, ref
     assert report_facts(out) == report_facts(reference)
 
 
+def test_hung_ffmpeg_on_a_worker_is_killed_at_timeout(cluster, corpus, tmp_path):
+    """One video's ffmpeg hangs (sleeps past --timeout): the worker kills it, the video fails with class
+    timeout as data, the others are written."""
+    hang = 'case "$*" in *v03.mp4*) [ "$TOOL" = ffmpeg ] && sleep 60 ;; esac'
+    ffmpeg, ffprobe, _ = logging_ffmpeg(tmp_path, before=hang)
+    t0 = time.monotonic()
+    res = prep(corpus, tmp_path / "out", "--ffmpeg", str(ffmpeg), "--ffprobe", str(ffprobe), "--timeout", "2",
+               address=cluster.address)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 40
+    failed = {f["source"]: f["class"] for f in report_facts(tmp_path / "out")["failed"]}
+    assert failed == {"broken.mp4": "probe_failed", "v03.mp4": "timeout"}
+
+
 def test_driver_kill9_mid_run_then_local_rerun_finishes_identically(cluster, corpus, reference, tmp_path):
     """The --engine ray driver SIGKILLs itself right after its second ledger commit (pipeline/faults.py);
     the local engine finishes the job: the same shards, index, ledger and commit log as one clean run."""
