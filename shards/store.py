@@ -181,6 +181,30 @@ def store_for(folder: str | os.PathLike, options: dict | None = None) -> LedgerS
     return LocalStore(folder)
 
 
+def process_namespace() -> str | None:
+    """This machine's boot and pid namespace: two processes with the same value see the same pids (a
+    container on the same machine has another pid namespace, another machine another boot id)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: no proof of death is possible, only a stale heartbeat
+        return None
+
+
+def owner_dead(owner: dict) -> bool:
+    """True only when the lock's owner ran in our pid namespace and its pid no longer runs."""
+    ns = process_namespace()
+    if ns is None or owner.get("ns") != ns or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class LockHeld(ShardFormatError):
     """Another vtt-prep run holds the remote shards folder (or its lock is stale and --break-lock was not given)."""
 
@@ -190,7 +214,9 @@ class RemoteLock:
     cannot both take it), holding the owner (host, pid, start) and a heartbeat time a background thread
     rewrites every `heartbeat_s` with If-Match on the last ETag (a broken-and-taken lock is noticed: `lost`).
     A lock whose heartbeat is older than `stale_s` belongs to a dead run; it is replaced only with
-    `break_lock` (a conditional overwrite of exactly that object). Released (deleted) on exit.
+    `break_lock` (a conditional overwrite of exactly that object). A lock whose owner is provably dead,
+    because it ran in this machine's process namespace and its pid is gone (the rerun after a kill -9 or
+    a crash on the same machine), is replaced at once. Released (deleted) on exit.
     Cost: one PUT to take it, one per heartbeat, one GET + DELETE to release."""
     LOCK_NAME = ".vtt-prep.lock"
 
@@ -215,7 +241,7 @@ class RemoteLock:
         import os
         import socket
         import time
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "ns": process_namespace()}
         try:
             self._put(mode="create")
         except FileExistsError:
@@ -235,10 +261,12 @@ class RemoteLock:
         import time
         fs = self.folder.fs()
         etag = fs.info(self.path, refresh=True).get("ETag")
-        held = json.loads(fs.cat_file(self.path))
+        body = fs.cat_file(self.path)
+        # empty: a local folder's lock file (filelock's, never JSON) copied up by a sync, held by no run
+        held = json.loads(body) if body.strip() else {}
         o, age = held.get("owner") or {}, time.time() - float(held.get("heartbeat", 0))
         who = f"{o.get('host')} pid {o.get('pid')}, heartbeat {age:.0f} s ago"
-        if age <= self.stale_s or not self.break_lock:
+        if body.strip() and not (owner_dead(o) or (age > self.stale_s and self.break_lock)):
             hint = (f"the heartbeat is older than {self.stale_s:.0f} s: if that run is dead, rerun with --break-lock"
                     if age > self.stale_s else "wait for it to finish")
             raise LockHeld(f"another vtt-prep run holds {self.path} ({who}); {hint}")
