@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from pathlib import PurePosixPath
 
-from vtt.shards.storage import StorageError, Store, _problem, _tag, retry
+from vtt.shards.storage import StorageError, Store, _problem, _tag, op_timeout, retry
 
 from .discover import VIDEO_EXTS, missing_sidecar, parse_sidecar
 
@@ -114,7 +114,7 @@ def read_sidecar(sidecar: RemoteFile) -> tuple[RemoteFile | None, dict | None, d
     """(sidecar with its sha256, meta, error) from one GET."""
     store, name = sidecar.store()
     try:
-        data = retry(lambda: store.fs().cat_file(store.join(name)), sidecar.url)
+        data = retry(lambda: store.fs().cat_file(store.join(name), timeout=op_timeout(sidecar.size)), sidecar.url)
     except (OSError, StorageError) as e:
         return None, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: cannot read: {e}"}
     sidecar = RemoteFile(sidecar.url, len(data), sidecar.etag, hashlib.sha256(data).hexdigest(), sidecar.options)
@@ -146,7 +146,7 @@ def read_sidecars(videos: list, workers: int = 8) -> list:
 def download(f: RemoteFile, dest) -> None:
     """The object to a local file, retried with backoff on network errors (StorageError after the last)."""
     store, name = f.store()
-    retry(lambda: store.fs().get_file(store.join(name), str(dest)), f.url)
+    retry(lambda: store.fs().get_file(store.join(name), str(dest), timeout=op_timeout(f.size)), f.url)
 
 
 def sha256_of(f: RemoteFile) -> str:

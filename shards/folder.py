@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .format import TMP_PREFIX, atomic_write_bytes, fsync_dir
-from .storage import Store, StorageError, _problem, is_url, retry
+from .storage import Store, StorageError, _problem, is_url, op_timeout, retry
 
 
 class OutFolder:
@@ -110,7 +110,7 @@ class OutFolder:
         if not self.remote:
             return (self.path / name).read_bytes()
         fs, path = self.store.fs(), self.join(name)
-        return retry(lambda: fs.cat_file(path), path)
+        return retry(lambda: fs.cat_file(path, timeout=op_timeout()), path)
 
     def open(self, name: str, size: int | None = None) -> BinaryIO:
         return self.store.open(name, size)
@@ -142,7 +142,8 @@ class OutFolder:
         fs, path = self.store.fs(), self.join(name)
         try:
             # retried: a repeated upload of the same bytes to an unlisted name is harmless
-            retry(lambda: fs.put_file(str(tmp), path), path)
+            size = Path(tmp).stat().st_size
+            retry(lambda: fs.put_file(str(tmp), path, timeout=op_timeout(size)), path)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -151,7 +152,7 @@ class OutFolder:
             atomic_write_bytes(self.path / name, data)
             return
         fs, path = self.store.fs(), self.join(name)
-        retry(lambda: fs.pipe_file(path, data), path)
+        retry(lambda: fs.pipe_file(path, data, timeout=op_timeout(len(data))), path)
 
     def delete(self, name: str) -> None:
         """Remove `name`; no error when it is already gone."""
@@ -160,7 +161,7 @@ class OutFolder:
             return
         fs, path = self.store.fs(), self.join(name)
         try:
-            retry(lambda: fs.rm_file(path), path)
+            retry(lambda: fs.rm_file(path, timeout=op_timeout()), path)
         except FileNotFoundError:
             pass
 

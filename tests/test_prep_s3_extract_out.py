@@ -229,3 +229,47 @@ def test_a_new_video_adds_one_shard_to_the_bucket(corpus, url, tmp_path):
     index = json.loads(s3().cat_file(f"{url}/index.json"))
     assert [e["nsamples"] for e in index["shardlist"]] == [6, 1]
 
+
+
+def test_network_cuts_during_a_run_into_a_bucket_are_retried_and_lose_nothing(clean, corpus, url, tmp_path,
+                                                                              server, monkeypatch, caplog):
+    """The endpoint goes through a proxy that resets every connection and refuses new ones for 1.2 s, each
+    time a new shard has just been uploaded: the moment of the commit's conditional PUT. The run retries with
+    backoff, finishes with exit 0, and the bucket equals an uninterrupted run."""
+    import logging
+    import threading
+
+    from s3_helpers import CuttableProxy
+    from vtt.shards import storage
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: ours must do the work
+    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.2)
+    monkeypatch.setattr(storage, "OP_TIMEOUT_S", 5.0)  # a request a cut left hanging is cancelled, retried
+    caplog.set_level(logging.WARNING, "vtt.shards")
+    proxy = CuttableProxy(server.port)
+    wrap = slow_ffmpeg(tmp_path, delay=0.3)
+    done, cuts = threading.Event(), []
+
+    scratch = OutFolder(url).scratch()
+
+    def cutter():  # a temp tar that goes away has just been uploaded: the commit's PUT comes next
+        was_open = False
+        while not done.is_set() and len(cuts) < 2:
+            now_open = bool(list(scratch.glob(".tmp-shard-*")))
+            if was_open and not now_open:
+                proxy.cut(1.2)
+                cuts.append(time.monotonic())
+            was_open = now_open
+            time.sleep(0.002)
+    watcher = threading.Thread(target=cutter, daemon=True)
+    watcher.start()
+    try:
+        report = run_extract(cfg(corpus, url, shard_max_samples=1, ffmpeg=wrap[1], ffprobe=wrap[3],
+                                 storage_options=(f"endpoint_url={proxy.url}",)))
+    finally:
+        done.set()
+        watcher.join()
+        proxy.close()
+    assert report.exit_code == 0 and report.videos_ok == 6, report.failed
+    assert len(cuts) >= 2, cuts
+    assert any("retry 1/" in r.getMessage() for r in caplog.records)
+    assert_same(url, clean, tmp_path / "got")
