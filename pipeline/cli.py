@@ -37,7 +37,7 @@ class LocalFolder(click.Path):
 
 
 class DataFolder(LocalFolder):
-    """The data folder: a local folder, or a URL (s3://bucket/videos, any fsspec scheme) kept as a string."""
+    """A data or shards folder: a local folder, or a URL (s3://bucket/videos, any fsspec scheme) kept as a string."""
 
     def convert(self, value, param, ctx):
         from vtt.shards.storage import is_url
@@ -57,6 +57,24 @@ def shard_limits(command):
                         help="Max bytes per shard (1GB, 500MB, 64MiB).")(command)
 
 
+def storage_options(command):
+    """--storage-option, the same for every command that takes a URL folder."""
+    return click.option(
+        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        help="fsspec storage option for a URL folder (repeatable), e.g. endpoint_url=http://host:9000, "
+             "key=..., secret=..., client_kwargs.region_name=eu-west-1; credentials and endpoint also "
+             "come from AWS_* variables (AWS_ENDPOINT_URL), profiles and instance roles.")(command)
+
+
+def break_lock(command):
+    """--break-lock, the same for extract and compact."""
+    return click.option(
+        "--break-lock", is_flag=True,
+        help="A URL shards folder only: take over the lock of a run that died (its heartbeat is older than "
+             "2 minutes). A live run's lock is never taken. Local folders need no such flag: their lock "
+             "goes away with its process.")(command)
+
+
 def retention(command):
     """--retention-hours, the same for extract and compact."""
     return click.option("--retention-hours", type=float, default=RETENTION_HOURS, show_default=True,
@@ -73,7 +91,7 @@ def main():
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("data_dir", type=DataFolder())
-@click.argument("out_dir", type=LocalFolder())
+@click.argument("out_dir", type=DataFolder())
 @click.option("--num-frames", type=int, default=8, show_default=True,
               help="Frames per video, uniformly spaced over its real duration.")
 @click.option("--fps", type=float, default=None, help="Fixed-rate mode: frames per second (overrides --num-frames).")
@@ -99,10 +117,8 @@ def main():
 @click.option("--annotations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a local file, and DATA_DIR local "
                    "too so far): one sample per entry instead of sidecars; video paths relative to DATA_DIR.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec storage option for a URL folder (repeatable), e.g. endpoint_url=http://host:9000, "
-                   "key=..., secret=..., client_kwargs.region_name=eu-west-1; credentials and endpoint also "
-                   "come from AWS_* variables (AWS_ENDPOINT_URL), profiles and instance roles.")
+@storage_options
+@break_lock
 @click.option("--video-column", default="video", show_default=True, help="CSV/TSV annotations: the video column.")
 @click.option("--caption-column", default="caption", show_default=True,
               help="CSV/TSV annotations: the caption column (the sample's description).")
@@ -123,7 +139,9 @@ def extract(**kwargs):
 
     DATA_DIR may be a URL (s3://bucket/videos/, any installed fsspec scheme): one listing finds the
     videos and sidecars; each video is downloaded by the worker that extracts it, and an object whose
-    size and ETag are unchanged is neither downloaded nor hashed on a rerun.
+    size and ETag are unchanged is neither downloaded nor hashed on a rerun. OUT_DIR may be a URL too
+    (s3://bucket/shards/): each finished shard is one upload, and the ledger's conditional create is
+    the commit point, so kill -9 at any moment loses nothing there either.
 
     Reruns are incremental: unchanged videos cost no ffmpeg call, new ones go into new shards,
     changed and deleted ones replace/remove their samples, earlier failures are retried when their
@@ -148,9 +166,11 @@ def extract(**kwargs):
 
 
 @main.command()
-@click.argument("shards", type=LocalFolder())
+@click.argument("shards", type=DataFolder())
 @shard_limits
 @retention
+@storage_options
+@break_lock
 @click.option("--min-fill", type=float, default=0.5, show_default=True,
               help="Merge the shards holding less than this fraction of both limits.")
 @click.option("--dry-run", is_flag=True, help="Print which shards would merge; touch nothing.")
@@ -173,27 +193,38 @@ def compact(shards, **kwargs):
 
 
 @main.command()
-@click.argument("shards", type=LocalFolder())
-def status(shards):
-    """Summarise a shards folder: index, ledger (ok/failed videos), last run. Exit 1 if index and tars disagree."""
+@click.argument("shards", type=DataFolder())
+@storage_options
+def status(shards, storage_options):
+    """Summarise a shards folder (a path or a URL): index, ledger (ok/failed videos), last run.
+
+    Exit 1 if index and tars disagree."""
+    from .config import storage_dict
     from .verify import status_text
     try:
-        text, ok = status_text(shards)
-    except ShardFormatError as e:
+        text, ok = status_text(shards, storage_dict(storage_options))
+    except (ConfigError, ShardFormatError) as e:
         _fail(str(e))
     click.echo(text)
     sys.exit(0 if ok else 1)
 
 
 @main.command()
-@click.argument("shards", type=LocalFolder())
-def verify(shards):
+@click.argument("shards", type=DataFolder())
+@storage_options
+def verify(shards, storage_options):
     """Read every shard, check index sizes and checksums and the ledger, decode every frame.
 
-    Exit 0 when everything matches, 1 on any problem (each one printed).
+    SHARDS may be a URL (s3://bucket/shards).
+
+    Exit 0 when everything matches, 1 on any problem (each one printed), 2 when the folder cannot be reached.
     """
+    from .config import storage_dict
     from .verify import verify_shards
-    result = verify_shards(shards)
+    try:
+        result = verify_shards(shards, storage_dict(storage_options))
+    except (ConfigError, ShardFormatError) as e:
+        _fail(str(e))
     for p in result.problems:
         click.echo(f"PROBLEM: {p}")
     for r in result.retired:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from vtt.shards.folder import OutFolder
 from vtt.shards.ledger import Ledger, read_ledger, write_ledger
 
 from .config import CompactConfig
 from .faults import crash_point
 from .ledger import reconcile, sync_index
 from .retire import purge, retire
-from .run import folder_lock
 from .writer import copy_to_new_shards
 
 
@@ -50,22 +50,22 @@ def small_shards(ledger: Ledger, cfg: CompactConfig) -> list[str]:
 
 def compact_shards(cfg: CompactConfig) -> CompactResult:
     if cfg.dry_run:
-        ledger = read_ledger(cfg.out_dir) or Ledger()
+        ledger = read_ledger(cfg.out_folder()) or Ledger()
         small = small_shards(ledger, cfg)
         return CompactResult(small, samples=sum(ledger.shards[u].nsamples for u in small), dry_run=True)
-    with folder_lock(cfg.out_dir):
-        ledger, _ = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
-        purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
+    out = cfg.out_folder()
+    with out.lock(cfg.break_lock):
+        ledger, _ = reconcile(out, read_ledger(out))
+        purged = purge(out, ledger, cfg.retention_hours)
         small = small_shards(ledger, cfg)
         if len(small) < 2:
             return CompactResult(small, purged=purged)
-        result = _merge(cfg, ledger, small)
+        result = _merge(out, cfg, ledger, small)
         result.purged = purged
         return result
 
 
-def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResult:
-    out = cfg.out_dir
+def _merge(out: OutFolder, cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResult:
     by_key = {r.key: r for r in ledger.ok_records() if r.shard in small}
     moved, written = copy_to_new_shards(out, small, lambda k, m: (k, m), ledger.next_shard_number(),
                                         cfg.shard_size, cfg.shard_max_samples)
@@ -79,5 +79,5 @@ def _merge(cfg: CompactConfig, ledger: Ledger, small: list[str]) -> CompactResul
     sync_index(out, ledger)
     crash_point("rewrite-committed")
     for url in to_delete:
-        (out / url).unlink(missing_ok=True)
+        out.delete(url)
     return CompactResult(small, [e.url for e in written], len(moved), retired=sorted(set(small) & set(ledger.retired)))

@@ -19,13 +19,42 @@ class ConfigError(ValueError):
 
 
 def local_folder(value, what: str) -> Path:
-    """`value` as a local Path. vtt-prep does not read or write object storage yet (the ledger's commit log and
-    its lock can: shards/store.py), and Path("s3://b/p") would silently become a local folder "s3:/b/p"."""
+    """`value` as a local Path, for the folders that must be local (sample-data's output); Path("s3://b/p")
+    would silently become a local folder "s3:/b/p"."""
     if is_url(value):
-        raise ConfigError(f"{value}: {what} must be a local folder for vtt-prep so far (object storage is read by "
-                          f"vtt-train --shards and vtt-caption); extract to a local folder, then copy it "
-                          f"(e.g. `aws s3 sync OUT s3://bucket/shards`)")
+        raise ConfigError(f"{value}: {what} must be a local folder")
     return Path(value)
+
+
+def folder(value) -> Path | str:
+    """A folder setting: a local Path, or a URL string without its trailing slash (s3://bucket/prefix)."""
+    return str(value).rstrip("/") if is_url(value) else Path(value)
+
+
+def storage_dict(pairs: tuple[str, ...]) -> dict:
+    """The fsspec storage options of `--storage-option key=value` pairs; a malformed pair is a ConfigError."""
+    from vtt.shards.storage import parse_options
+    try:
+        return parse_options(pairs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_out_folder(out, options: dict, what: str = "shards folder", check: bool = False):
+    """The shards folder as an OutFolder. With `check`, before any work: a local path that is a file, or a
+    URL that cannot be reached (scheme, bucket, credentials, endpoint: a few requests), is a ConfigError
+    naming it."""
+    from vtt.shards.folder import OutFolder
+    from vtt.shards.storage import StorageError
+    if not is_url(out) and out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} exists and is not a folder")
+    try:
+        result = OutFolder(out, options)
+        if check:
+            result.check()
+        return result
+    except StorageError as e:
+        raise ConfigError(str(e)) from e
 
 
 def usable_cpus() -> int:
@@ -90,7 +119,7 @@ def check_engine(engine: str, ray_address: str | None) -> None:
 @dataclass(frozen=True)
 class PrepConfig:
     data_dir: Path                              # or a URL string (s3://bucket/videos, any fsspec scheme)
-    out_dir: Path
+    out_dir: Path                               # or a URL string (s3://bucket/shards)
     num_frames: int = 8
     fps: float | None = None
     max_frames: int = 64
@@ -120,16 +149,14 @@ class PrepConfig:
     storage_options: tuple[str, ...] = ()
     engine: str = "local"                       # where the per-video tasks run: local processes or "ray"
     ray_address: str | None = None              # --engine ray: auto, HOST:PORT, ray://HOST:10001; none: a local Ray
+    break_lock: bool = False                    # take over a URL folder's lock whose heartbeat went stale
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
         set_("storage_options", tuple(self.storage_options))
         self.storage()  # a malformed pair fails here
-        if is_url(self.data_dir):
-            set_("data_dir", str(self.data_dir).rstrip("/"))
-        else:
-            set_("data_dir", Path(self.data_dir))
-        set_("out_dir", local_folder(self.out_dir, "the shards folder"))
+        set_("data_dir", folder(self.data_dir))
+        set_("out_dir", folder(self.out_dir))
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
         set_("annotations", tuple(Path(p) for p in self.annotations))
@@ -140,8 +167,6 @@ class PrepConfig:
             raise ConfigError(f"{self.data_dir}: --annotations needs a local data folder so far")
         if not is_url(self.data_dir) and not self.data_dir.is_dir():
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ConfigError(f"shards folder {self.out_dir} exists and is not a folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if self.workers < 1:
             raise ConfigError(f"workers {self.workers}: must be >= 1")
@@ -152,15 +177,16 @@ class PrepConfig:
         check_retention(self.retention_hours)
         check_engine(self.engine, self.ray_address)
         self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
-        self.check_data_url()  # last: the only check that talks to the network
+        self.check_data_url()  # last: the only checks that talk to the network
+        self.out_folder(check=True)
 
     def storage(self) -> dict:
-        """The fsspec storage options (`--storage-option` pairs parsed)."""
-        from vtt.shards.storage import parse_options
-        try:
-            return parse_options(self.storage_options)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        return storage_dict(self.storage_options)
+
+    def out_folder(self, check: bool = False):
+        """The shards folder as a shards/folder.py OutFolder (with the storage options); `check`: see
+        check_out_folder."""
+        return check_out_folder(self.out_dir, self.storage(), check=check)
 
     def check_data_url(self) -> None:
         """A URL data folder that cannot be listed is a ConfigError naming it (network: a few requests)."""
@@ -195,20 +221,29 @@ class PrepConfig:
 @dataclass(frozen=True)
 class CompactConfig:
     """`vtt-prep compact`: merge the shards below `min_fill` of both limits into full ones."""
-    out_dir: Path
+    out_dir: Path                               # or a URL string (s3://bucket/shards)
     shard_size: int = SHARD_SIZE
     shard_max_samples: int = SHARD_MAX_SAMPLES
     min_fill: float = 0.5
     retention_hours: float = RETENTION_HOURS
     dry_run: bool = False
+    storage_options: tuple[str, ...] = ()       # as PrepConfig's
+    break_lock: bool = False                    # as PrepConfig's
 
     def __post_init__(self):
-        object.__setattr__(self, "out_dir", local_folder(self.out_dir, "the shards folder"))
+        object.__setattr__(self, "out_dir", folder(self.out_dir))
+        object.__setattr__(self, "storage_options", tuple(self.storage_options))
         object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
         from vtt.shards.ledger import has_ledger
-        if not has_ledger(self.out_dir):
+        if not has_ledger(self.out_folder(check=True)):
             raise ConfigError(f"{self.out_dir}: no ledger (_ledger/ or ledger.json): not a vtt-prep shards folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if not 0 < self.min_fill <= 1:
             raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")
         check_retention(self.retention_hours)
+
+    def storage(self) -> dict:
+        return storage_dict(self.storage_options)
+
+    def out_folder(self, check: bool = False):
+        return check_out_folder(self.out_dir, self.storage(), check=check)

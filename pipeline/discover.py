@@ -117,9 +117,10 @@ def _load_sidecar(video: Path, source: str, allow_missing: bool) -> tuple[Path |
 
 
 def discover(data_dir, allow_missing_sidecar: bool = False, exclude: Path | None = None,
-             options: dict | None = None) -> list[Video]:
+             options: dict | None = None, known=None) -> list[Video]:
     """Every video under `data_dir` (a local folder or a URL, see discover_remote.py) with its validated
-    sidecar, id and key, in sorted order. `options`: fsspec storage options for a URL.
+    sidecar, id and key, in sorted order. `options`: fsspec storage options for a URL; `known`: the ledger's
+    records, whose unchanged sidecars a URL folder does not read (discover_remote.UnreadSidecar).
 
     Duplicates: the first video (in sorted order) keeps an id or key; later ones fail, so the outcome
     depends only on the current folder, never on what an earlier run saw.
@@ -128,7 +129,7 @@ def discover(data_dir, allow_missing_sidecar: bool = False, exclude: Path | None
     if is_url(data_dir):
         from .discover_remote import find_remote_videos, load_remote_sidecar
         found, objects = find_remote_videos(str(data_dir), options or {})
-        return _identify((source, path, load_remote_sidecar(path, source, objects, allow_missing_sidecar))
+        return _identify((source, path, load_remote_sidecar(path, source, objects, allow_missing_sidecar, known))
                          for source, path in found)
     data_dir = Path(data_dir).resolve()
     found = ((p.relative_to(data_dir).as_posix(), p) for p in find_videos(data_dir, exclude))

@@ -3,16 +3,20 @@ discover.py (extensions, dot-files, sidecar next to its video, ids and keys), fr
 
 An object is a `RemoteFile`: its URL with the listing's size and ETag, which are its fingerprint's fast
 path (an unchanged object costs no GET and no hash on a rerun). Sidecars are small and are read here (one
-GET each); videos are downloaded by the worker that extracts them (task.py), never here.
-Cost: one listing (one request per ~1000 objects), one GET per sidecar.
+GET each), except those whose size and ETag equal their ledger record's: their meta is an `UnreadSidecar`
+(the record's video_id only), read later by `read_sidecars` only for the videos that get extracted again.
+Videos are downloaded by the worker that extracts them (task.py), never here.
+Cost: one listing (one request per ~1000 objects), one GET per new or changed sidecar (a no-op rerun of a
+million clips makes no GET at all).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Mapping
 from pathlib import PurePosixPath
 
-from vtt.shards.storage import StorageError, Store, _problem, _tag, retry
+from vtt.shards.storage import StorageError, Store, _problem, _tag, op_timeout, retry
 
 from .discover import VIDEO_EXTS, missing_sidecar, parse_sidecar
 
@@ -84,27 +88,65 @@ def find_remote_videos(url: str, options: dict) -> tuple[list[tuple[str, RemoteF
     return sorted((rel, f) for rel, f in objects.items() if is_video(rel)), objects
 
 
-def load_remote_sidecar(video: RemoteFile, source: str, objects: dict[str, RemoteFile], allow_missing: bool
-                        ) -> tuple[RemoteFile | None, dict | None, dict | None]:
-    """discover._load_sidecar for an object: (sidecar with its sha256, meta, error); one GET."""
+class UnreadSidecar(dict):
+    """The meta of a sidecar that discovery did not read because its size and ETag equal its ledger
+    record's (so do its bytes): only the record's video_id. `read_sidecars` fetches the real one."""
+
+
+def load_remote_sidecar(video: RemoteFile, source: str, objects: dict[str, RemoteFile], allow_missing: bool,
+                        known: Mapping | None = None) -> tuple[RemoteFile | None, dict | None, dict | None]:
+    """discover._load_sidecar for an object: (sidecar with its sha256, meta, error); one GET, none when the
+    ledger record in `known` (source -> VideoRecord) has this sidecar's size and ETag."""
     rel = str(PurePosixPath(source).with_suffix(".json"))
     sidecar = objects.get(rel)
     if sidecar is None:
         where = video.url.rsplit(".", 1)[0] + ".json"
         return missing_sidecar(source, where, video.name, rel.rsplit("/", 1)[-1], allow_missing)
+    rec = (known or {}).get(source)
+    fp = rec.sidecar if rec is not None and rec.status == "ok" and rec.video_id else None
+    if fp is not None and fp.etag is not None and (fp.size, fp.etag) == (sidecar.size, sidecar.etag):
+        unread = RemoteFile(sidecar.url, sidecar.size, sidecar.etag, fp.sha256, sidecar.options)
+        return unread, UnreadSidecar(video_id=rec.video_id), None
+    return read_sidecar(sidecar)
+
+
+def read_sidecar(sidecar: RemoteFile) -> tuple[RemoteFile | None, dict | None, dict | None]:
+    """(sidecar with its sha256, meta, error) from one GET."""
     store, name = sidecar.store()
     try:
-        data = retry(lambda: store.fs().cat_file(store.join(name)), sidecar.url)
+        data = retry(lambda: store.fs().cat_file(store.join(name), timeout=op_timeout(sidecar.size)), sidecar.url)
     except (OSError, StorageError) as e:
         return None, None, {"class": "sidecar_invalid", "reason": f"{sidecar.url}: cannot read: {e}"}
     sidecar = RemoteFile(sidecar.url, len(data), sidecar.etag, hashlib.sha256(data).hexdigest(), sidecar.options)
     return (sidecar, *parse_sidecar(data, sidecar.url))
 
 
+def read_sidecars(videos: list, workers: int = 8) -> list:
+    """`videos` with every UnreadSidecar meta replaced by the sidecar read now (GETs in threads); a sidecar
+    that cannot be read (or no longer parses) makes its video an invalid one, with the error.
+    Cost: one GET per video whose sidecar discovery skipped; none for the others."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+    todo = [v for v in videos if isinstance(v.meta, UnreadSidecar)]
+    if not todo:
+        return videos
+    with ThreadPoolExecutor(workers) as pool:
+        read = dict(zip((v.source for v in todo), pool.map(lambda v: read_sidecar(v.sidecar_path), todo)))
+    out = []
+    for v in videos:
+        if v.source in read:
+            sidecar, meta, error = read[v.source]
+            if error is None and meta.get("video_id") != v.video_id:  # rewritten since the listing
+                error = {"class": "sidecar_invalid", "reason": f"{v.sidecar_path}: changed during the run"}
+            v = replace(v, sidecar_path=sidecar or v.sidecar_path, meta=None if error else meta, error=error)
+        out.append(v)
+    return out
+
+
 def download(f: RemoteFile, dest) -> None:
     """The object to a local file, retried with backoff on network errors (StorageError after the last)."""
     store, name = f.store()
-    retry(lambda: store.fs().get_file(store.join(name), str(dest)), f.url)
+    retry(lambda: store.fs().get_file(store.join(name), str(dest), timeout=op_timeout(f.size)), f.url)
 
 
 def sha256_of(f: RemoteFile) -> str:

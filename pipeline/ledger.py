@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from vtt.shards.format import INDEX_FILE, LEDGER_FILE, TMP_PREFIX, ShardFormatError, sha256_file
+from vtt.shards.folder import out_folder
+from vtt.shards.format import INDEX_FILE, LEDGER_FILE, ShardFormatError, sha256_file
 from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord, clean_log, write_ledger
 from vtt.shards.store import LEDGER_DIR
 
@@ -262,33 +263,33 @@ def _reuse_frames(ledger: Ledger, work: Work, hashes: dict) -> None:
     work.extract = [v for v in work.extract if v.source not in taken]
 
 
-def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
-    """Make `folder` match its ledger after whatever happened (crash, kill -9, manual deletes).
+def reconcile(folder, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
+    """Make the shards folder (a path or an OutFolder: local or a URL) match its ledger after whatever
+    happened (crash, kill -9, manual deletes).
 
-    Upgrades a legacy ledger.json to the log (one checkpoint), removes temp files (of shards and of
-    the log) and shards the ledger lists neither as live nor as retired (renamed just before a
-    crash), drops ledger shards that are missing or have the wrong size (their videos are
-    re-extracted) and retired shards someone already deleted, and rewrites index.json from the
-    ledger when it differs. Returns the ledger and what was repaired.
-    Cost: one stat per shard (live and retired), one listing of the folder and one of the log.
+    Upgrades a legacy ledger.json to the log (one checkpoint), removes temp files (of shards, in the
+    folder or a URL's local scratch folder, and of the log) and shards the ledger lists neither as
+    live nor as retired (published just before a crash), drops ledger shards that are missing or have
+    the wrong size (their videos are re-extracted) and retired shards someone already deleted, and
+    rewrites index.json from the ledger when it differs. Returns the ledger and what was repaired.
+    Cost: one listing of the folder (local: a scandir; a URL: one request per ~1000 objects) and one of
+    the log; nothing per shard.
     """
-    notes = []
-    for p in sorted(folder.glob(TMP_PREFIX + "*")):
-        p.unlink()
-        notes.append(f"removed temp file {p.name} (an interrupted run's)")
+    out = out_folder(folder)
+    notes = [f"removed temp file {n} (an interrupted run's)" for n in out.clean_scratch()]
+    files = out.listing("shard-*.tar")
     fresh = ledger is None
     if fresh:
-        if (folder / INDEX_FILE).exists():
-            raise ShardFormatError(f"{folder}: has {INDEX_FILE} but no ledger ({LEDGER_DIR}/ or {LEDGER_FILE}): "
+        if out.exists(INDEX_FILE):
+            raise ShardFormatError(f"{out}: has {INDEX_FILE} but no ledger ({LEDGER_DIR}/ or {LEDGER_FILE}): "
                                    f"not a vtt-prep shards folder (or its ledger was deleted); use an empty folder")
         ledger = Ledger()
     elif ledger.legacy:
-        write_ledger(folder, ledger)
+        write_ledger(out, ledger)
         notes.append(f"upgraded {LEDGER_FILE} to {LEDGER_DIR}/ (a commit log: each commit writes only what it changes)")
-    notes += clean_log(folder, ledger)
-    broken = [u for u, e in ledger.shards.items()
-              if not (folder / u).is_file() or (folder / u).stat().st_size != e.filesize]
-    gone = sorted(u for u in ledger.retired if not (folder / u).is_file())
+    notes += clean_log(out, ledger)
+    broken = [u for u, e in ledger.shards.items() if files.get(u) != e.filesize]
+    gone = sorted(u for u in ledger.retired if u not in files)
     for u in gone:
         notes.append(f"retired {u} is already gone (deleted by hand?): dropped from the ledger")
         del ledger.retired[u]
@@ -299,21 +300,24 @@ def reconcile(folder: Path, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
         for s in [s for s, r in ledger.records.items() if r.shard in broken]:
             del ledger.records[s]
     if broken or gone:
-        write_ledger(folder, ledger)
+        write_ledger(out, ledger)
     if not fresh:  # a fresh folder gets its index with its first ledger, never before
-        sync_index(folder, ledger)  # before deleting: the index must never list a missing shard
-    for p in sorted(folder.glob("shard-*.tar")):
-        if p.name not in ledger.shards and p.name not in ledger.retired:
-            p.unlink()
-            notes.append(f"removed {p.name}: not in the ledger (written by an interrupted run, "
-                         f"or damaged)")
+        sync_index(out, ledger)  # before deleting: the index must never list a missing shard
+    for name in sorted(files):
+        if name not in ledger.shards and name not in ledger.retired:
+            out.delete(name)
+            notes.append(f"removed {name}: not in the ledger (written by an interrupted run, or damaged)")
     return ledger, notes
 
 
-def sync_index(folder: Path, ledger: Ledger) -> None:
-    """index.json = f(ledger); written only when it differs, so a no-op run touches nothing."""
-    from vtt.shards.format import atomic_write_bytes
+def sync_index(folder, ledger: Ledger) -> None:
+    """index.json = f(ledger); written only when it differs, so a no-op run touches nothing (a URL:
+    one GET to compare)."""
+    out = out_folder(folder)
     data = ledger.index_bytes()
-    path = folder / INDEX_FILE
-    if not path.is_file() or path.read_bytes() != data:
-        atomic_write_bytes(path, data)
+    try:
+        same = out.read_bytes(INDEX_FILE) == data
+    except FileNotFoundError:
+        same = False
+    if not same:
+        out.put_bytes(INDEX_FILE, data)

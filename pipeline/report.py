@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from vtt.shards.format import REPORT_FILE, atomic_write_bytes
+from vtt.shards.format import REPORT_FILE
 
 EXIT_OK = 0
 EXIT_USAGE = 2          # bad flags, bad config, settings differ from the shards without --rebuild
@@ -79,9 +78,11 @@ class Report:
         n = self.videos_failed_unchanged
         return f" (+{n} earlier failures unchanged, not retried; --retry-failed)" if n else ""
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder) -> None:
+        """report.json in the shards folder (a path or an OutFolder): one atomic write or PUT."""
+        from vtt.shards.folder import out_folder
         data = json.dumps(self.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        atomic_write_bytes(Path(folder) / REPORT_FILE, data)
+        out_folder(folder).put_bytes(REPORT_FILE, data)
 
     def summary(self) -> str:
         d = self.to_json()

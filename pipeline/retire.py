@@ -6,12 +6,11 @@ skip). So the commit that takes a shard out of index.json lists it as retired in
 time, and the file stays. The first extract or compact run that starts more than `retention_hours`
 later deletes it: one ledger commit first, then the files (a crash in between leaves unlisted files,
 which reconcile removes as leftovers). retention_hours=0 deletes right after the commit, as before.
-Cost per run: one pass over the retired list (a few entries per rewrite), one unlink per due shard.
+Cost per run: one pass over the retired list (a few entries per rewrite), one delete per due shard.
 """
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from vtt.shards.ledger import Ledger, RetiredShard, write_ledger
 
@@ -50,20 +49,23 @@ def due(ledger: Ledger, retention_hours: float, now: datetime | None = None) -> 
     return sorted(u for u, r in ledger.retired.items() if parse_stamp(r.retired_at) <= limit)
 
 
-def purge(folder: Path, ledger: Ledger, retention_hours: float, now: datetime | None = None) -> list[str]:
-    """Delete the retired shards past retention: commit the ledger without them, then unlink."""
+def purge(folder, ledger: Ledger, retention_hours: float, now: datetime | None = None) -> list[str]:
+    """Delete the retired shards past retention: commit the ledger without them, then delete the files
+    (`folder`: a path or an OutFolder)."""
+    from vtt.shards.folder import out_folder
     from .ledger import sync_index
+    out = out_folder(folder)
     urls = due(ledger, retention_hours, now)
     if not urls:
         return []
     ledger.shard_floor = ledger.next_shard_number()
     for u in urls:
         del ledger.retired[u]
-    write_ledger(folder, ledger)
-    sync_index(folder, ledger)
+    write_ledger(out, ledger)
+    sync_index(out, ledger)
     crash_point("purge-committed")
     for u in urls:
-        (folder / u).unlink(missing_ok=True)
+        out.delete(u)
     return urls
 
 

@@ -6,8 +6,11 @@ numbers; a sample whose sidecar alone changed is rebuilt from its old frames; th
 one commit) -> extract new/changed/retried videos in sample order (a hash of the key, so a shard mixes
 folders) through a process pool into new shards (one ledger commit per finished shard) -> final commit.
 --rebuild writes the whole new set under new shard numbers and switches to it in one commit.
-The ledger commit (create-if-absent of its next commit file) is the only commit point, so kill -9 anywhere leaves the old or the new state.
-Cost: reconcile/plan O(videos) stats; ffmpeg and shard writes only for what changed.
+The ledger commit (create-if-absent of its next commit file) is the only commit point, so kill -9
+anywhere leaves the old or the new state. Every write goes through the shards folder's OutFolder
+(shards/folder.py), so OUT may be a local folder or a URL (s3://bucket/shards) with the same protocol.
+Cost: reconcile one listing of OUT; plan O(videos) stats (a URL data folder: its listing); ffmpeg and shard
+writes only for what changed.
 """
 from __future__ import annotations
 
@@ -20,15 +23,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
-import filelock
-
-from vtt.shards.format import LOCK_FILE
-from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Fingerprint, Ledger, VideoRecord, read_ledger, write_ledger
+from vtt.shards.folder import OutFolder
+from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Ledger, VideoRecord, read_ledger, write_ledger
+from vtt.shards.storage import is_url
+from vtt.shards.store import LockHeld
 
 from .config import PrepConfig
 from .discover import Video, discover
 from .faults import crash_point
-from .ledger import RetryPolicy, Work, fingerprint, make_plan, reconcile, sidecar_fp, sync_index
+from .ledger import RetryPolicy, Work, make_plan, reconcile, sidecar_fp, sync_index
 from .engine import Engine, make_engine
 from .report import EXIT_FAILED_VIDEOS, Report
 from .retire import purge, retire
@@ -36,23 +39,7 @@ from .task import Outcome, Task, process_video, residecar_members
 from .writer import ShardWriter, copy_to_new_shards
 
 
-class LockBusy(RuntimeError):
-    """Another vtt-prep run holds the shards folder."""
-
-
-@contextmanager
-def folder_lock(folder: Path):
-    path = folder / LOCK_FILE
-    lock = filelock.FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockBusy(f"another vtt-prep run holds {path}; wait for it to finish "
-                       f"(the lock goes away with its process)") from None
-    try:
-        yield
-    finally:
-        lock.release()
+LockBusy = LockHeld  # another vtt-prep run holds the shards folder (shards/folder.py OutFolder.lock): exit 4
 
 
 @contextmanager
@@ -67,8 +54,10 @@ def timed(report: Report, stage: str):
 class _Run:
     """State of one extract run: the ledger being built and the report."""
 
-    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report, rebuild: bool = False):
+    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report, rebuild: bool = False,
+                 out: OutFolder | None = None):
         self.cfg, self.ledger, self.report = cfg, ledger, report
+        self.out = out or cfg.out_folder()           # every write of the run goes through it
         self.settings, self.settings_hash = cfg.output_settings(), cfg.settings_hash()
         self.pending: dict[str, VideoRecord] = {}    # ok records whose shard is not committed yet
         self.failures: dict[str, VideoRecord] = {}
@@ -83,9 +72,9 @@ class _Run:
         self.report.shards_retired += [u for u in urls if u in self.ledger.retired]
 
     def delete_retired(self) -> None:
-        """After a commit: unlink what retention 0 says goes at once (a crash before: leftovers)."""
+        """After a commit: delete what retention 0 says goes at once (a crash before: leftovers)."""
         for url in self.to_delete:
-            (self.cfg.out_dir / url).unlink(missing_ok=True)
+            self.out.delete(url)
         self.to_delete = []
 
     def commit(self) -> None:
@@ -95,9 +84,9 @@ class _Run:
             self.ledger.settings, self.ledger.settings_hash = self.settings, self.settings_hash
             self.ledger.records.update(self.failures)
             self.failures = {}
-            if write_ledger(self.cfg.out_dir, self.ledger):  # only what changed; a no-op run writes nothing
+            if write_ledger(self.out, self.ledger):  # only what changed; a no-op run writes nothing
                 crash_point("ledger-written")
-            sync_index(self.cfg.out_dir, self.ledger)
+            sync_index(self.out, self.ledger)
 
     def shard_closed(self, entry, keys) -> None:
         if self.rebuild:  # committed by switch(): until then the old set stays the live one
@@ -151,7 +140,7 @@ def rewrite_shards(run: _Run, work: Work, deleted: list[str]) -> None:
     (deleted after retention), so a crash before it leaves the old state (the new files are unlisted
     and the next run removes them). Cost: reads and writes the affected shards only.
     """
-    ledger, out = run.ledger, run.cfg.out_dir
+    ledger, out = run.ledger, run.out
     gone = {s: ledger.records[s] for s in sorted(work.remove)
             if s in ledger.records and ledger.records[s].status == STATUS_OK}
     for s in deleted:
@@ -266,14 +255,16 @@ def package_from_frames(run: _Run, work: Work) -> None:
     for source, (v, donor) in sorted(work.from_frames.items()):
         rec = run.ledger.records[donor]
         by_shard.setdefault(rec.shard, {}).setdefault(rec.key, []).append(v)
-    writer = ShardWriter(run.cfg.out_dir, run.ledger.next_shard_number(), run.cfg.shard_size,
+    writer = ShardWriter(run.out, run.ledger.next_shard_number(), run.cfg.shard_size,
                          run.cfg.shard_max_samples, on_close=run.shard_closed)
     try:
         with timed(run.report, "package"):
             for url, wanted in sorted(by_shard.items()):
-                for key, members in read_samples(run.cfg.out_dir / url):
-                    for v in wanted.get(key, []):
-                        _accept_shared(run, writer, v, run.ledger.records[work.from_frames[v.source][1]], members)
+                with run.out.open(url) as f:
+                    for key, members in read_samples(f):
+                        for v in wanted.get(key, []):
+                            donor = run.ledger.records[work.from_frames[v.source][1]]
+                            _accept_shared(run, writer, v, donor, members)
         writer.close()
     except BaseException:
         writer.abort()
@@ -313,7 +304,7 @@ def extract_all(run: _Run, work: Work, engine: Engine) -> None:
                                    f"{version} (--rebuild makes them uniform)")
     leaders, followers = _by_video(sample_order(work.extract))
     by_source = {v.source: v for v in leaders}
-    writer = ShardWriter(run.cfg.out_dir, run.ledger.next_shard_number(), run.cfg.shard_size,
+    writer = ShardWriter(run.out, run.ledger.next_shard_number(), run.cfg.shard_size,
                          run.cfg.shard_max_samples, on_close=run.shard_closed)
     bar = _progress(run.cfg, len(work.extract))
     try:
@@ -335,26 +326,28 @@ def extract_all(run: _Run, work: Work, engine: Engine) -> None:
 
 
 def run_extract(cfg: PrepConfig) -> Report:
-    """Bring `cfg.out_dir` up to date with `cfg.data_dir`. Raises ConfigError, SettingsChanged, LockBusy,
-    ShardFormatError; video failures are in the report (exit_code 3), never raised."""
+    """Bring `cfg.out_dir` (a folder or a URL) up to date with `cfg.data_dir`. Raises ConfigError,
+    SettingsChanged, LockBusy, ShardFormatError; video failures are in the report (exit_code 3), never raised."""
     report = Report(str(cfg.data_dir), str(cfg.out_dir), dry_run=cfg.dry_run)
     t0 = time.perf_counter()
     if cfg.dry_run:
         return _dry_run(cfg, report, t0)
     engine = make_engine(cfg)
     engine.check()  # no Ray, no cluster, no ffmpeg on a node: ConfigError before any work
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    with engine, folder_lock(cfg.out_dir):
+    out = cfg.out_folder()
+    out.prepare()
+    with engine, out.lock(cfg.break_lock):
         with timed(report, "reconcile"):
-            ledger, notes = reconcile(cfg.out_dir, read_ledger(cfg.out_dir))
+            ledger, notes = reconcile(out, read_ledger(out))
             # the records live as long as the run and hold no cycles (refcounting frees them): out of
             # the cyclic collector's sight, or each of its full passes rescans a million of them
             gc.freeze()
-            report.shards_purged = purge(cfg.out_dir, ledger, cfg.retention_hours)
+            report.shards_purged = purge(out, ledger, cfg.retention_hours)
         report.warnings += notes
         work = _plan(cfg, ledger, report)
+        _read_skipped_sidecars(work, report)
         gc.freeze()  # the discovered videos and the plan live as long as the run, too
-        run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"])
+        run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"], out=out)
         if not run.rebuild:
             package_from_frames(run, work)  # before the rewrite: a donor sample may be on its way out
             with timed(report, "rewrite"):
@@ -367,7 +360,7 @@ def run_extract(cfg: PrepConfig) -> Report:
         run.commit()
         report.seconds["total"] = time.perf_counter() - t0
         report.exit_code = EXIT_FAILED_VIDEOS if report.failed else 0
-        report.write(cfg.out_dir)
+        report.write(out)
     return report
 
 
@@ -394,7 +387,9 @@ def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
             from .annotations import load_annotations
             videos = load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column)
         else:
-            videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=cfg.out_dir, options=cfg.storage())
+            exclude = None if is_url(cfg.out_dir) else cfg.out_dir  # shards inside the data folder
+            videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=exclude, options=cfg.storage(),
+                              known=ledger.records)
     with timed(report, "plan"):
         policy = RetryPolicy(cfg.settings_hash(), {"timeout": cfg.timeout, "video_timeout": cfg.video_timeout},
                              lambda: _ffmpeg_version(cfg), always=cfg.retry_failed)
@@ -404,9 +399,20 @@ def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
     return work
 
 
+def _read_skipped_sidecars(work: Work, report: Report) -> None:
+    """A URL data folder's videos to extract whose sidecar discovery skipped (unchanged: only the video
+    changed, or --rebuild) get it read now; one that cannot be read is an invalid video."""
+    from .discover_remote import read_sidecars
+    with timed(report, "discover"):
+        fresh = read_sidecars(work.extract)
+    work.invalid += [v for v in fresh if not v.ok]
+    work.extract = [v for v in fresh if v.ok]
+
+
 def _dry_run(cfg: PrepConfig, report: Report, t0: float) -> Report:
     """The plan, with nothing written, locked or repaired."""
-    ledger = (read_ledger(cfg.out_dir) if cfg.out_dir.is_dir() else None) or Ledger()
+    out = cfg.out_folder()
+    ledger = (read_ledger(out) if out.remote or out.path.is_dir() else None) or Ledger()
     _plan(cfg, ledger, report)
     report.seconds["total"] = time.perf_counter() - t0
     return report

@@ -1,7 +1,9 @@
 """`vtt-prep verify` and `vtt-prep status`: check a shards folder against its index and ledger.
 
 Retired shards (replaced, kept on disk for trainers reading an older index; see retire.py) are listed
-apart: they are neither in index.json nor a mismatch. Cost: verify reads every live shard once.
+apart: they are neither in index.json nor a mismatch. The folder may be a URL (shards/folder.py).
+Cost: verify reads every live shard once (a URL: streamed, ranged GETs); status one listing and three
+small reads.
 """
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-
+from vtt.shards.folder import OutFolder
 from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, decode_frame, frame_field,
                                make_key, read_samples)
 from vtt.shards.index import check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
+from vtt.shards.storage import StorageError
 from vtt.shards.store import LEDGER_DIR
 
 
@@ -58,23 +60,24 @@ def check_sample(shard: str, key: str, members: list[tuple[str, bytes]]) -> tupl
     return decoded, problems
 
 
-def _check_shards(folder: Path, index, result: VerifyResult) -> dict[str, str]:
+def _check_shards(out: OutFolder, index, result: VerifyResult) -> dict[str, str]:
     """Read every shard in the index; returns key -> shard url."""
     where_key: dict[str, str] = {}
+    present = out.listing("shard-*.tar")
     for entry in index.shards:
-        path = folder / entry.url
-        if not path.is_file():
+        if entry.url not in present:
             continue  # reported by check_index
         count = 0
         try:
-            for key, members in read_samples(path):
-                count += 1
-                if key in where_key:
-                    result.problems.append(f"{entry.url}: key {key!r} also in {where_key[key]}")
-                where_key[key] = entry.url
-                n, problems = check_sample(entry.url, key, members)
-                result.frames += n
-                result.problems += problems
+            with out.open(entry.url, present[entry.url]) as f:
+                for key, members in read_samples(f):
+                    count += 1
+                    if key in where_key:
+                        result.problems.append(f"{entry.url}: key {key!r} also in {where_key[key]}")
+                    where_key[key] = entry.url
+                    n, problems = check_sample(entry.url, key, members)
+                    result.frames += n
+                    result.problems += problems
         except (tarfile.TarError, EOFError, OSError) as e:
             result.problems.append(f"{entry.url}: unreadable tar: {e}")
         if count != entry.nsamples:
@@ -84,9 +87,9 @@ def _check_shards(folder: Path, index, result: VerifyResult) -> dict[str, str]:
     return where_key
 
 
-def _check_ledger(folder: Path, index, where_key: dict[str, str], result: VerifyResult) -> None:
+def _check_ledger(out: OutFolder, index, where_key: dict[str, str], result: VerifyResult) -> None:
     try:
-        ledger = read_ledger(folder)
+        ledger = read_ledger(out)
     except ShardFormatError as e:
         result.problems.append(str(e))
         return
@@ -103,34 +106,39 @@ def _check_ledger(folder: Path, index, where_key: dict[str, str], result: Verify
         result.problems.append(f"{where_key[key]}: sample {key!r} is not in the ledger")
 
 
-def _retired_lines(folder: Path) -> list[str]:
+def _retired_lines(out: OutFolder) -> list[str]:
     """One line per retired shard: age, samples, and whether the file is still there."""
     from .retire import age_hours
     try:
-        ledger = read_ledger(folder)
+        ledger = read_ledger(out)
     except ShardFormatError:
         return []  # reported by _check_ledger
     if ledger is None:
         return []
+    present = out.listing("shard-*.tar")
     return [f"{u} (retired {r.retired_at}, {age_hours(r):.1f} h ago, {r.nsamples} samples"
-            + ("" if (folder / u).is_file() else ", file already gone") + ")"
+            + ("" if u in present else ", file already gone") + ")"
             for u, r in sorted(ledger.retired.items())]
 
 
-def verify_shards(folder: str | Path) -> VerifyResult:
-    """Read every shard, check index sizes/checksums and the ledger, decode every frame."""
-    folder, result = Path(folder), VerifyResult()
+def verify_shards(folder, options: dict | None = None) -> VerifyResult:
+    """Read every shard, check index sizes/checksums and the ledger, decode every frame. `folder`: a path
+    or a URL (`options`: its fsspec storage options). StorageError when a URL cannot be reached at all."""
+    out, result = OutFolder(folder, options), VerifyResult()
     try:
-        index = read_index(folder)
+        index = read_index(folder, options)
+    except StorageError:
+        raise
     except ShardFormatError as e:
         result.problems.append(str(e))
         return result
-    result.problems += check_index(folder, index, checksums=True)
-    where_key = _check_shards(folder, index, result)
-    _check_ledger(folder, index, where_key, result)
-    result.retired = _retired_lines(folder)
-    temps = [*folder.glob(TMP_PREFIX + "*"), *(folder / LEDGER_DIR).glob(TMP_PREFIX + "*")]
-    result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(temps)]
+    result.problems += check_index(folder, index, checksums=True, options=options)
+    where_key = _check_shards(out, index, result)
+    _check_ledger(out, index, where_key, result)
+    result.retired = _retired_lines(out)
+    if not out.remote:  # temp files of a URL folder live in a local scratch folder, not in the bucket
+        temps = [*out.path.glob(TMP_PREFIX + "*"), *(out.path / LEDGER_DIR).glob(TMP_PREFIX + "*")]
+        result.problems += [f"{p}: stray temp file (an interrupted run's)" for p in sorted(temps)]
     return result
 
 
@@ -141,11 +149,12 @@ def _ledger_line(ledger) -> str:
     return f"ledger: {LEDGER_DIR}/ at commit {ledger.version} ({base}{ledger.log_commits} commits to replay)"
 
 
-def status_text(folder: str | Path) -> tuple[str, bool]:
-    """(summary of ledger, index and last report, whether index and tars agree by size)."""
-    folder = Path(folder)
-    index = read_index(folder)
-    ledger = read_ledger(folder)
+def status_text(folder, options: dict | None = None) -> tuple[str, bool]:
+    """(summary of ledger, index and last report, whether index and tars agree by size). `folder`: a path
+    or a URL (`options`: its fsspec storage options)."""
+    out = OutFolder(folder, options)
+    index = read_index(folder, options)
+    ledger = read_ledger(out)
     lines = [f"shards folder {folder}: {len(index.shards)} shards, {index.num_samples} samples, "
              f"{sum(s.filesize for s in index.shards) / 1e6:.1f} MB",
              f"settings: {json.dumps(index.settings, sort_keys=True)}"]
@@ -166,12 +175,14 @@ def status_text(folder: str | Path) -> tuple[str, bool]:
             lines.append(f"retired: {len(ledger.retired)} shards ({mb:.1f} MB) replaced but kept for trainers "
                          f"reading an older index.json; a later extract/compact deletes them after "
                          f"--retention-hours")
-            lines += [f"  RETIRED {line}" for line in _retired_lines(folder)[:50]]
-    report = folder / REPORT_FILE
-    if report.is_file():
-        rep = json.loads(report.read_text())
+            lines += [f"  RETIRED {line}" for line in _retired_lines(out)[:50]]
+    try:
+        rep = json.loads(out.read_bytes(REPORT_FILE))
+    except FileNotFoundError:
+        rep = None
+    if rep is not None:
         lines.append(f"last run: {rep.get('videos_ok')} written, {rep.get('videos_unchanged')} unchanged, "
                      f"{rep.get('videos_failed')} failed in {rep.get('seconds', {}).get('total', 0):.1f} s")
-    problems = check_index(folder, index)
+    problems = check_index(folder, index, options=options)
     lines += [f"PROBLEM: {p}" for p in problems]
     return "\n".join(lines), not problems

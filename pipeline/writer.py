@@ -1,8 +1,9 @@
 """Deterministic, atomic tar shards.
 
 Every member gets fixed mtime/uid/gid/mode/owner names, so the same samples give the same bytes. A shard
-is written under a `.tmp-` name, fsynced and renamed into place; it becomes live only when the caller
-commits the ledger (`on_close`). Shards are never modified: removing samples means copying the
+is written to a local `.tmp-` file (in the folder, or a URL folder's local scratch folder), fsynced and
+published in one atomic step (a rename, or one upload: shards/folder.py); it becomes live only when the
+caller commits the ledger (`on_close`). Shards are never modified: removing samples means copying the
 survivors into a new shard number (`rewrite_shard`).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vtt.shards.format import TMP_PREFIX, Members, fsync_dir, read_samples, sha256_file, shard_name
+from vtt.shards.folder import OutFolder, out_folder
+from vtt.shards.format import TMP_PREFIX, Members, read_samples, sha256_file, shard_name
 from vtt.shards.index import ShardEntry
 
 from .faults import crash_point
@@ -58,13 +60,14 @@ class _OpenShard:
 class ShardWriter:
     """Appends samples to shards numbered from `first_number`, cutting by bytes and sample count.
 
-    `on_close(entry, keys)` is called after each shard is renamed into place; the caller commits its
-    ledger there. Nothing is opened until the first sample, so a run that writes nothing leaves no tar.
+    `on_close(entry, keys)` is called after each shard is published; the caller commits its ledger
+    there. Nothing is opened until the first sample, so a run that writes nothing leaves no tar.
+    `folder` is a path or an OutFolder (a URL's).
     """
 
-    def __init__(self, folder: Path, first_number: int, max_bytes: int, max_samples: int,
+    def __init__(self, folder: Path | OutFolder, first_number: int, max_bytes: int, max_samples: int,
                  on_close: Callable[[ShardEntry, list[str]], None]):
-        self.folder, self.next_number = Path(folder), first_number
+        self.out, self.next_number = out_folder(folder), first_number
         self.max_bytes, self.max_samples, self.on_close = max_bytes, max_samples, on_close
         self._open: _OpenShard | None = None
 
@@ -89,13 +92,13 @@ class ShardWriter:
 
     def _start(self) -> _OpenShard:
         number, self.next_number = self.next_number, self.next_number + 1
-        tmp = self.folder / f"{TMP_PREFIX}{shard_name(number)}"
+        tmp = self.out.scratch() / f"{TMP_PREFIX}{shard_name(number)}"
         f = open(tmp, "wb")
         self._open = _OpenShard(number, tmp, f, tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT))
         return self._open
 
     def close(self) -> None:
-        """Finish the open shard (if any): fsync, rename into place, then `on_close`."""
+        """Finish the open shard (if any): fsync, publish (rename or upload), then `on_close`."""
         cur, self._open = self._open, None
         if cur is None:
             return
@@ -103,10 +106,9 @@ class ShardWriter:
         cur.file.flush()
         os.fsync(cur.file.fileno())
         cur.file.close()
-        final = self.folder / shard_name(cur.number)
-        entry = ShardEntry(final.name, len(cur.keys), cur.tmp.stat().st_size, sha256_file(cur.tmp))
-        os.replace(cur.tmp, final)
-        fsync_dir(self.folder)
+        name = shard_name(cur.number)
+        entry = ShardEntry(name, len(cur.keys), cur.tmp.stat().st_size, sha256_file(cur.tmp))
+        self.out.publish(cur.tmp, name)
         crash_point("shard-renamed")
         self.on_close(entry, cur.keys)
 
@@ -118,10 +120,10 @@ class ShardWriter:
             cur.tmp.unlink(missing_ok=True)
 
 
-def rewrite_shard(old: Path, change: Callable[[str, Members], tuple[str, Members] | None],
+def rewrite_shard(old, change: Callable[[str, Members], tuple[str, Members] | None],
                   writer: ShardWriter) -> list[tuple[str, str]]:
-    """Copy the samples of `old` through `writer` as `change(key, members)` says: None drops a
-    sample, else (key, members) is written. Returns (old key, new url) per written sample."""
+    """Copy the samples of `old` (a path or a binary file) through `writer` as `change(key, members)`
+    says: None drops a sample, else (key, members) is written. Returns (old key, new url) per written sample."""
     moved = []
     for key, members in read_samples(old):
         new = change(key, members)
@@ -130,17 +132,20 @@ def rewrite_shard(old: Path, change: Callable[[str, Members], tuple[str, Members
     return moved
 
 
-def copy_to_new_shards(folder: Path, urls: list[str], change: Callable[[str, Members], tuple[str, Members] | None],
+def copy_to_new_shards(folder: Path | OutFolder, urls: list[str], change: Callable[[str, Members], tuple[str, Members] | None],
                        first_number: int, shard_size: int, max_samples: int) -> tuple[list[tuple[str, str]], list]:
     """rewrite_shard over `urls` into new shards numbered from `first_number`: (moved, new entries).
 
     Nothing is committed here: the new shards stay unlisted (a crash leaves them to the next run's
     cleanup) until the caller switches the ledger to them."""
-    written = []
-    writer = ShardWriter(folder, first_number, shard_size, max_samples,
+    out, written = out_folder(folder), []
+    writer = ShardWriter(out, first_number, shard_size, max_samples,
                          on_close=lambda entry, keys: written.append(entry))
     try:
-        moved = [m for url in urls for m in rewrite_shard(folder / url, change, writer)]
+        moved = []
+        for url in urls:
+            with out.open(url) as f:
+                moved += rewrite_shard(f, change, writer)
         writer.close()
     except BaseException:
         writer.abort()

@@ -102,9 +102,11 @@ def frame_index(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_samples(shard: str | os.PathLike) -> Iterator[tuple[str, Members]]:
-    """(key, members) per sample of a shard, in tar order: the one reader for tools outside training."""
-    with tarfile.open(shard, mode="r") as tar:
+def read_samples(shard) -> Iterator[tuple[str, Members]]:
+    """(key, members) per sample of a shard (a path, or a seekable binary file such as a remote object
+    opened by shards/storage.py), in tar order: the one reader for tools outside training."""
+    opened = tarfile.open(fileobj=shard, mode="r:") if hasattr(shard, "read") else tarfile.open(shard, mode="r")
+    with opened as tar:
         key, members = None, []
         for info in tar:
             if not info.isfile():

@@ -37,6 +37,7 @@ from typing import Iterable
 
 from .format import LEDGER_FILE, ShardFormatError, shard_number
 from .index import ShardEntry, ShardIndex, index_bytes
+from .storage import is_url
 from .store import LEDGER_DIR, LedgerStore, store_for
 
 LEDGER_VERSION = 1       # the legacy single-file ledger.json (still read, and what ledger_bytes renders)
@@ -438,18 +439,37 @@ def _read_log(store: LedgerStore, names: list[str]) -> Ledger:
     return ledger
 
 
-def has_ledger(folder: str | os.PathLike) -> bool:
-    return bool(store_for(folder).names()) or (Path(folder) / LEDGER_FILE).is_file()
+def _store(folder, store: LedgerStore | None) -> LedgerStore:
+    """The ledger store of `folder`: a path, a URL, or a shards/folder.py OutFolder (with its options)."""
+    if store is not None:
+        return store
+    from .folder import OutFolder
+    return folder.ledger_store() if isinstance(folder, OutFolder) else store_for(folder)
+
+
+def _legacy_file(folder) -> Path | None:
+    """Where a pre-log ledger.json would be: local folders only (object storage never had one)."""
+    from .folder import OutFolder
+    root = folder.root if isinstance(folder, OutFolder) else str(folder)
+    return None if is_url(root) else Path(root) / LEDGER_FILE
+
+
+def has_ledger(folder, options: dict | None = None) -> bool:
+    """Whether `folder` (a path, URL or OutFolder) has a ledger. Cost: one listing of the log."""
+    store = _store(folder, None) if options is None else store_for(folder, options)
+    legacy = _legacy_file(folder)
+    return bool(store.names()) or (legacy is not None and legacy.is_file())
 
 
 def read_ledger(folder: str | os.PathLike, store: LedgerStore | None = None) -> Ledger | None:
     """The ledger of `folder` (its log, else a legacy ledger.json), or None when there is none yet;
     a damaged one is a clear error naming the file. Cost: O(records) (checkpoint + later commits)."""
-    store = store or store_for(folder)
+    store = _store(folder, store)
     for attempt in range(3):
         names = store.names()
         if not names:
-            return _read_legacy(Path(folder) / LEDGER_FILE)
+            legacy = _legacy_file(folder)
+            return None if legacy is None else _read_legacy(legacy)
         was_enabled = gc.isenabled()
         gc.disable()  # a million small objects that live on: the cyclic collector would rescan them
         try:
@@ -458,7 +478,7 @@ def read_ledger(folder: str | os.PathLike, store: LedgerStore | None = None) -> 
             if attempt == 2:
                 raise
         except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as e:
-            raise ShardFormatError(f"{Path(folder) / LEDGER_DIR}: unreadable ledger: {e}") from e
+            raise ShardFormatError(f"{getattr(store, 'root', folder)}: unreadable ledger: {e}") from e
         finally:
             if was_enabled:
                 gc.enable()
@@ -492,7 +512,7 @@ def write_ledger(folder: str | os.PathLike, ledger: Ledger, store: LedgerStore |
     ledger.json is removed. Raises CommitConflict when another writer took the number.
     Cost: O(changed records + shards), plus an O(records) checkpoint every so often (amortised O(1)
     per changed record)."""
-    store = store or store_for(folder)
+    store = _store(folder, store)
     if ledger.legacy:
         return _upgrade(folder, ledger, store)
     delta = ledger.delta()
@@ -512,7 +532,7 @@ def _upgrade(folder, ledger: Ledger, store: LedgerStore) -> bool:
     ledger.legacy = False
     ledger.mark_committed(0, 0)
     ledger.checkpoint, ledger.log_records, ledger.log_commits = 0, 0, 0
-    (Path(folder) / LEDGER_FILE).unlink(missing_ok=True)
+    _legacy_file(folder).unlink(missing_ok=True)  # legacy ledgers are local only
     return True
 
 
@@ -538,7 +558,7 @@ def prune(store: LedgerStore, checkpoint: int) -> list[str]:
 def clean_log(folder: str | os.PathLike, ledger: Ledger, store: LedgerStore | None = None) -> list[str]:
     """Remove what interrupted writes left in the ledger's files: temp files, files a checkpoint made
     redundant, a ledger.json already upgraded. Needs the writer's lock. Returns notes."""
-    store = store or store_for(folder)
+    store = _store(folder, store)
     notes = [f"removed temp file {LEDGER_DIR}/{n} (an interrupted run's)" for n in store.remove_temp()]
     if ledger.legacy:
         return notes
@@ -548,8 +568,8 @@ def clean_log(folder: str | os.PathLike, ledger: Ledger, store: LedgerStore | No
     for n in stray:  # not part of the log that was read (a damaged name, or a checkpoint past the log)
         store.delete(n)
         notes.append(f"removed {LEDGER_DIR}/{n}: not part of the ledger's log")
-    legacy = Path(folder) / LEDGER_FILE
-    if legacy.is_file():
+    legacy = _legacy_file(folder)
+    if legacy is not None and legacy.is_file():
         legacy.unlink()
         notes.append(f"removed {LEDGER_FILE}: already upgraded to {LEDGER_DIR}/")
     return notes

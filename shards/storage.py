@@ -37,6 +37,18 @@ READ_CACHE = "background"
 READ_RETRIES = 5  # a failed read is retried this often (backoff RETRY_BASE_S x 2^n, capped at RETRY_MAX_S)
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
+# A deadline for each whole request vtt-prep makes (fsspec's `timeout=`: the call is cancelled and retried
+# like a network error). A connection that a network cut left half-open can otherwise wait without end:
+# aiohttp's read timeout only runs once the request is sent. Uploads get time for their size on top.
+OP_TIMEOUT_S = 120.0
+MIN_UPLOAD_BYTES_PER_S = 1e6
+
+
+def op_timeout(nbytes: int = 0) -> float:
+    """Seconds allowed for one request moving `nbytes` (read at call time: tests shorten OP_TIMEOUT_S)."""
+    return OP_TIMEOUT_S + nbytes / MIN_UPLOAD_BYTES_PER_S
+
+
 # not network trouble: retrying cannot help
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -181,7 +193,7 @@ class Store:
         fs = self.fs()
         fs.invalidate_cache(self.root)
         try:
-            entries = retry(lambda: fs.ls(self.root, detail=True), self.root)
+            entries = retry(lambda: fs.ls(self.root, detail=True, timeout=op_timeout()), self.root)
         except FileNotFoundError:
             return {}
         return {i["name"]: i for i in entries if i.get("type") == "file"}

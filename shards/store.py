@@ -13,15 +13,19 @@ mapping 412 to CommitConflict, `delete` = DeleteObject, `remove_temp` = nothing 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from .format import TMP_PREFIX, ShardFormatError, fsync_dir
+from . import storage
 from .storage import PERMANENT, Store, StorageError, _problem, is_url, retry
 
 LEDGER_DIR = "_ledger"   # inside the shards folder
+log = logging.getLogger(__name__)
 
 
 class CommitConflict(ShardFormatError):
@@ -133,7 +137,7 @@ class ObjectStore:
         fs = self._fs()
         fs.invalidate_cache(self.root)
         try:
-            entries = retry(lambda: fs.ls(self.root, detail=False), self.root)
+            entries = retry(lambda: fs.ls(self.root, detail=False, timeout=storage.op_timeout()), self.root)
         except FileNotFoundError:
             return []
         return sorted(n for n in (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -141,31 +145,44 @@ class ObjectStore:
 
     def open(self, name: str) -> BinaryIO:
         fs, path = self._fs(), f"{self.root}/{name}"
-        return io.BytesIO(retry(lambda: fs.cat_file(path), path))  # commit files are small; checkpoints read once
+        return io.BytesIO(retry(lambda: fs.cat_file(path, timeout=storage.op_timeout()), path))  # commit files are small; checkpoints read once
 
     def put_if_absent(self, name: str, data: bytes) -> None:
+        """The conditional PUT, retried with backoff on network errors. A name found taken is read back:
+        the same bytes mean an earlier try of ours landed and only its reply was lost (ours, or one of
+        s3fs's own retries; commit files are deterministic and the writer holds the lock), anything else
+        is a CommitConflict."""
         fs, path = self._fs(), f"{self.root}/{name}"
-        try:
-            # not retried blindly: a lost reply to a PUT that did land would read as a conflict
-            fs.pipe_file(path, bytes(data), mode="create")
-        except FileExistsError:
-            raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this ledger "
-                                 f"meanwhile") from None
-        except FileNotFoundError:
-            self.folder._check_bucket(fs)  # StorageError naming a missing bucket
-            raise
-        except NotImplementedError as e:
-            raise StorageError(f"{self.folder.root}: this filesystem has no exclusive create, which the "
-                               f"ledger's commit needs ({e})") from e
-        except PERMANENT:
-            raise
-        except Exception as e:
-            raise StorageError(f"{path}: {_problem(e)}") from e
+        retries = storage.READ_RETRIES  # read at call time: tests shorten them
+        for attempt in range(retries + 1):
+            try:
+                fs.pipe_file(path, bytes(data), mode="create", timeout=storage.op_timeout(len(data)))
+                return
+            except FileExistsError:
+                if retry(lambda: fs.cat_file(path, timeout=storage.op_timeout()), path) == bytes(data):
+                    return
+                raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this ledger "
+                                     f"meanwhile") from None
+            except FileNotFoundError:
+                self.folder._check_bucket(fs)  # StorageError naming a missing bucket
+                raise
+            except NotImplementedError as e:
+                raise StorageError(f"{self.folder.root}: this filesystem has no exclusive create, which the "
+                                   f"ledger's commit needs ({e})") from e
+            except PERMANENT:
+                raise
+            except Exception as e:
+                if attempt == retries or type(e).__name__ == "NoCredentialsError":
+                    raise StorageError(f"{path}: {_problem(e)} (gave up after {attempt} retries)") from e
+                wait = min(storage.RETRY_BASE_S * 2 ** attempt, storage.RETRY_MAX_S)
+                log.warning("%s: %s: %s; retry %d/%d in %.1fs", path, type(e).__name__, e, attempt + 1,
+                            retries, wait)
+                time.sleep(wait)
 
     def delete(self, name: str) -> None:
         fs, path = self._fs(), f"{self.root}/{name}"
         try:
-            retry(lambda: fs.rm_file(path), path)
+            retry(lambda: fs.rm_file(path, timeout=storage.op_timeout()), path)
         except FileNotFoundError:
             pass
 
@@ -181,6 +198,30 @@ def store_for(folder: str | os.PathLike, options: dict | None = None) -> LedgerS
     return LocalStore(folder)
 
 
+def process_namespace() -> str | None:
+    """This machine's boot and pid namespace: two processes with the same value see the same pids (a
+    container on the same machine has another pid namespace, another machine another boot id)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: no proof of death is possible, only a stale heartbeat
+        return None
+
+
+def owner_dead(owner: dict) -> bool:
+    """True only when the lock's owner ran in our pid namespace and its pid no longer runs."""
+    ns = process_namespace()
+    if ns is None or owner.get("ns") != ns or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class LockHeld(ShardFormatError):
     """Another vtt-prep run holds the remote shards folder (or its lock is stale and --break-lock was not given)."""
 
@@ -190,7 +231,9 @@ class RemoteLock:
     cannot both take it), holding the owner (host, pid, start) and a heartbeat time a background thread
     rewrites every `heartbeat_s` with If-Match on the last ETag (a broken-and-taken lock is noticed: `lost`).
     A lock whose heartbeat is older than `stale_s` belongs to a dead run; it is replaced only with
-    `break_lock` (a conditional overwrite of exactly that object). Released (deleted) on exit.
+    `break_lock` (a conditional overwrite of exactly that object). A lock whose owner is provably dead,
+    because it ran in this machine's process namespace and its pid is gone (the rerun after a kill -9 or
+    a crash on the same machine), is replaced at once. Released (deleted) on exit.
     Cost: one PUT to take it, one per heartbeat, one GET + DELETE to release."""
     LOCK_NAME = ".vtt-prep.lock"
 
@@ -208,14 +251,14 @@ class RemoteLock:
         return json.dumps({"owner": self.owner, "heartbeat": time.time()}, sort_keys=True).encode()
 
     def _put(self, **match) -> None:
-        out = self.folder.fs().pipe_file(self.path, self._body(), **match)
+        out = self.folder.fs().pipe_file(self.path, self._body(), timeout=storage.op_timeout(), **match)
         self.etag = (out or {}).get("ETag") or self.folder.fs().info(self.path).get("ETag")
 
     def __enter__(self) -> "RemoteLock":
         import os
         import socket
         import time
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "ns": process_namespace()}
         try:
             self._put(mode="create")
         except FileExistsError:
@@ -235,10 +278,12 @@ class RemoteLock:
         import time
         fs = self.folder.fs()
         etag = fs.info(self.path, refresh=True).get("ETag")
-        held = json.loads(fs.cat_file(self.path))
+        body = fs.cat_file(self.path)
+        # empty: a local folder's lock file (filelock's, never JSON) copied up by a sync, held by no run
+        held = json.loads(body) if body.strip() else {}
         o, age = held.get("owner") or {}, time.time() - float(held.get("heartbeat", 0))
         who = f"{o.get('host')} pid {o.get('pid')}, heartbeat {age:.0f} s ago"
-        if age <= self.stale_s or not self.break_lock:
+        if body.strip() and not (owner_dead(o) or (age > self.stale_s and self.break_lock)):
             hint = (f"the heartbeat is older than {self.stale_s:.0f} s: if that run is dead, rerun with --break-lock"
                     if age > self.stale_s else "wait for it to finish")
             raise LockHeld(f"another vtt-prep run holds {self.path} ({who}); {hint}")

@@ -161,6 +161,35 @@ def test_hung_ffmpeg_on_a_worker_is_killed_at_timeout(cluster, corpus, tmp_path)
     assert failed == {"broken.mp4": "probe_failed", "v03.mp4": "timeout"}
 
 
+def test_videos_and_shards_on_s3(cluster, corpus, tmp_path):
+    """DATA and OUT on a real S3 server: the Ray workers download their videos themselves (the endpoint and
+    keys travel in the tasks' storage options; the cluster's processes were started without them), the
+    driver writes the shards into the bucket; the same bytes as the local engine from the same bucket."""
+    from s3_helpers import MotoServer, restore_env, s3, set_env, upload
+    server = MotoServer().start()
+    old = set_env(server)
+    try:
+        url = upload(corpus, "s3://vtt-in/data")
+        s3().mkdir("vtt-out")
+        opts = (f"endpoint_url={server.url}", "key=test", "secret=test")
+        local = tmp_path / "local"
+        run_extract(cfg(url, local, shard_max_samples=2, storage_options=opts))
+        res = prep(url, "s3://vtt-out/shards", *[a for o in opts for a in ("--storage-option", o)],
+                   address=cluster.address, env_extra=server.env())
+        assert res.returncode == 3, res.stderr[-3000:]
+        mirror = tmp_path / "from-s3"
+        mirror.mkdir()
+        for name in s3().ls("vtt-out/shards"):
+            if not name.endswith(("/_ledger", ".lock")):
+                s3().get(name, str(mirror / name.rpartition("/")[2]), recursive=True)
+        got = {k: v for k, v in states(mirror).items() if k.startswith("shard-") or k == "index.json"}
+        want = {k: v for k, v in states(local).items() if k.startswith("shard-") or k == "index.json"}
+        assert got == want and len(got) == 1 + (N_VIDEOS + 1) // 2
+    finally:
+        restore_env(old)
+        server.stop()
+
+
 def test_driver_kill9_mid_run_then_local_rerun_finishes_identically(cluster, corpus, reference, tmp_path):
     """The --engine ray driver SIGKILLs itself right after its second ledger commit (pipeline/faults.py);
     the local engine finishes the job: the same shards, index, ledger and commit log as one clean run."""
