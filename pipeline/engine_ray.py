@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
 from .engine import lost_outcome
-from .pool import REORDER_ITEMS_PER_WORKER, REORDER_MAX_BYTES
+from .pool import REORDER_ITEMS_PER_WORKER, REORDER_MAX_BYTES, ordered_window
 
 MAX_RETRIES = 3                 # Ray's default, stated: a task whose worker or node dies is run again
 PREFLIGHT_TIMEOUT_S = 120.0     # every node answers the check task within this (a fresh node starts a worker)
@@ -122,39 +122,22 @@ class RayEngine:
 
 def ordered_tasks(ray, remote, items: Iterable, max_running: int, max_buffered: int, max_bytes: int,
                   size: Callable, on_lost: Callable | None) -> Iterator:
-    """`remote` over items; results in input order, with pool.ordered_map's bounds: at most `max_running`
-    tasks unfinished, finished ones fetched into a buffer of `max_buffered` results / `max_bytes`, and
-    submission goes on while it has room. A fetched result's object is released at once (its ref
-    dropped), so the object store holds at most the window's results."""
-    source, running, ready = iter(items), {}, {}
-    state = {"next_in": 0, "bytes": 0, "exhausted": False}
-    next_out = 0
+    """`remote` over items; results in input order, in pool.ordered_window's bounds (the same window as the
+    local pool). A fetched result's object is released at once (its ref dropped), so the object store holds
+    at most the window's results."""
+    item_of, running = {}, {}
+
+    def submit(item):
+        ref = remote.remote(item)
+        item_of[ref] = item
+        return ref
+
+    def collect(refs):
+        ray.wait(refs, num_returns=1)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # all that are ready now
+        return [(ref, _fetch(ray, ref, item_of.pop(ref), on_lost)) for ref in done]
     try:
-        while True:
-            while (not state["exhausted"] and len(running) < max_running and len(ready) < max_buffered
-                   and state["bytes"] < max_bytes):
-                try:
-                    item = next(source)
-                except StopIteration:
-                    state["exhausted"] = True
-                    break
-                running[remote.remote(item)] = (state["next_in"], item)
-                state["next_in"] += 1
-            if next_out in ready:
-                result = ready.pop(next_out)
-                state["bytes"] -= size(result)
-                next_out += 1
-                yield result
-                continue
-            if not running:
-                return
-            refs = list(running)
-            ray.wait(refs, num_returns=1)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # all that are ready now
-            for ref in done:
-                index, item = running.pop(ref)
-                ready[index] = result = _fetch(ray, ref, item, on_lost)
-                state["bytes"] += size(result)
+        yield from ordered_window(submit, collect, items, max_running, max_buffered, max_bytes, size, running)
     finally:
         for ref in running:  # on error or Ctrl-C: queued videos must not run on
             ray.cancel(ref, force=False)

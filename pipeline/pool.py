@@ -50,25 +50,9 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, size: Callable = la
     max_buffered = max_buffered or REORDER_ITEMS_PER_WORKER * workers
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_watch_parent)
-    source, running, ready = iter(items), {}, {}
-    state = {"next_in": 0, "bytes": 0, "exhausted": False}
     try:
-        next_out = 0
-        while True:
-            _submit(pool, fn, source, running, ready, state, 2 * workers, max_buffered, max_bytes)
-            if next_out in ready:
-                result = ready.pop(next_out)
-                state["bytes"] -= size(result)
-                next_out += 1
-                yield result
-                continue
-            if not running:
-                return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                result = f.result()
-                ready[running.pop(f)] = result
-                state["bytes"] += size(result)
+        yield from ordered_window(lambda item: pool.submit(fn, item), _finished, items, 2 * workers,
+                                  max_buffered, max_bytes, size, running={})
     except BrokenProcessPool as e:
         raise RuntimeError(
             "a vtt-prep worker process died (killed, or out of memory; a script that calls run_extract "
@@ -78,15 +62,39 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, size: Callable = la
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _submit(pool, fn, source, running: dict[Future, int], ready: dict, state: dict,
-            max_running: int, max_buffered: int, max_bytes: int) -> None:
-    """Submit while the pool has a free slot and the reorder buffer has room."""
-    while (not state["exhausted"] and len(running) < max_running and len(ready) < max_buffered
-           and state["bytes"] < max_bytes):
-        try:
-            item = next(source)
-        except StopIteration:
-            state["exhausted"] = True
+def _finished(futures: list[Future]) -> list[tuple[Future, object]]:
+    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+    return [(f, f.result()) for f in done]
+
+
+def ordered_window(submit: Callable, collect: Callable, items: Iterable, max_running: int, max_buffered: int,
+                   max_bytes: int, size: Callable, running: dict) -> Iterator:
+    """The reorder window both engines share (this pool, engine_ray.py's Ray tasks): `submit(item)` starts
+    one task and returns its handle; `collect(handles)` waits for at least one and returns (handle, result)
+    for those finished. At most `max_running` tasks are unfinished; finished results wait for their turn in
+    a buffer of `max_buffered` results or `max_bytes` by `size(result)`, and submission goes on while it
+    has room. Yields the results in input order. `running` (handle -> index) is the caller's, so that it
+    can cancel what is still running when the consumer stops early. Memory: the window and the buffer."""
+    source, ready = iter(items), {}
+    next_in = next_out = buffered = 0
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < max_running and len(ready) < max_buffered and buffered < max_bytes:
+            try:
+                item = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            running[submit(item)] = next_in
+            next_in += 1
+        if next_out in ready:
+            result = ready.pop(next_out)
+            buffered -= size(result)
+            next_out += 1
+            yield result
+            continue
+        if not running:
             return
-        running[pool.submit(fn, item)] = state["next_in"]
-        state["next_in"] += 1
+        for handle, result in collect(list(running)):
+            ready[running.pop(handle)] = result
+            buffered += size(result)
