@@ -454,11 +454,10 @@ def _legacy_file(folder) -> Path | None:
     return None if is_url(root) else Path(root) / LEDGER_FILE
 
 
-def has_ledger(folder, options: dict | None = None) -> bool:
+def has_ledger(folder) -> bool:
     """Whether `folder` (a path, URL or OutFolder) has a ledger. Cost: one listing of the log."""
-    store = _store(folder, None) if options is None else store_for(folder, options)
     legacy = _legacy_file(folder)
-    return bool(store.names()) or (legacy is not None and legacy.is_file())
+    return bool(_store(folder, None).names()) or (legacy is not None and legacy.is_file())
 
 
 def read_ledger(folder: str | os.PathLike, store: LedgerStore | None = None) -> Ledger | None:
