@@ -40,14 +40,14 @@ def storage_dict(pairs: tuple[str, ...]) -> dict:
         raise ConfigError(str(e)) from e
 
 
-def check_out_folder(out, options: dict, what: str = "shards folder", check: bool = False):
+def check_out_folder(out, options: dict, check: bool = False):
     """The shards folder as an OutFolder. With `check`, before any work: a local path that is a file, or a
     URL that cannot be reached (scheme, bucket, credentials, endpoint: a few requests), is a ConfigError
     naming it."""
     from vtt.shards.folder import OutFolder
     from vtt.shards.storage import StorageError
     if not is_url(out) and out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out} exists and is not a folder")
+        raise ConfigError(f"shards folder {out} exists and is not a folder")
     try:
         result = OutFolder(out, options)
         if check:

@@ -277,10 +277,11 @@ def reconcile(folder, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
     """
     out = out_folder(folder)
     notes = [f"removed temp file {n} (an interrupted run's)" for n in out.clean_scratch()]
-    files = out.listing("shard-*.tar")
+    listed = out.listing()
+    files = {n: size for n, size in listed.items() if n.startswith("shard-") and n.endswith(".tar")}
     fresh = ledger is None
     if fresh:
-        if out.exists(INDEX_FILE):
+        if INDEX_FILE in listed:
             raise ShardFormatError(f"{out}: has {INDEX_FILE} but no ledger ({LEDGER_DIR}/ or {LEDGER_FILE}): "
                                    f"not a vtt-prep shards folder (or its ledger was deleted); use an empty folder")
         ledger = Ledger()

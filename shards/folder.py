@@ -102,9 +102,6 @@ class OutFolder:
         return {Path(p).name: int(i["size"]) for p, i in self.store._listing().items()
                 if fnmatch.fnmatch(Path(p).name, pattern)}
 
-    def exists(self, name: str) -> bool:
-        return self.store.sizes([name])[name] is not None
-
     def read_bytes(self, name: str) -> bytes:
         """FileNotFoundError when absent."""
         if not self.remote:

@@ -13,10 +13,8 @@ mapping 412 to CommitConflict, `delete` = DeleteObject, `remove_temp` = nothing 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -25,7 +23,6 @@ from . import storage
 from .storage import PERMANENT, Store, StorageError, _problem, is_url, retry
 
 LEDGER_DIR = "_ledger"   # inside the shards folder
-log = logging.getLogger(__name__)
 
 
 class CommitConflict(ShardFormatError):
@@ -148,36 +145,27 @@ class ObjectStore:
         return io.BytesIO(retry(lambda: fs.cat_file(path, timeout=storage.op_timeout()), path))  # commit files are small; checkpoints read once
 
     def put_if_absent(self, name: str, data: bytes) -> None:
-        """The conditional PUT, retried with backoff on network errors. A name found taken is read back:
-        the same bytes mean an earlier try of ours landed and only its reply was lost (ours, or one of
-        s3fs's own retries; commit files are deterministic and the writer holds the lock), anything else
-        is a CommitConflict."""
-        fs, path = self._fs(), f"{self.root}/{name}"
-        retries = storage.READ_RETRIES  # read at call time: tests shorten them
-        for attempt in range(retries + 1):
+        """The conditional PUT, retried with backoff on network errors (storage.retry). A name found taken
+        is read back: the same bytes mean an earlier try of ours landed and only its reply was lost (ours,
+        or one of s3fs's own retries; commit files are deterministic and the writer holds the lock),
+        anything else is a CommitConflict."""
+        fs, path, data = self._fs(), f"{self.root}/{name}", bytes(data)
+
+        def once():
             try:
-                fs.pipe_file(path, bytes(data), mode="create", timeout=storage.op_timeout(len(data)))
-                return
+                fs.pipe_file(path, data, mode="create", timeout=storage.op_timeout(len(data)))
             except FileExistsError:
-                if retry(lambda: fs.cat_file(path, timeout=storage.op_timeout()), path) == bytes(data):
-                    return
-                raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this ledger "
-                                     f"meanwhile") from None
-            except FileNotFoundError:
-                self.folder._check_bucket(fs)  # StorageError naming a missing bucket
-                raise
-            except NotImplementedError as e:
+                if fs.cat_file(path, timeout=storage.op_timeout()) != data:
+                    raise CommitConflict(f"{path} already exists: another vtt-prep run committed to this "
+                                         f"ledger meanwhile") from None
+            except NotImplementedError as e:  # a StorageError is permanent: retry raises it at once
                 raise StorageError(f"{self.folder.root}: this filesystem has no exclusive create, which the "
                                    f"ledger's commit needs ({e})") from e
-            except PERMANENT:
-                raise
-            except Exception as e:
-                if attempt == retries or type(e).__name__ == "NoCredentialsError":
-                    raise StorageError(f"{path}: {_problem(e)} (gave up after {attempt} retries)") from e
-                wait = min(storage.RETRY_BASE_S * 2 ** attempt, storage.RETRY_MAX_S)
-                log.warning("%s: %s: %s; retry %d/%d in %.1fs", path, type(e).__name__, e, attempt + 1,
-                            retries, wait)
-                time.sleep(wait)
+        try:
+            retry(once, path)
+        except FileNotFoundError:
+            self.folder._check_bucket(fs)  # StorageError naming a missing bucket
+            raise
 
     def delete(self, name: str) -> None:
         fs, path = self._fs(), f"{self.root}/{name}"
