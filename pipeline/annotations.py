@@ -11,15 +11,24 @@ a hash of the entry's canonical JSON: the ledger's planning (new/changed/residec
 entries of one video share its frames (pipeline/run.py extracts each video once).
 Bad entries are data (a `Video` with `error` naming the file, the entry and the problem); a file that does not
 exist or cannot be parsed at all raises ConfigError before any work.
-Cost: O(entries) once per run; JSONL and CSV are streamed line by line, a JSON list is parsed whole.
+Files and the data folder may be URLs (any fsspec scheme): a file is streamed with ranged, retried reads; a
+URL data folder is listed once and an entry's video is an object of that listing (`RemoteFile`, so the
+ledger's size + ETag fast path and the worker's download apply as for sidecar discovery).
+Cost: O(entries) once per run; JSONL and CSV are streamed line by line, a JSON list is parsed whole; one
+stat per video locally, one listing for a URL data folder (no request per entry).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
-from pathlib import Path
+import posixpath
+from pathlib import Path, PurePosixPath
 from typing import Iterator
+
+from vtt.shards.storage import StorageError, Store, is_url
 
 from vtt.shards.format import ShardFormatError, make_key
 from vtt.shards.ledger import Fingerprint
@@ -31,15 +40,68 @@ _CSV_EXTS = {".csv": ",", ".tsv": "\t"}
 _EXTRA = "\0extra"  # DictReader's key for fields past the header
 
 
-def _entries(path: Path, video_column: str, caption_column: str) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(row number, entry or None, problem) per entry of one file; raises ConfigError if unusable whole."""
-    if not path.is_file():
-        raise ConfigError(f"annotation file {path} does not exist")
+def _suffix(file) -> str:
+    return PurePosixPath(str(file)).suffix.lower()
+
+
+def _name(file) -> str:
+    return PurePosixPath(str(file)).name
+
+
+@contextlib.contextmanager
+def _open_text(file, options: dict):
+    """The file as UTF-8 text: a local open, or a URL's ranged reads (read-ahead, retried) decoded."""
+    if not is_url(file):
+        with open(file, encoding="utf-8", newline="") as f:
+            yield f
+        return
+    parent, _, name = str(file).rpartition("/")
+    with Store.of(parent, options).open(name) as raw:
+        yield io.TextIOWrapper(io.BufferedReader(_Raw(raw)), encoding="utf-8", newline="")
+
+
+class _Raw(io.RawIOBase):
+    """storage.RetryingFile as the raw stream io.BufferedReader wants (readinto)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def check_annotation_file(file, options: dict) -> None:
+    """ConfigError naming the file unless it is there (a local file, or an object behind the URL)."""
+    if not is_url(file):
+        if not Path(file).is_file():
+            raise ConfigError(f"annotation file {file} does not exist")
+        return
+    parent, _, name = str(file).rpartition("/")
+    store = Store.of(parent, options)
     try:
-        if path.suffix.lower() in _CSV_EXTS:
-            yield from _csv_entries(path, _CSV_EXTS[path.suffix.lower()], video_column, caption_column)
-        elif path.suffix.lower() == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+        store.stat(name)
+    except FileNotFoundError:
+        store._check_bucket(store.fs())
+        raise ConfigError(f"annotation file {file} does not exist") from None
+    except StorageError as e:
+        raise ConfigError(f"annotation file {e}") from e
+
+
+def _entries(file, video_column: str, caption_column: str, options: dict
+             ) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(row number, entry or None, problem) per entry of one file; raises ConfigError if unusable whole."""
+    check_annotation_file(file, options)
+    suffix = _suffix(file)
+    try:
+        with _open_text(file, options) as f:
+            if suffix in _CSV_EXTS:
+                yield from _csv_entries(f, file, _CSV_EXTS[suffix], video_column, caption_column)
+            elif suffix == ".jsonl":
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -47,36 +109,39 @@ def _entries(path: Path, video_column: str, caption_column: str) -> Iterator[tup
                         yield n, json.loads(line), None
                     except json.JSONDecodeError as e:
                         yield n, None, f"invalid JSON: {e}"
-        else:
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"annotation file {path}: invalid JSON: {e} (a JSON list, or .jsonl lines)") from None
-            if not isinstance(raw, list):
-                raise ConfigError(f"annotation file {path}: expected a JSON list of entries, got {type(raw).__name__}")
-            yield from ((i, e, None) for i, e in enumerate(raw))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"annotation file {path}: cannot read: {e}") from None
+            else:
+                yield from _json_list(f, file)
+    except (OSError, UnicodeDecodeError, StorageError) as e:
+        raise ConfigError(f"annotation file {file}: cannot read: {e}") from None
 
 
-def _csv_entries(path: Path, delimiter: str, video_column: str, caption_column: str):
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, restkey=_EXTRA)
-        missing = [c for c in (video_column, caption_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"annotation file {path}: no column {' or '.join(map(repr, missing))} (columns: "
-                              f"{reader.fieldnames}; --video-column / --caption-column)")
-        for row in reader:
-            n = reader.line_num
-            if _EXTRA in row or None in row.values():
-                yield n, None, f"has {'more' if _EXTRA in row else 'fewer'} fields than the header"
-                continue
-            entry = {k: v for k, v in row.items() if k not in (video_column, caption_column)}
-            entry.update(video=row[video_column], description=row[caption_column])
-            if not entry["description"].strip():
-                yield n, None, f"column {caption_column!r} is empty"
-                continue
-            yield n, entry, None
+def _json_list(f, file):
+    try:
+        raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"annotation file {file}: invalid JSON: {e} (a JSON list, or .jsonl lines)") from None
+    if not isinstance(raw, list):
+        raise ConfigError(f"annotation file {file}: expected a JSON list of entries, got {type(raw).__name__}")
+    yield from ((i, e, None) for i, e in enumerate(raw))
+
+
+def _csv_entries(f, file, delimiter: str, video_column: str, caption_column: str):
+    reader = csv.DictReader(f, delimiter=delimiter, restkey=_EXTRA)
+    missing = [c for c in (video_column, caption_column) if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ConfigError(f"annotation file {file}: no column {' or '.join(map(repr, missing))} (columns: "
+                          f"{reader.fieldnames}; --video-column / --caption-column)")
+    for row in reader:
+        n = reader.line_num
+        if _EXTRA in row or None in row.values():
+            yield n, None, f"has {'more' if _EXTRA in row else 'fewer'} fields than the header"
+            continue
+        entry = {k: v for k, v in row.items() if k not in (video_column, caption_column)}
+        entry.update(video=row[video_column], description=row[caption_column])
+        if not entry["description"].strip():
+            yield n, None, f"column {caption_column!r} is empty"
+            continue
+        yield n, entry, None
 
 
 def _first_answer(turns) -> str:
@@ -115,42 +180,70 @@ def _entry_fingerprint(meta: dict) -> Fingerprint:
     return Fingerprint(len(blob), 0, hashlib.sha256(blob).hexdigest())
 
 
-def load_annotations(data_dir: Path, files, video_column: str = "video", caption_column: str = "caption"
-                     ) -> list[Video]:
+def load_annotations(data_dir, files, video_column: str = "video", caption_column: str = "caption",
+                     options: dict | None = None) -> list[Video]:
     """Every entry of `files` as a Video (sorted by source); bad entries carry `error`. Duplicate ids:
-    the first entry (file order, then row) keeps it, later ones fail. Cost: O(entries) + one stat per video."""
-    data_dir = Path(data_dir).resolve()
-    out, owner, exists = [], {}, {}
+    the first entry (file order, then row) keeps it, later ones fail. Cost: O(entries) + one stat per video
+    (local data folder) or one listing (URL data folder)."""
+    options = dict(options or {})
+    find = _remote_finder(str(data_dir), options) if is_url(data_dir) else _local_finder(Path(data_dir))
+    out, owner = [], {}
     for file in files:
-        file = Path(file)
         # how a user finds the entry: a CSV/TSV row or JSONL line number (1-based), a JSON list index
-        kind = "row" if file.suffix.lower() in _CSV_EXTS else "line" if file.suffix.lower() == ".jsonl" else "entry"
-        for n, entry, problem in _entries(file, video_column, caption_column):
+        kind = "row" if _suffix(file) in _CSV_EXTS else "line" if _suffix(file) == ".jsonl" else "entry"
+        for n, entry, problem in _entries(file, video_column, caption_column, options):
             eid = entry.get("id") if isinstance(entry, dict) else None
             where = f"{kind} {n}" + (f" (id {eid!r})" if eid is not None else "")
             video = meta = None
             if problem is None:
                 video, meta, problem = _entry_meta(entry, where)
             if problem is None:
-                out.append(_entry_video(data_dir, file, n, where, video, meta, owner, exists))
+                out.append(_entry_video(find, file, n, where, video, meta, owner))
             else:
-                out.append(Video(f"{file.name}#{n}", file, None,
+                out.append(Video(f"{_name(file)}#{n}", file, None,
                                  error={"class": "annotation_invalid", "reason": f"{file}: {where}: {problem}"}))
     return sorted(out, key=lambda v: v.source)
 
 
-def _entry_video(data_dir: Path, file: Path, n: int, where: str, video: str, meta: dict, owner: dict,
-                 exists: dict) -> Video:
-    vid = str(meta["id"]) if meta.get("id") is not None else f"{file.stem}-{n}"
+def _local_finder(data_dir: Path):
+    """video as written in an entry -> (relative path or absolute one outside DATA, Path, exists)."""
+    data_dir, exists = data_dir.resolve(), {}
+
+    def find(video: str):
+        path = (data_dir / video).resolve()
+        rel = path.relative_to(data_dir).as_posix() if path.is_relative_to(data_dir) else path.as_posix()
+        if path not in exists:
+            exists[path] = path.is_file()
+        return rel, path, exists[path]
+    return find
+
+
+def _remote_finder(url: str, options: dict):
+    """The same for a URL data folder, from one listing: a path relative to it, or a full URL inside it.
+    The path of an object not in the listing (or outside the folder) is its URL, for the error message."""
+    from .discover_remote import list_objects
+    root = url.rstrip("/")
+    objects = list_objects(root, options)
+
+    def find(video: str):
+        rel = video[len(root) + 1:] if video.startswith(root + "/") else video
+        if is_url(rel):
+            return rel, rel, False  # another bucket or folder: not in this listing
+        rel = posixpath.normpath(rel)
+        found = objects.get(rel)
+        return rel, found or f"{root}/{rel}", found is not None
+    return find
+
+
+def _entry_video(find, file, n: int, where: str, video: str, meta: dict, owner: dict) -> Video:
+    vid = str(meta["id"]) if meta.get("id") is not None else f"{PurePosixPath(_name(file)).stem}-{n}"
     meta["video_id"] = vid
-    path = (data_dir / video).resolve()
-    rel = path.relative_to(data_dir).as_posix() if path.is_relative_to(data_dir) else path.as_posix()
+    rel, path, exists = find(video)
     source = f"{rel}#{vid}"
+
     def fail(cls: str, why: str) -> Video:
         return Video(source, path, None, error={"class": cls, "reason": f"{file}: {where}: {why}"})
-    if path not in exists:
-        exists[path] = path.is_file()
-    if not exists[path]:
+    if not exists:
         return fail("video_missing", f"video {video!r} not found ({path})")
     try:
         key = make_key(vid)

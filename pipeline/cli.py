@@ -44,6 +44,14 @@ class DataFolder(LocalFolder):
         return str(value) if is_url(value) else super().convert(value, param, ctx)
 
 
+class AnnotationFile(click.Path):
+    """An annotation file: a local path, or a URL kept as a string (Path would fold its '//')."""
+
+    def convert(self, value, param, ctx):
+        from vtt.shards.storage import is_url
+        return str(value) if is_url(value) else super().convert(value, param, ctx)
+
+
 def _fail(message: str, code: int = EXIT_USAGE):
     click.echo(f"vtt-prep: error: {message}", err=True)
     sys.exit(code)
@@ -114,9 +122,10 @@ def main():
 @click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
 @click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
 @click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
-@click.option("--annotations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a local file, and DATA_DIR local "
-                   "too so far): one sample per entry instead of sidecars; video paths relative to DATA_DIR.")
+@click.option("--annotations", multiple=True, type=AnnotationFile(dir_okay=False, path_type=Path),
+              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a local file or a URL such as "
+                   "s3://bucket/ann.jsonl): one sample per entry instead of sidecars; video paths relative "
+                   "to DATA_DIR (a local folder or a URL).")
 @storage_options
 @break_lock
 @click.option("--video-column", default="video", show_default=True, help="CSV/TSV annotations: the video column.")

@@ -159,12 +159,10 @@ class PrepConfig:
         set_("out_dir", folder(self.out_dir))
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
-        set_("annotations", tuple(Path(p) for p in self.annotations))
+        set_("annotations", tuple(str(p).rstrip("/") if is_url(p) else Path(p) for p in self.annotations))
         for p in self.annotations:
-            if not p.is_file():
+            if not is_url(p) and not p.is_file():
                 raise ConfigError(f"annotation file {p} does not exist")
-        if is_url(self.data_dir) and self.annotations:
-            raise ConfigError(f"{self.data_dir}: --annotations needs a local data folder so far")
         if not is_url(self.data_dir) and not self.data_dir.is_dir():
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
@@ -189,7 +187,8 @@ class PrepConfig:
         return check_out_folder(self.out_dir, self.storage(), check=check)
 
     def check_data_url(self) -> None:
-        """A URL data folder that cannot be listed is a ConfigError naming it (network: a few requests)."""
+        """A URL data folder that cannot be listed, or a URL annotation file that is not there, is a
+        ConfigError naming it (network: a few requests each)."""
         if is_url(self.data_dir):
             from vtt.shards.storage import StorageError
             from .discover_remote import check_data_url
@@ -197,6 +196,10 @@ class PrepConfig:
                 check_data_url(self.data_dir, self.storage())
             except StorageError as e:
                 raise ConfigError(str(e)) from e
+        from .annotations import check_annotation_file
+        for p in self.annotations:
+            if is_url(p):
+                check_annotation_file(p, self.storage())
 
     def frame_spec(self):
         from .frames import FrameSpec

@@ -385,7 +385,8 @@ def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
     with timed(report, "discover"):
         if cfg.annotations:
             from .annotations import load_annotations
-            videos = load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column)
+            videos = load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column,
+                                      cfg.storage())
         else:
             exclude = None if is_url(cfg.out_dir) else cfg.out_dir  # shards inside the data folder
             videos = discover(cfg.data_dir, cfg.allow_missing_sidecar, exclude=exclude, options=cfg.storage(),

@@ -1,6 +1,7 @@
 """vtt-prep extract with a URL data folder: videos and sidecars in a real S3-compatible server on localhost
 (moto's standalone server, its own process), reached through s3fs with AWS_ENDPOINT_URL and dummy keys as a
 user's S3 would be. The server's request recorder counts the GETs a rerun makes."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -215,3 +216,51 @@ def test_the_cli_takes_a_url_and_storage_options(server, corpus, tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(read_ledger(tmp_path / "out").records) == ["sub/w00.mp4", "v00.mp4", "v01.mp4", "v02.mp4"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["data_dir"] == url.rstrip("/")
+    ann = _annotated(corpus, tmp_path)
+    s3().put_file(str(ann), "s3://vtt-in/cli/train.jsonl")
+    res = CliRunner().invoke(main, ["extract", url, str(tmp_path / "ann-out"), "--workers", "1", "-q", "--size",
+                                    "96x32", "--num-frames", "2", "--annotations", "s3://vtt-in/cli/train.jsonl"])
+    assert res.exit_code == 3 and "FAILED gone.mp4#a3: [video_missing]" in res.output, res.output  # 3: some failed
+    assert sorted(read_ledger(tmp_path / "ann-out").records) == ["gone.mp4#a3", "sub/w00.mp4#a2", "v00.mp4#a0",
+                                                                     "v00.mp4#a1"]
+
+
+def _annotated(corpus: Path, tmp_path: Path) -> Path:
+    """A JSONL annotation file over the corpus: two conversations on v00 (one ffmpeg run, two samples),
+    one caption on sub/w00, one entry naming a video that is not there."""
+    def turn(q, a):
+        return [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+    entries = [{"id": "a0", "video": "v00.mp4", "conversations": turn("What moves?", "a square")},
+               {"id": "a1", "video": "v00.mp4", "conversations": turn("Which colour?", "red")},
+               {"id": "a2", "video": "sub/w00.mp4", "caption": "x", "description": "a clip in a folder"},
+               {"id": "a3", "video": "gone.mp4", "description": "missing"}]
+    ann = tmp_path / "ann" / "train.jsonl"
+    ann.parent.mkdir()
+    ann.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return ann
+
+
+def test_annotations_with_a_url_data_folder_and_file_equal_the_local_run(server, corpus, tmp_path):
+    """LLaVA-style annotation entries over videos in a bucket, the annotation file in the bucket too: the
+    shards equal a local run's; a rerun reads the annotation file and no video; a missing entry video
+    fails as data naming it; a missing annotation URL stops before any work."""
+    url, ann = "s3://vtt-in/annotated/videos", _annotated(corpus, tmp_path)
+    put_folder(corpus, url)
+    s3().put_file(str(ann), "s3://vtt-in/annotated/train.jsonl")
+    local = run_extract(cfg(corpus, tmp_path / "local", annotations=(ann,)))
+    remote_cfg = cfg(url, tmp_path / "remote", annotations=("s3://vtt-in/annotated/train.jsonl",))
+    remote = run_extract(remote_cfg)
+    assert local.videos_ok == remote.videos_ok == 3 and len(remote.failed) == 1
+    assert remote.failed[0]["class"] == "video_missing" and f"{url}/gone.mp4" in remote.failed[0]["reason"]
+    a, b = snapshot(tmp_path / "local"), snapshot(tmp_path / "remote")
+    tars = sorted(n for n in a if n.endswith(".tar"))
+    assert tars and [n for n in tars + ["index.json"] if a.get(n, (0, 0))[1] != b.get(n, (0, 1))[1]] == []
+    ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path)
+    reports = []
+    gets = object_gets(server, lambda: reports.append(
+        run_extract(dataclasses.replace(remote_cfg, ffmpeg=str(ffmpeg), ffprobe=str(ffprobe)))))
+    assert reports[0].videos_unchanged == 3 and not calls(log)
+    assert [g.split("?")[0].rsplit("/", 1)[-1] for g in gets if "/vtt-in/" in g] == ["train.jsonl"], gets
+    with pytest.raises(ConfigError, match="annotation file s3://vtt-in/annotated/nope.jsonl does not exist"):
+        cfg(url, tmp_path / "never", annotations=("s3://vtt-in/annotated/nope.jsonl",))
+    assert not (tmp_path / "never").exists()
