@@ -40,6 +40,13 @@ def import_ray():
     return ray
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's AWS_* variables (keys, session token, AWS_ENDPOINT_URL, AWS_PROFILE...), given to the
+    job's workers as Ray runtime_env env_vars: a bucket that the driver reaches through its environment is
+    reached the same way on every node. A node's own profile or instance role is used when none is set."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.split("://")[-1].rpartition(":")
     return host, int(port)
@@ -87,6 +94,9 @@ class RayEngine:
         if not ray.is_initialized():
             address = resolve_address(self.cfg.ray_address)
             extra = {"num_cpus": self.cfg.workers, "include_dashboard": False} if address == "local" else {}
+            env = forwarded_env()
+            if env:
+                extra["runtime_env"] = {"env_vars": env}
             try:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **extra)
             except (ConnectionError, RuntimeError, ValueError) as e:

@@ -164,7 +164,8 @@ def test_hung_ffmpeg_on_a_worker_is_killed_at_timeout(cluster, corpus, tmp_path)
 def test_videos_and_shards_on_s3(cluster, corpus, tmp_path):
     """DATA and OUT on a real S3 server: the Ray workers download their videos themselves (the endpoint and
     keys travel in the tasks' storage options; the cluster's processes were started without them), the
-    driver writes the shards into the bucket; the same bytes as the local engine from the same bucket."""
+    driver writes the shards into the bucket; the same bytes as the local engine from the same bucket. Then
+    the same with the endpoint and keys in the driver's AWS_* variables only (forwarded to the workers)."""
     from s3_helpers import MotoServer, restore_env, s3, set_env, upload
     server = MotoServer().start()
     old = set_env(server)
@@ -185,6 +186,11 @@ def test_videos_and_shards_on_s3(cluster, corpus, tmp_path):
         got = {k: v for k, v in states(mirror).items() if k.startswith("shard-") or k == "index.json"}
         want = {k: v for k, v in states(local).items() if k.startswith("shard-") or k == "index.json"}
         assert got == want and len(got) == 1 + (N_VIDEOS + 1) // 2
+        # endpoint and keys in the driver's AWS_* variables only: they reach the workers (runtime_env)
+        res = prep(url, tmp_path / "env-only", address=cluster.address, env_extra=server.env())
+        assert res.returncode == 3, res.stderr[-3000:]
+        got = {k: v for k, v in states(tmp_path / "env-only").items() if k.startswith("shard-") or k == "index.json"}
+        assert got == want
     finally:
         restore_env(old)
         server.stop()
