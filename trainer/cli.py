@@ -2,6 +2,7 @@
 deepspeed launcher; under `deepspeed`, `torchrun` or MPI each process runs it as is."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import shlex
 import subprocess
@@ -157,6 +158,7 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
               "machine, the launcher's 29500 with --hostfile/--num-nodes).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True)
 def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
+    enable_faulthandler()
     if num_gpus:
         cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
         click.echo("vtt-train: " + shlex.join(cmd), err=True)
@@ -171,6 +173,15 @@ def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_
         return
     check_storage(cfg)
     run(cfg, local_rank)
+
+
+def enable_faulthandler() -> None:
+    """A rank that crashes in native code prints every thread's Python stack (not when stderr is no file,
+    as under click's CliRunner)."""
+    try:
+        faulthandler.enable()
+    except (ValueError, OSError, AttributeError):
+        pass
 
 
 def check_storage(cfg) -> None:
@@ -201,6 +212,7 @@ def run(cfg, local_rank: int | None) -> None:
                    f"{last if last is None else round(last, 4)}; run folder {result.run_dir}"
                    + (f"; model in {result.export_dir}" if result.export_dir else ""), err=True)
     shutdown()
+    finish(0)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -220,6 +232,22 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def finish(code: int) -> None:
+    """End a finished rank's process: flush, then os._exit, skipping the interpreter's finalisation.
+
+    Why: DeepSpeed keeps references to its process groups (engine, ZeRO optimizer, deepspeed.comm), so
+    after destroy_process_group their gloo/NCCL worker threads still run when Python finalises, and
+    tearing them down there can abort the process (SIGABRT, "terminate called without an active
+    exception"; seen in CI once, a two-rank ZeRO-3 resume, the launcher then exits 250): a complete run
+    reported as a failed job. Nothing left matters by now: checkpoints, metrics, the export and W&B are
+    closed before train() returns, and the log handlers and std streams are flushed here."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
