@@ -28,10 +28,9 @@ import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from vtt.shards.storage import StorageError, Store, is_url
-
 from vtt.shards.format import ShardFormatError, make_key
 from vtt.shards.ledger import Fingerprint
+from vtt.shards.storage import StorageError, Store, is_url
 
 from .config import ConfigError
 from .discover import Video
