@@ -36,20 +36,21 @@ class LocalFolder(click.Path):
         return super().convert(value, param, ctx)
 
 
-class DataFolder(LocalFolder):
-    """A data or shards folder: a local folder, or a URL (s3://bucket/videos, any fsspec scheme) kept as a string."""
+class KeepURL:
+    """Mixed into a click.Path type: a URL (s3://bucket/videos, any fsspec scheme) is kept as a string, since
+    Path would fold its '//'; anything else is converted as the path type does."""
 
     def convert(self, value, param, ctx):
         from vtt.shards.storage import is_url
         return str(value) if is_url(value) else super().convert(value, param, ctx)
 
 
-class AnnotationFile(click.Path):
-    """An annotation file: a local path, or a URL kept as a string (Path would fold its '//')."""
+class DataFolder(KeepURL, LocalFolder):
+    """A data or shards folder: a local folder, or a URL kept as a string."""
 
-    def convert(self, value, param, ctx):
-        from vtt.shards.storage import is_url
-        return str(value) if is_url(value) else super().convert(value, param, ctx)
+
+class AnnotationFile(KeepURL, click.Path):
+    """An annotation file: a local path, or a URL kept as a string."""
 
 
 def _fail(message: str, code: int = EXIT_USAGE):

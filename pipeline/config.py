@@ -160,9 +160,10 @@ class PrepConfig:
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
         set_("annotations", tuple(str(p).rstrip("/") if is_url(p) else Path(p) for p in self.annotations))
+        from .annotations import check_annotation_file
         for p in self.annotations:
-            if not is_url(p) and not p.is_file():
-                raise ConfigError(f"annotation file {p} does not exist")
+            if not is_url(p):
+                check_annotation_file(p, {})  # a URL one is checked with the network checks, last
         if not is_url(self.data_dir) and not self.data_dir.is_dir():
             raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
