@@ -33,6 +33,14 @@ class ExtractError(Exception):
         self.message = message
         self.stderr_tail = stderr_tail
 
+    @property
+    def reason(self) -> str:
+        """The message with the tool's telling stderr line ("ffprobe exited 1: moov atom not found"):
+        what a user is shown, since an exit status alone says nothing."""
+        from .proc import telling_line
+        line = telling_line(self.stderr_tail or "")
+        return f"{self.message}: {line}" if line and line not in self.message else self.message
+
     def to_dict(self) -> dict:
         return {"error_class": self.error_class, "message": self.message, "stderr_tail": self.stderr_tail}
 

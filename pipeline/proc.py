@@ -4,10 +4,13 @@ Decoders can hang on broken input (dmlc/decord#373 is the classic), so every ext
 `run`, which starts the child in its own session and SIGKILLs the group when the deadline passes.
 Besides each call's own timeout, `budget(seconds)` bounds all calls made inside it together: one
 video's dozen chained calls (probe, passes, retries, a full decode) then cannot add up to hours.
+Whatever vtt keeps of a tool's output goes through `normalise` (in `tail`, the one place it is
+captured), so the same inputs give the same recorded bytes in every process, engine and storage.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,11 +21,67 @@ from typing import Iterator
 
 STDERR_TAIL_CHARS = 2000
 
+# "[h264 @ 0x55ebfbe7f300] error ..." -> "[h264] error ...": the log context's heap address differs
+# in every process (ffmpeg 6+ prefixes look like "[vist#0:0/h264 @ 0x..]", same rule).
+_ADDRESS = re.compile(r"\[([^\[\]\n]*?) @ (?:0x[0-9a-fA-F]+|\(nil\))\]")
+# vtt's temp folders (tempfile: prefix + 8 random characters), wherever $TMPDIR is on this node.
+_TEMP_DIR = re.compile(r"/(?:[^\s'\"/]+/)*(vtt-(?:frames|prep))-[a-z0-9_]{8}(?=/)")
+# progress/benchmark figures, should a wrapper or an ffmpeg build print them despite -nostats
+_TIMING = re.compile(r"\b(speed|elapsed|rtime|utime|stime)=\s*[0-9.:]+x?s?")
+# (the local temp copy of a downloaded video, the name the user knows it by)
+_SHOWN: ContextVar[tuple[str, str] | None] = ContextVar("vtt_proc_shown", default=None)
+
+
+@contextmanager
+def shown_as(local, name) -> Iterator[None]:
+    """Inside, `normalise` writes `name` (a URL) wherever a tool's output names the file `local`
+    (the temp copy a worker downloaded): the record then names the user's file, the same on every run."""
+    token = _SHOWN.set((str(local), str(name)))
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def normalise(text: str) -> str:
+    """Tool output as vtt records it: decoder context addresses, timings and temp-folder names, which
+    differ from run to run, taken out, so the same inputs give byte-identical ledgers and shards."""
+    shown = _SHOWN.get()
+    if shown is not None:
+        text = text.replace(*shown)
+    text = _ADDRESS.sub(r"[\1]", text)
+    text = _TEMP_DIR.sub(r"<tmp>/\1", text)
+    return _TIMING.sub(lambda m: f"{m.group(1)}=?", text)
+
+
+# what a tool says when something is wrong (decoders and demuxers at any log level)
+_COMPLAINT = re.compile(r"error|invalid|not found|corrupt|missing|unsupported|not supported|no such|denied|"
+                        r"partial file|truncat|failed|cannot|could not|unable|no decoder", re.I)
+
+
+def telling_line(stderr: str, limit: int = 200) -> str:
+    """The tool's own words for what went wrong: the first complaining line of a (normalised) stderr
+    text, without its log context ("[mov,mp4,...] ") and file name ("file:/x.mp4: "); "" if none."""
+    for line in stderr.splitlines():
+        text = re.sub(r"^(?:\[[^\]]*\]\s*)+", "", line.strip())
+        text = re.sub(r"^file:.*?: ", "", text)
+        if _COMPLAINT.search(text):
+            return text[:limit]
+    return ""
+
 
 def tail(data: bytes | str, limit: int = STDERR_TAIL_CHARS) -> str:
-    """Last `limit` characters of a process stream, decoded leniently (ffmpeg may print any bytes)."""
+    """Last `limit` characters of a process stream, decoded leniently (ffmpeg may print any bytes) and
+    normalised: every stderr text vtt keeps (failure records, warnings, report) is made here."""
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return text[-limit:]
+    if len(text) > 4 * limit:  # from a line's start: an address cut in half would escape `normalise`
+        text = text[-4 * limit:].partition("\n")[2]
+    text = normalise(text)
+    if len(text) > limit:
+        text = text[-limit:]
+        _, nl, rest = text.partition("\n")
+        text = rest if nl and rest else text  # whole lines, unless one line is all there is
+    return text
 
 
 @dataclass

@@ -296,7 +296,7 @@ def extract_all(run: _Run, work: Work, engine: Engine) -> None:
         version = get_version(run.cfg.frame_spec())  # only here: a no-op run starts no ffmpeg at all
     except ExtractError as e:
         for v in work.extract:
-            run.fail(v, {"class": e.error_class, "reason": e.message, "stderr_tail": e.stderr_tail})
+            run.fail(v, {"class": e.error_class, "reason": e.reason, "stderr_tail": e.stderr_tail})
         return
     older = sorted({r.ffmpeg_version for r in run.ledger.ok_records()} - {version})
     if older:  # other pixels are possible; not refused, as an ffmpeg upgrade would block every rerun

@@ -151,7 +151,7 @@ def process_video(task: Task) -> Outcome:
 def _process(task: Task, path: Path, stat: tuple[int, int] | None, etag: str | None) -> Outcome:
     from .extract import extract_frames
     from .frames import ExtractError
-    from .proc import BudgetExceeded, budget
+    from .proc import BudgetExceeded, budget, normalise, shown_as
     out = Outcome(task.source, task.key, etag=etag)
     t0 = time.perf_counter()
     try:
@@ -160,14 +160,16 @@ def _process(task: Task, path: Path, stat: tuple[int, int] | None, etag: str | N
         out.stat = stat
         out.sha256 = sha256_file(path)
         t1 = time.perf_counter()
-        with budget(task.spec.video_timeout_s):
+        # tool output (normalised as it is captured) names the user's file, not a temp copy
+        with budget(task.spec.video_timeout_s), shown_as(path, task.path):
             result = extract_frames(path, task.spec)
         t2 = time.perf_counter()
         out.members = build_members(task, out.sha256, result)
         out.nframes = len(result.frames)
         out.seconds = {"hash": t1 - t0, "extract": t2 - t1, "package": time.perf_counter() - t2}
     except ExtractError as e:
-        message = e.message.replace(str(path), str(task.path))  # the user's file, not the temp copy
+        with shown_as(path, task.path):
+            message = normalise(e.reason)  # the user's file, not the temp copy
         where = "" if message.startswith(str(task.path)) else f"{task.path}: "  # the file, named once
         out.error = {"class": e.error_class, "reason": f"{where}{message}",
                      "stderr_tail": (e.stderr_tail or "")[-_STDERR_TAIL:]}

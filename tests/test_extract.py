@@ -345,3 +345,33 @@ def test_choose_frames_fixed_rate_repeats_when_faster_than_video(clips):
     info = probe_video(clips["tiny"])
     idx, _ = choose_frames(info, FrameSpec(fps=50))
     assert idx == [0, 0, 1, 1, 2, 2]
+
+
+def test_recorded_tool_output_is_normalised():
+    """What vtt keeps of ffmpeg's stderr is the same text in every process: no context addresses, no
+    temp folder names, a downloaded temp copy named by its URL."""
+    from vtt.pipeline.proc import normalise, shown_as, tail, telling_line
+    raw = ("[h264 @ 0x55ebfbe7f300] error while decoding MB 3 4\n[vist#0:0/h264 @ 0x7f01] concealing\n"
+           "[NULL @ (nil)] missing picture\nOutput #0, image2, to '/var/tmp/x/vtt-frames-ab_c12z9/g000_%05d.jpg':\n"
+           "frame=    8 fps=0.0 q=-0.0 Lsize=N/A time=00:00:05.00 bitrate=N/A speed=16.8x\n")
+    assert normalise(raw) == (
+        "[h264] error while decoding MB 3 4\n[vist#0:0/h264] concealing\n[NULL] missing picture\n"
+        "Output #0, image2, to '<tmp>/vtt-frames/g000_%05d.jpg':\n"
+        "frame=    8 fps=0.0 q=-0.0 Lsize=N/A time=00:00:05.00 bitrate=N/A speed=?\n")
+    with shown_as("/tmp/vtt-prep-k2j3h4g5/v.mp4", "s3://bucket/videos/v.mp4"):
+        assert tail(b"file:/tmp/vtt-prep-k2j3h4g5/v.mp4: Invalid data\n") == "file:s3://bucket/videos/v.mp4: Invalid data\n"
+    assert tail(b"file:/tmp/vtt-prep-k2j3h4g5/v.mp4: x") == "file:<tmp>/vtt-prep/v.mp4: x"
+    # a long stderr is cut at a line start before normalising: no half address survives the cut
+    long = b"".join(b"[h264 @ 0x%012x] concealing errors in P frame\n" % (0x55ebfbe7f300 + i) for i in range(500))
+    assert "0x" not in tail(long) and tail(long).startswith("[h264] ")
+    assert telling_line("[mov,mp4,m4a] moov atom not found\nfile:/a b/x.mp4: Invalid data found when processing "
+                        "input\n") == "moov atom not found"
+    assert telling_line("started\n") == ""
+
+
+def test_a_failure_reason_carries_the_tools_telling_line(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    with pytest.raises(ExtractError) as e:
+        extract_frames(text)
+    assert e.value.reason == f"{text}: ffprobe exited 1: moov atom not found", e.value.reason

@@ -1,9 +1,12 @@
 """vtt-prep extract end to end: real ffmpeg on tiny lavfi clips, real tars read back through WebDataset."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from clips import read_counter
@@ -270,3 +273,41 @@ def test_real_clips_all_in_shards_or_failed_with_a_class_and_no_gps(real_videos,
     assert fire["json"]["vtt"]["probe"]["rotation"] in (180, -180)
     for p in out.glob("shard-*.tar"):  # the GPS tag of fire2.mp4 (+54.1843-002.7189) never lands in a shard
         assert b"54.1843" not in p.read_bytes() and b"location" not in p.read_bytes()
+
+
+def damaged_corpus(real_videos, data):
+    """Real damaged clips whose decode makes ffmpeg print context-prefixed complaints ("[h264 @ 0x..] ..."),
+    a text file named .mp4, and a sidecar whose duration disagrees with the probe."""
+    data.mkdir(parents=True)
+    for name, seconds in (("decord__corrupted.mp4", 5.0), ("DERIVED_truncated_smpte-2997_half.mp4", 10.0)):
+        shutil.copy2(real_videos / name, data / name)
+        (data / name).with_suffix(".json").write_text(json.dumps(
+            {"video_id": Path(name).stem.replace("-", "_").replace(".", "_"), "description": name,
+             "duration": seconds}))
+    (data / "notes.mp4").write_text("this is a text file, not a video\n")
+    (data / "notes.json").write_text(json.dumps({"video_id": "notes", "description": "text"}))
+    return data
+
+
+def test_damaged_real_clips_give_byte_identical_shards_ledger_and_index(real_videos, tmp_path):
+    """ffmpeg's stderr carries per-process addresses ("[h264 @ 0x55eb..]") and temp folder names; what vtt
+    records of it (sample warnings, failure records, report) is normalised, so two runs give the same bytes."""
+    data = damaged_corpus(real_videos, tmp_path / "data")
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = run_extract(cfg(data, a, size="64", workers=2))
+    rb = run_extract(cfg(data, b, size="64", workers=1))
+    assert ra.videos_ok == 2 and ra.videos_failed == 1
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name not in ("report.json",))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "report.json")
+    assert any(f.name.startswith("shard-") for f in files) and Path("index.json") in files
+    assert any(f.parts[0] == "_ledger" for f in files)
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    # the sample really records ffmpeg's complaint, the failure its stderr: the comparison is not vacuous
+    warnings = read_back(a)["decord__corrupted"]["json"]["vtt"]["warnings"]
+    assert any("decode problem" in w and "[h264]" in w for w in warnings), warnings
+    failed = json.loads((a / "report.json").read_text())["failed"]
+    assert failed[0]["stderr_tail"] and not re.search(r"0x[0-9a-f]{6}|vtt-frames-", failed[0]["stderr_tail"])
+    nature = ("out_dir", "seconds", "videos_per_s", "frames_per_s")
+    ja, jb = (json.loads((x / "report.json").read_text()) for x in (a, b))
+    assert {k: v for k, v in ja.items() if k not in nature} == {k: v for k, v in jb.items() if k not in nature}
