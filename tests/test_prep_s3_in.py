@@ -4,6 +4,7 @@ user's S3 would be. The server's request recorder counts the GETs a rerun makes.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -66,12 +67,15 @@ def corpus(tmp_path):
     return data
 
 
-def test_a_bucket_copy_gives_the_same_shards_and_a_rerun_reads_no_video(server, corpus, tmp_path):
+def test_a_bucket_copy_gives_the_same_shards_and_a_rerun_reads_no_video(server, corpus, tmp_path, real_videos):
     url = "s3://vtt-in/same/videos"
+    # a real damaged clip: ffmpeg's complaints about it (recorded in the sample) name no temp copy or address
+    shutil.copy2(real_videos / "decord__corrupted.mp4", corpus / "sub" / "damaged.mp4")
+    (corpus / "sub" / "damaged.json").write_text(json.dumps({"video_id": "damaged", "description": "damaged"}))
     put_folder(corpus, url)
     local = run_extract(cfg(corpus, tmp_path / "local"))
     remote = run_extract(cfg(url + "/", tmp_path / "remote"))
-    assert local.exit_code == remote.exit_code == 0 and remote.videos_ok == 4
+    assert local.exit_code == remote.exit_code == 0 and remote.videos_ok == 5
     a, b = snapshot(tmp_path / "local"), snapshot(tmp_path / "remote")
     tars = sorted(n for n in a if n.endswith(".tar"))
     assert tars and sorted(n for n in b if n.endswith(".tar")) == tars
@@ -83,7 +87,7 @@ def test_a_bucket_copy_gives_the_same_shards_and_a_rerun_reads_no_video(server, 
     reports = []
     gets = object_gets(server, lambda: reports.append(
         run_extract(cfg(url, tmp_path / "remote", ffmpeg=str(ffmpeg), ffprobe=str(ffprobe)))))
-    assert reports[0].videos_unchanged == 4 and not calls(log)
+    assert reports[0].videos_unchanged == 5 and not calls(log)
     # unchanged size + ETag: neither a video nor a sidecar is read (the ledger has what the plan needs)
     assert [g for g in gets if ".mp4" in g or ".json" in g and "/vtt-in/" in g] == [], gets
 
