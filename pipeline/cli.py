@@ -208,7 +208,8 @@ def compact(shards, **kwargs):
 def status(shards, storage_options):
     """Summarise a shards folder (a path or a URL): index, ledger (ok/failed videos), last run.
 
-    Exit 1 if index and tars disagree."""
+    Exit 0 when index and tars agree, 1 if they disagree, 2 when the folder cannot be reached or holds
+    no index.json."""
     from .config import storage_dict
     from .verify import status_text
     try:
@@ -227,7 +228,8 @@ def verify(shards, storage_options):
 
     SHARDS may be a URL (s3://bucket/shards).
 
-    Exit 0 when everything matches, 1 on any problem (each one printed), 2 when the folder cannot be reached.
+    Exit 0 when everything matches, 1 on any problem (each one printed), 2 when the folder cannot be reached
+    or is not a shards folder (missing, a file, no index.json).
     """
     from .config import storage_dict
     from .verify import verify_shards

@@ -46,8 +46,8 @@ def check_out_folder(out, options: dict, check: bool = False):
     naming it."""
     from vtt.shards.folder import OutFolder
     from vtt.shards.storage import StorageError
-    if not is_url(out) and out.exists() and not out.is_dir():
-        raise ConfigError(f"shards folder {out} exists and is not a folder")
+    if not is_url(out):
+        _check_local_out(out)
     try:
         result = OutFolder(out, options)
         if check:
@@ -55,6 +55,18 @@ def check_out_folder(out, options: dict, check: bool = False):
         return result
     except StorageError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_local_out(out: Path) -> None:
+    """A local shards folder that is, or would be made below, a file is a ConfigError (a stat per level;
+    whether it can be written is found out by creating it, OutFolder.prepare)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"shards folder {out} exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"shards folder {out}: {parent} is a file, not a folder")
+            return
 
 
 def usable_cpus() -> int:

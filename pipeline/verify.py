@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from vtt.shards.folder import OutFolder
 from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, decode_frame, frame_field,
                                make_key, read_samples)
-from vtt.shards.index import check_index, read_index
+from vtt.shards.index import NoIndex, check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
 from vtt.shards.storage import StorageError
 from vtt.shards.store import LEDGER_DIR
@@ -123,11 +123,12 @@ def _retired_lines(out: OutFolder) -> list[str]:
 
 def verify_shards(folder, options: dict | None = None) -> VerifyResult:
     """Read every shard, check index sizes/checksums and the ledger, decode every frame. `folder`: a path
-    or a URL (`options`: its fsspec storage options). StorageError when a URL cannot be reached at all."""
+    or a URL (`options`: its fsspec storage options). StorageError when a URL cannot be reached at all,
+    NoIndex when `folder` is not a shards folder (missing, a file, no index.json)."""
     out, result = OutFolder(folder, options), VerifyResult()
     try:
         index = read_index(folder, options)
-    except StorageError:
+    except (StorageError, NoIndex):
         raise
     except ShardFormatError as e:
         result.problems.append(str(e))

@@ -48,9 +48,25 @@ class OutFolder:
     # ---------------------------------------------------------------- before any work
 
     def prepare(self) -> None:
-        """Create the folder (local; on object storage the first upload makes the prefix)."""
-        if not self.remote:
+        """Create the folder (local, with its parents; on object storage the first upload makes the prefix)
+        and make sure files can be written in it. A folder that cannot be made or written (a read-only
+        or pseudo filesystem, no permission) is a StorageError naming it, and the folders made for it are
+        removed again. Cost: one empty file created and deleted."""
+        if self.remote:
+            return
+        made = [p for p in (self.path, *self.path.parents) if not os.path.lexists(p)]  # deepest first
+        try:
             self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=TMP_PREFIX + "write-check-"):
+                pass
+        except OSError as e:
+            for p in made:
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+            what = "cannot write in it" if self.path not in made else "cannot create it"
+            raise StorageError(f"shards folder {self.path}: {what} ({e.strerror or e})") from None
 
     def check(self) -> None:
         """A URL folder can be reached (scheme installed, endpoint up, the bucket exists, credentials work),

@@ -17,6 +17,11 @@ from .storage import Store
 WIDS_KIND = "wids-shard-index-v1"
 
 
+class NoIndex(ShardFormatError):
+    """Not a shards folder at all: the folder is missing, is a file, or holds no index.json (a usage error,
+    unlike an index that is there but damaged)."""
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     url: str  # file name relative to the shards folder
@@ -76,11 +81,13 @@ def read_index_bytes(folder: str | os.PathLike, options: dict | None = None) -> 
     store = Store.of(folder, options)
     path = store.join(INDEX_FILE)
     if not store.remote and not Path(folder).is_dir():
-        raise ShardFormatError(f"{folder}: shards folder does not exist")
+        if Path(folder).exists():
+            raise NoIndex(f"{folder}: is a file, not a shards folder (the folder holding index.json and the tars)")
+        raise NoIndex(f"{folder}: shards folder does not exist")
     try:
         data = store.read_bytes(INDEX_FILE)
     except (FileNotFoundError, IsADirectoryError):
-        raise ShardFormatError(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)") from None
+        raise NoIndex(f"{path}: no index (run `vtt-prep extract VIDEOS {folder}` first)") from None
     except OSError as e:
         raise ShardFormatError(f"{path}: unreadable index: {e}") from e
     return parse_index(data, path), data

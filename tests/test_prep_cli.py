@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -105,12 +106,56 @@ def test_verify_passes_then_catches_damage(made, tmp_path):
     assert status.exit_code == 1 and "PROBLEM" in status.output
 
 
-def test_verify_and_status_on_missing_folder(tmp_path):
+def one_line(res, code: int, *words: str) -> str:
+    """The command failed with `code` and one line on stderr, naming `words` (a path, the problem)."""
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == code and len(lines) == 1, (res.exit_code, res.output)
+    assert lines[0].startswith("vtt-prep: error: ") and all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+def test_verify_and_status_on_a_folder_that_is_not_a_shards_folder_exit_2(tmp_path):
+    """Help and code agree: 2 when the folder cannot be verified at all (1 is for problems found in it)."""
     runner = CliRunner()
-    res = runner.invoke(main, ["verify", str(tmp_path / "nope")])
-    assert res.exit_code == 1 and "does not exist" in res.output
-    res = runner.invoke(main, ["status", str(tmp_path)])
-    assert res.exit_code == 2 and "no index" in res.output
+    one_line(runner.invoke(main, ["verify", str(tmp_path / "nope")]), 2, str(tmp_path / "nope"), "does not exist")
+    one_line(runner.invoke(main, ["verify", str(tmp_path)]), 2, str(tmp_path), "no index")
+    one_line(runner.invoke(main, ["status", str(tmp_path)]), 2, str(tmp_path), "no index")
+    for cmd in ("verify", "status"):
+        assert "2 when the folder cannot be reached" in " ".join(runner.invoke(main, [cmd, "--help"]).output.split())
+
+
+def _unwritable() -> list[str]:
+    """Folders no one can create, root included: pseudo filesystems (sysfs, procfs) refuse mkdir."""
+    return [p for p in ("/proc/vtt-x", "/sys/vtt-x", "/sys/kernel/vtt-x/shards") if Path(p).parent.parent.is_dir()]
+
+
+@pytest.mark.parametrize("out", _unwritable())
+def test_an_out_folder_that_cannot_be_made_is_one_line_exit_2(made, out):
+    data, _ = made
+    res = CliRunner().invoke(main, ["extract", str(data), out, *FLAGS])
+    one_line(res, 2, f"shards folder {out}: cannot create it (")
+    assert not Path(out).exists()
+
+
+def test_an_out_folder_below_a_file_is_one_line_exit_2(made, tmp_path):
+    data, _ = made
+    (tmp_path / "file").write_text("a file")
+    out = tmp_path / "file" / "shards"
+    one_line(CliRunner().invoke(main, ["extract", str(data), str(out), *FLAGS]), 2,
+             str(out), f"{tmp_path / 'file'} is a file, not a folder")
+    res = CliRunner().invoke(main, ["extract", str(data), str(tmp_path / "file"), *FLAGS])  # click's own check
+    assert res.exit_code == 2 and f"'{tmp_path / 'file'}' is a file" in res.output
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_an_out_folder_made_halfway_leaves_nothing_behind(made, tmp_path):
+    """The parents are made, the last name is refused (too long for the filesystem): the parents made
+    for it are removed again."""
+    data, _ = made
+    out = tmp_path / "new" / "deeper" / ("x" * 300)
+    one_line(CliRunner().invoke(main, ["extract", str(data), str(out), *FLAGS]), 2, str(out), "cannot create it")
+    assert not (tmp_path / "new").exists()
 
 
 def test_sample_data_command(tmp_path):
