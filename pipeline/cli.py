@@ -8,7 +8,8 @@ import click
 
 from vtt.shards.format import ShardFormatError
 
-from .config import RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig, local_folder
+from .config import (EXTRACTION_SETTINGS, RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig,
+                     local_folder, shown)
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -58,6 +59,16 @@ def _fail(message: str, code: int = EXIT_USAGE):
     sys.exit(code)
 
 
+def setting(flag: str, **kw):
+    """An extraction setting's option: no click default (PrepConfig holds the defaults, shown in --help), so
+    a flag the user left out stays unset and a rerun takes it from the shards folder (PrepConfig.given)."""
+    name = flag[2:].replace("-", "_")
+    default = PrepConfig.__dataclass_fields__[name].default
+    text = "none" if default is None else shown(name, default).partition(" ")[2]
+    kw["help"] = f"{kw.get('help', '')}  [default: {text}; a rerun: as the shards were made]".lstrip()
+    return click.option(flag, default=None, **kw)
+
+
 def shard_limits(command):
     """--shard-size and --shard-max-samples, the same for extract and compact."""
     command = click.option("--shard-max-samples", type=int, default=SHARD_MAX_SAMPLES, show_default=True,
@@ -101,19 +112,18 @@ def main():
 @main.command(epilog=EXIT_CODES)
 @click.argument("data_dir", type=DataFolder())
 @click.argument("out_dir", type=DataFolder())
-@click.option("--num-frames", type=int, default=8, show_default=True,
-              help="Frames per video, uniformly spaced over its real duration.")
-@click.option("--fps", type=float, default=None, help="Fixed-rate mode: frames per second (overrides --num-frames).")
-@click.option("--max-frames", type=int, default=64, show_default=True, help="Cap on frames in --fps mode.")
-@click.option("--size", default="336", show_default=True, help="Frame size: N (square) or WxH.")
-@click.option("--resize", type=click.Choice(["crop", "pad", "stretch"]), default="crop", show_default=True)
-@click.option("--image-format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True)
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
-@click.option("--short-clip", type=click.Choice(["repeat", "fail"]), default="repeat", show_default=True,
-              help="Clips with fewer frames than requested: repeat frames (with a warning) or fail.")
-@click.option("--pick", type=click.Choice(["fast", "on_screen"]), default="fast", show_default=True,
-              help="on_screen: the frame displayed at each target time. fast: that frame or the next one "
-                   "(within one frame), whichever lets the decoder skip non-reference frames (~1.5x less decoding).")
+@setting("--num-frames", type=int, help="Frames per video, uniformly spaced over its real duration.")
+@setting("--fps", type=float, help="Fixed-rate mode: frames per second (overrides --num-frames).")
+@setting("--max-frames", type=int, help="Cap on frames in --fps mode.")
+@setting("--size", help="Frame size: N (square) or WxH.")
+@setting("--resize", type=click.Choice(["crop", "pad", "stretch"]))
+@setting("--image-format", type=click.Choice(["jpg", "png"]))
+@setting("--jpeg-quality", type=click.IntRange(1, 100))
+@setting("--short-clip", type=click.Choice(["repeat", "fail"]),
+         help="Clips with fewer frames than requested: repeat frames (with a warning) or fail.")
+@setting("--pick", type=click.Choice(["fast", "on_screen"]),
+         help="on_screen: the frame displayed at each target time. fast: that frame or the next one "
+              "(within one frame), whichever lets the decoder skip non-reference frames (~1.5x less decoding).")
 @shard_limits
 @click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per ffmpeg/ffprobe call.")
@@ -157,11 +167,15 @@ def extract(**kwargs):
     changed and deleted ones replace/remove their samples, earlier failures are retried when their
     file, sidecar, the settings, ffmpeg or a timeout that stopped them changed (or with --retry-failed).
     Writes shard-NNNNNN.tar, index.json, _ledger/ (the commit log) and report.json.
+
+    A rerun needs no extraction flags again: those left out (--num-frames, --size, ...) are the settings
+    the shards folder was made with. A flag that contradicts them is refused (exit 2) unless --rebuild
+    is given, which re-extracts every video with the new settings.
     """
     from .run import LockBusy, run_extract
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        cfg = PrepConfig(**kwargs)
+        cfg = PrepConfig(**kwargs, given=frozenset(k for k in EXTRACTION_SETTINGS if k in kwargs))
         report = run_extract(cfg)
     except LockBusy as e:
         _fail(str(e), EXIT_LOCKED)

@@ -1,6 +1,7 @@
 """PrepConfig: every `vtt-prep extract` setting, validated once; flags map onto it 1:1."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -128,6 +129,34 @@ def check_engine(engine: str, ray_address: str | None) -> None:
                           f"6379 by default) or ray://HOST:10001 (Ray Client)")
 
 
+# The extraction settings (the flags that decide the frames): a rerun takes those not given from the
+# shards folder (PrepConfig.from_folder); a given one that contradicts it is refused (settings_conflict).
+EXTRACTION_SETTINGS = ("num_frames", "fps", "max_frames", "size", "resize", "image_format", "jpeg_quality",
+                       "short_clip", "pick")
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown(name: str, value) -> str:
+    """`--size 64x64`, `--num-frames 4`: a setting as the flag that asks for it."""
+    if name == "size":
+        w, h = value
+        value = w if w == h else f"{w}x{h}"
+    return f"{flag_of(name)} {value:g}" if isinstance(value, float) else f"{flag_of(name)} {value}"
+
+
+def settings_conflict(folder: dict, wanted: dict) -> str:
+    """One line naming each setting where the shards folder's settings (`folder`) and this run's (`wanted`)
+    differ, with both values, and the two ways on (leave the flags out, or --rebuild)."""
+    keys = [k for k in EXTRACTION_SETTINGS if folder.get(k) != wanted.get(k)]
+    keys += sorted(k for k in set(folder) | set(wanted) if k not in EXTRACTION_SETTINGS and folder.get(k) != wanted.get(k))
+    side = lambda d: ", ".join(shown(k, d[k]) for k in keys if d.get(k) is not None) or "other settings"  # noqa: E731
+    return (f"the shards folder was made with {side(folder)}; this run asks for {side(wanted)}: leave those "
+            f"flags out to keep the folder's settings, or add --rebuild to re-extract every video with the new ones")
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     data_dir: Path                              # or a URL string (s3://bucket/videos, any fsspec scheme)
@@ -162,9 +191,16 @@ class PrepConfig:
     engine: str = "local"                       # where the per-video tasks run: local processes or "ray"
     ray_address: str | None = None              # --engine ray: auto, HOST:PORT, ray://HOST:10001; none: a local Ray
     break_lock: bool = False                    # take over a URL folder's lock whose heartbeat went stale
+    # the EXTRACTION_SETTINGS the user gave (flags); on a rerun the others come from the shards folder.
+    # None: every one is as given (a config built in code means what it says)
+    given: frozenset | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen field
+        if self.given is not None:
+            set_("given", frozenset(self.given))
+            if not self.given <= set(EXTRACTION_SETTINGS):
+                raise ConfigError(f"given: not extraction settings: {sorted(self.given - set(EXTRACTION_SETTINGS))}")
         set_("storage_options", tuple(self.storage_options))
         self.storage()  # a malformed pair fails here
         set_("data_dir", folder(self.data_dir))
@@ -224,6 +260,24 @@ class PrepConfig:
                              ffprobe=self.ffprobe, short_clip=self.short_clip, pick=self.pick)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
+
+    def from_folder(self, folder: dict) -> "PrepConfig":
+        """This config with every extraction setting the user did not give taken from `folder` (the
+        settings the shards folder was made with), so a rerun needs no flags again. A given --num-frames
+        counts as asking for its mode (no --fps). No I/O: the taken values are validated by FrameSpec."""
+        if not folder or self.given is None:
+            return self
+        given = self.given | ({"fps"} if "num_frames" in self.given else set())
+        take = {k: tuple(v) if k == "size" else v for k, v in folder.items()
+                if k in EXTRACTION_SETTINGS and k not in given}
+        take = {k: v for k, v in take.items() if getattr(self, k) != v}
+        if not take:
+            return self
+        new = copy.copy(self)
+        for k, v in take.items():
+            object.__setattr__(new, k, v)
+        new.frame_spec()
+        return new
 
     def output_settings(self) -> dict:
         """The settings that decide sample content (FrameSpec's own list): stored in ledger/index/meta."""

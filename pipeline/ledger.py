@@ -204,16 +204,17 @@ def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hash
 
 
 def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: bool,
-              workers: int = 1, policy: RetryPolicy | None = None) -> tuple[Plan, Work]:
-    """Compare the data folder with the ledger. Raises SettingsChanged unless `rebuild`.
+              workers: int = 1, policy: RetryPolicy | None = None, settings: dict | None = None
+              ) -> tuple[Plan, Work]:
+    """Compare the data folder with the ledger. Raises SettingsChanged unless `rebuild`, naming each
+    setting that differs from the ledger's (`settings`: this run's, whose hash is `settings_hash`).
 
     Cost: O(videos + records) stats, plus hashes of touched files (in `workers` threads)."""
+    from .config import settings_conflict
     policy = policy or RetryPolicy(settings_hash, {}, always=True)
     has_samples = bool(ledger.ok_records())
     if has_samples and ledger.settings_hash != settings_hash and not rebuild:
-        raise SettingsChanged(
-            f"the shards were made with other extraction settings ({ledger.settings}); "
-            f"rerun with the same settings, or add --rebuild to re-extract every video")
+        raise SettingsChanged(settings_conflict(ledger.settings, settings or {}))
     rebuild = rebuild and has_samples
     plan, work = Plan(rebuild=rebuild), Work()
     hashes = {} if rebuild else prehash(videos, ledger, workers)

@@ -344,6 +344,7 @@ def run_extract(cfg: PrepConfig) -> Report:
             gc.freeze()
             report.shards_purged = purge(out, ledger, cfg.retention_hours)
         report.warnings += notes
+        cfg = cfg.from_folder(ledger.settings)  # flags not given: as the folder was made
         work = _plan(cfg, ledger, report)
         _read_skipped_sidecars(work, report)
         gc.freeze()  # the discovered videos and the plan live as long as the run, too
@@ -394,7 +395,8 @@ def _plan(cfg: PrepConfig, ledger: Ledger, report: Report) -> Work:
     with timed(report, "plan"):
         policy = RetryPolicy(cfg.settings_hash(), {"timeout": cfg.timeout, "video_timeout": cfg.video_timeout},
                              lambda: _ffmpeg_version(cfg), always=cfg.retry_failed)
-        plan, work = make_plan(videos, ledger, cfg.settings_hash(), cfg.rebuild, cfg.workers, policy)
+        plan, work = make_plan(videos, ledger, cfg.settings_hash(), cfg.rebuild, cfg.workers, policy,
+                               settings=cfg.output_settings())
     report.plan = asdict(plan)
     report.videos_unchanged = len(plan.unchanged)
     return work
@@ -414,6 +416,6 @@ def _dry_run(cfg: PrepConfig, report: Report, t0: float) -> Report:
     """The plan, with nothing written, locked or repaired."""
     out = cfg.out_folder()
     ledger = (read_ledger(out) if out.remote or out.path.is_dir() else None) or Ledger()
-    _plan(cfg, ledger, report)
+    _plan(cfg.from_folder(ledger.settings), ledger, report)
     report.seconds["total"] = time.perf_counter() - t0
     return report

@@ -1,4 +1,5 @@
 """The `vtt-prep` command line: help texts, exit codes, status, verify (incl. damaged shards), sample-data."""
+import json
 import re
 import shutil
 import subprocess
@@ -106,6 +107,31 @@ def test_verify_passes_then_catches_damage(made, tmp_path):
     assert status.exit_code == 1 and "PROBLEM" in status.output
 
 
+def test_a_rerun_takes_the_settings_the_folder_was_made_with(made, tmp_path):
+    """Only the flags a user gives may contradict the shards folder's settings; the others are the
+    folder's, so `extract DATA OUT` after a first run with --num-frames/--size needs no flag again."""
+    data, _ = made
+    out = tmp_path / "shards"
+    runner = CliRunner()
+    first = ["extract", str(data), str(out), "--num-frames", "3", "--size", "96x32", "--resize", "stretch", "-q"]
+    assert runner.invoke(main, first).exit_code == 0
+    again = runner.invoke(main, ["extract", str(data), str(out), "-q"])
+    assert again.exit_code == 0 and "0 written, 3 unchanged" in again.output, again.output
+    same = runner.invoke(main, ["extract", str(data), str(out), "--size", "96x32", "-q"])  # agrees: fine
+    assert same.exit_code == 0 and "3 unchanged" in same.output
+    line = one_line(runner.invoke(main, ["extract", str(data), str(out), "--num-frames", "5", "-q"]), 2,
+                    "--num-frames 3", "--num-frames 5", "--rebuild")
+    assert "--size" not in line and "{" not in line  # names the setting that differs, no dict dump
+    one_line(runner.invoke(main, ["extract", str(data), str(out), "--fps", "2", "-q"]), 2,
+             "--num-frames 3", "--fps 2", "--rebuild")
+    dry = runner.invoke(main, ["extract", str(data), str(out), "--dry-run"])
+    assert dry.exit_code == 0 and "unchanged: 3" in dry.output
+    # --rebuild with one new setting keeps the folder's others
+    assert runner.invoke(main, ["extract", str(data), str(out), "--num-frames", "2", "--rebuild", "-q"]).exit_code == 0
+    settings = json.loads((out / "index.json").read_text())["vtt"]["settings"]
+    assert (settings["num_frames"], settings["size"], settings["resize"]) == (2, [96, 32], "stretch")
+
+
 def one_line(res, code: int, *words: str) -> str:
     """The command failed with `code` and one line on stderr, naming `words` (a path, the problem)."""
     lines = res.stderr.strip().splitlines()
@@ -198,3 +224,16 @@ def test_a_url_shards_folder_is_checked_by_the_config_too(tmp_path):
     from vtt.pipeline.config import ConfigError, PrepConfig
     with pytest.raises(ConfigError, match="nosuchfs://b/p: no filesystem for nosuchfs://"):
         PrepConfig(data_dir=tmp_path, out_dir="nosuchfs://b/p/")
+
+
+def test_from_folder_takes_only_the_settings_not_given(tmp_path):
+    from vtt.pipeline.config import PrepConfig
+    folder = {"fps": 2.0, "max_frames": 10, "size": [32, 32], "resize": "pad", "image_format": "png",
+              "short_clip": "fail", "pick": "on_screen"}
+    c = PrepConfig(tmp_path, tmp_path / "o", size="64", given={"size"}).from_folder(folder)
+    assert (c.fps, c.max_frames, c.size, c.resize, c.image_format, c.pick) == (2.0, 10, (64, 64), "pad", "png",
+                                                                                "on_screen")
+    c = PrepConfig(tmp_path, tmp_path / "o", num_frames=4, given={"num_frames"}).from_folder(folder)
+    assert (c.fps, c.num_frames, c.size) == (None, 4, (32, 32))  # --num-frames asks for its mode
+    code = PrepConfig(tmp_path, tmp_path / "o")  # built in code: means what it says
+    assert code.from_folder(folder) is code

@@ -138,7 +138,7 @@ def test_settings_change_refused_then_rebuild(data, tmp_path):
     out = tmp_path / "out"
     run_extract(cfg(data, out))
     before = snapshot(out)
-    with pytest.raises(SettingsChanged, match="--rebuild"):
+    with pytest.raises(SettingsChanged, match="made with --num-frames 4; this run asks for --num-frames 2: .*--rebuild"):
         run_extract(cfg(data, out, num_frames=2))
     assert {k: v for k, v in snapshot(out).items() if k != ".vtt-prep.lock"} == \
            {k: v for k, v in before.items() if k != ".vtt-prep.lock"}
