@@ -222,9 +222,7 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
     for v in videos:
         seen.add(v.source)
         kind = _classify(v, ledger.records.get(v.source), rebuild, work, hashes, policy)
-        getattr(plan, kind).append(v.source)
-        if not v.ok:
-            plan.invalid.append(v.source)
+        getattr(plan, kind if v.ok else "invalid").append(v.source)  # each video in one list
     for source, rec in sorted(ledger.records.items()):
         if source not in seen:
             plan.deleted.append(source)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +23,9 @@ class Plan:
     deleted: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    invalid: list[str] = field(default_factory=list)   # sidecar problems found now (no ffmpeg needed)
+    # sidecar problems found now (no ffmpeg needed), whatever the video was before (new, or a sample that
+    # now leaves the shards): listed here only, so every video is in exactly one list
+    invalid: list[str] = field(default_factory=list)
     failed_unchanged: list[str] = field(default_factory=list)
     rebuild: bool = False
     notes: list[str] = field(default_factory=list)
@@ -36,6 +39,16 @@ class Plan:
         for k in ("new", "changed", "deleted", "failed", "invalid", "failed_unchanged"):
             lines += [f"  {k} {s}" for s in getattr(self, k)[:50]]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+SAMPLE_WARNINGS_LISTED = 1000   # per-sample warnings listed in report.json; all of them are counted
+
+
+def warning_kind(text: str) -> str:
+    """What a sample warning says without its figures ("sidecar duration N s, probe says N s"): the key its
+    count goes under. Cut at the first ';', ' (' or ', e.g.' (what follows is detail)."""
+    head = re.split(r";| \(|, e\.g\.", text, maxsplit=1)[0]
+    return re.sub(r"-?\d+(?:\.\d+)?", "N", head).strip()
 
 
 @dataclass
@@ -57,9 +70,21 @@ class Report:
     seconds: dict = field(default_factory=dict)   # stage -> wall seconds (worker stages: summed)
     # {"source", "class", "reason", "stderr_tail"}; earlier failures not retried add "unchanged": True
     failed: list[dict] = field(default_factory=list)
+    # the run's own notes (repairs, ffmpeg versions), then "<source>: <warning>" for each warning a sample
+    # written this run carries (sidecar vs probe, damaged, short or truncated clips; the first
+    # SAMPLE_WARNINGS_LISTED), also in the sample's vtt.warnings; warning_counts counts them all by kind
     warnings: list[str] = field(default_factory=list)
+    warning_counts: dict = field(default_factory=dict)
     dry_run: bool = False
     exit_code: int = EXIT_OK
+
+    def sample_warnings(self, source: str, warnings: list[str]) -> None:
+        """Count (and list, up to SAMPLE_WARNINGS_LISTED) the warnings of one sample written this run."""
+        for w in warnings:
+            kind = warning_kind(w)
+            self.warning_counts[kind] = self.warning_counts.get(kind, 0) + 1
+            if sum(self.warning_counts.values()) <= SAMPLE_WARNINGS_LISTED:
+                self.warnings.append(f"{source}: {w}")
 
     @property
     def wall(self) -> float:
@@ -103,5 +128,12 @@ class Report:
                   + (" (earlier failure, unchanged)" if f.get("unchanged") else "") for f in self.failed[:20]]
         if len(self.failed) > 20:
             lines.append(f"  ... {len(self.failed) - 20} more in {REPORT_FILE}")
+        if self.warning_counts:
+            n = sum(self.warning_counts.values())
+            lines.append(f"warnings in the samples written: {n} (listed in {REPORT_FILE}, and each in its "
+                         f"sample's vtt.warnings)")
+            lines += [f"  {v} x {k}" for k, v in sorted(self.warning_counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         lines += [f"warning: {w}" for w in self.warnings[:20]]
+        if len(self.warnings) > 20:
+            lines.append(f"  ... {len(self.warnings) - 20} more warnings in {REPORT_FILE}")
         return "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import sys
 import time
 from contextlib import contextmanager
@@ -157,6 +158,7 @@ def rewrite_shards(run: _Run, work: Work, deleted: list[str]) -> None:
             v = work.residecar[rec.source][0]
             members = residecar_members(members, v.key, v.meta)
             nbytes[rec.source] = sum(len(d) for _, d in members)
+            _note_warnings(run.report, rec.source, members)
             return v.key, members
         return None if rec is None or rec.source in gone else (key, members)
 
@@ -224,6 +226,14 @@ def _accept(run: _Run, writer: ShardWriter, v: Video, outcome: Outcome, ffmpeg_v
     run.report.videos_ok += 1
     run.report.frames += outcome.nframes
     run.report.bytes_written += nbytes
+    _note_warnings(run.report, v.source, outcome.members)
+
+
+def _note_warnings(report: Report, source: str, members) -> None:
+    """The warnings a sample written this run carries (its vtt.warnings) into the report. Cost: one
+    parse of the sample's small JSON member."""
+    meta = json.loads(next(d for n, d in members if n.endswith(".json")))
+    report.sample_warnings(source, meta["vtt"]["warnings"])
 
 
 def _by_video(videos: list[Video]) -> tuple[list[Video], dict[Path, list[Video]]]:
@@ -279,6 +289,7 @@ def _accept_shared(run: _Run, writer: ShardWriter, v: Video, donor: VideoRecord,
                                     shard=url, nbytes=nbytes)
     run.report.videos_ok += 1
     run.report.bytes_written += nbytes
+    _note_warnings(run.report, v.source, members)
 
 
 def extract_all(run: _Run, work: Work, engine: Engine) -> None:

@@ -132,6 +132,35 @@ def test_a_rerun_takes_the_settings_the_folder_was_made_with(made, tmp_path):
     assert (settings["num_frames"], settings["size"], settings["resize"]) == (2, [96, 32], "stretch")
 
 
+def test_what_went_wrong_is_shown(made, tmp_path):
+    """A failure prints the tool's telling line (not only "ffprobe exited 1"); sidecar-vs-probe
+    disagreements are counted in report.json and the summary; --dry-run lists each video once."""
+    data = tmp_path / "data"
+    shutil.copytree(made[0], data)
+    (data / "notes.mp4").write_text("a text file named .mp4\n")
+    (data / "notes.json").write_text('{"video_id": "notes", "description": "text"}')
+    (data / "v00.json").write_text('{"video_id": "v00", "description": "long?", "duration": 10}')  # clip: 1 s
+    (data / "noid.mp4").write_bytes((data / "v01.mp4").read_bytes())
+    (data / "noid.json").write_text('{"description": "no video_id"}')
+    out = tmp_path / "out"
+    runner = CliRunner()
+    dry = runner.invoke(main, ["extract", str(data), str(out), *FLAGS, "--dry-run"])
+    counts = dict(re.findall(r"^ *(\w+): (\d+)$", dry.output, re.M))
+    assert dry.exit_code == 0 and (counts["new"], counts["invalid"], counts["failed"]) == ("4", "1", "0"), dry.output
+    assert sum(map(int, counts.values())) == 5  # 5 videos, each counted once
+    assert dry.output.count("noid.mp4") == 1 and dry.output.count("notes.mp4") == 1
+    res = runner.invoke(main, ["extract", str(data), str(out), *FLAGS])
+    assert res.exit_code == 3
+    assert "FAILED notes.mp4: [probe_failed]" in res.output and "ffprobe exited 1: moov atom not found" in res.output
+    assert "1 x sidecar duration N s, probe says N s" in res.output
+    assert "warning: v00.mp4: sidecar duration 10 s, probe says 1.0 s" in res.output, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"] == ["v00.mp4: sidecar duration 10 s, probe says 1.0 s"]
+    assert report["warning_counts"] == {"sidecar duration N s, probe says N s": 1}
+    reasons = {f["source"]: f["reason"] for f in report["failed"]}
+    assert reasons["notes.mp4"].endswith("ffprobe exited 1: moov atom not found")
+
+
 def one_line(res, code: int, *words: str) -> str:
     """The command failed with `code` and one line on stderr, naming `words` (a path, the problem)."""
     lines = res.stderr.strip().splitlines()

@@ -190,7 +190,7 @@ def test_failures_are_recorded_run_continues_and_retried(data, tmp_path):
     (data / "zz" / "nosidecar.webm").unlink()
     add_video(data, "zz/nosidecar.webm", codec="libvpx-vp9", description="now with sidecar")
     r = run_extract(cfg(data, out))
-    assert sorted(r.plan["failed"]) == ["zz/dup.mkv", "zz/nosidecar.webm"]
+    assert r.plan["failed"] == ["zz/nosidecar.webm"] and r.plan["invalid"] == ["zz/dup.mkv"]
     assert r.plan["failed_unchanged"] == ["zz/junk.mp4"]
     assert r.videos_ok == 1 and r.videos_failed == 1 and r.videos_failed_unchanged == 1
     assert r.exit_code == EXIT_FAILED_VIDEOS
