@@ -57,8 +57,9 @@ class OutFolder:
         made = [p for p in (self.path, *self.path.parents) if not os.path.lexists(p)]  # deepest first
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.path, prefix=TMP_PREFIX + "write-check-"):
-                pass
+            fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "write-check-", dir=self.path)
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)  # a running run's reconcile may have taken it
         except OSError as e:
             for p in made:
                 try:
