@@ -59,11 +59,16 @@ def _fail(message: str, code: int = EXIT_USAGE):
     sys.exit(code)
 
 
+def default_of(name: str):
+    """PrepConfig's default for a setting: the one place defaults live."""
+    return PrepConfig.__dataclass_fields__[name].default
+
+
 def setting(flag: str, **kw):
     """An extraction setting's option: no click default (PrepConfig holds the defaults, shown in --help), so
     a flag the user left out stays unset and a rerun takes it from the shards folder (PrepConfig.given)."""
     name = flag[2:].replace("-", "_")
-    default = PrepConfig.__dataclass_fields__[name].default
+    default = default_of(name)
     text = "none" if default is None else shown(name, default).partition(" ")[2]
     kw["help"] = f"{kw.get('help', '')}  [default: {text}; a rerun: as the shards were made]".lstrip()
     return click.option(flag, default=None, **kw)
@@ -126,8 +131,8 @@ def main():
               "(within one frame), whichever lets the decoder skip non-reference frames (~1.5x less decoding).")
 @shard_limits
 @click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per ffmpeg/ffprobe call.")
-@click.option("--video-timeout", type=float, default=600.0, show_default=True,
+@click.option("--timeout", type=float, default=default_of("timeout"), show_default=True, help="Seconds per ffmpeg/ffprobe call.")
+@click.option("--video-timeout", type=float, default=default_of("video_timeout"), show_default=True,
               help="Seconds for all of one video's ffmpeg/ffprobe calls together; past it the video fails "
                    "with error class video_timeout.")
 @click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
@@ -139,8 +144,8 @@ def main():
                    "to DATA_DIR (a local folder or a URL).")
 @storage_options
 @break_lock
-@click.option("--video-column", default="video", show_default=True, help="CSV/TSV annotations: the video column.")
-@click.option("--caption-column", default="caption", show_default=True,
+@click.option("--video-column", default=default_of("video_column"), show_default=True, help="CSV/TSV annotations: the video column.")
+@click.option("--caption-column", default=default_of("caption_column"), show_default=True,
               help="CSV/TSV annotations: the caption column (the sample's description).")
 @click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed); the old "
               "shards stay valid until the new set is complete.")
@@ -149,7 +154,7 @@ def main():
 @retention
 @click.option("--dry-run", is_flag=True, help="Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=default_of("engine"), show_default=True,
               help="Where the per-video work runs: worker processes here, or Ray tasks on a Ray cluster "
                    "(pip install -e .[ray]); the shards are the same bytes either way.")
 @click.option("--ray-address", default=None, help="--engine ray: auto (the cluster `ray start` runs here), "
