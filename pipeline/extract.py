@@ -290,7 +290,7 @@ _COMPLAINT = re.compile(r"error|invalid|corrupt|concealing|missing picture|parti
 
 def decode_complaints(stderr_tail: str) -> list[str]:
     """ffmpeg's decoder/demuxer complaints (a corrupt or truncated file says so here even at exit 0)."""
-    # Only context-prefixed log lines ("[h264 @ 0x..] ..."): banner lines quote the file name.
+    # Only context-prefixed log lines ("[h264] ...", addresses normalised away): banner lines quote the file name.
     return [ln.strip() for ln in stderr_tail.splitlines() if ln.startswith("[") and _COMPLAINT.search(ln)]
 
 

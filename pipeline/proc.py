@@ -55,7 +55,7 @@ def normalise(text: str) -> str:
 
 
 # what a tool says when something is wrong (decoders and demuxers at any log level)
-_COMPLAINT = re.compile(r"error|invalid|not found|corrupt|missing|unsupported|not supported|no such|denied|"
+_TELLING = re.compile(r"error|invalid|not found|corrupt|missing|unsupported|not supported|no such|denied|"
                         r"partial file|truncat|failed|cannot|could not|unable|no decoder", re.I)
 
 
@@ -65,7 +65,7 @@ def telling_line(stderr: str, limit: int = 200) -> str:
     for line in stderr.splitlines():
         text = re.sub(r"^(?:\[[^\]]*\]\s*)+", "", line.strip())
         text = re.sub(r"^file:.*?: ", "", text)
-        if _COMPLAINT.search(text):
+        if _TELLING.search(text):
             return text[:limit]
     return ""
 
