@@ -262,13 +262,31 @@ def pictures(cfg: DemoConfig, lay: Layout, results: dict[str, dict]) -> dict[str
                                             title=f"tiny {kind}: train and held-out loss"))
     out["contact_train"] = str(contact_sheet(lay.shards_of("train"), lay.pictures / "contact_train.png",
                                              n_samples=6))
-    if "llava" in results:  # what the model said, marked right/wrong, and whether it ever saw the combination
-        shown = {r["key"]: f"{r['caption']}  [{'right' if r['exact'] else 'WRONG'}"
-                           f"{', combination never in training' if r['unseen_combo'] else ''}]"
-                 for r in results["llava"]["rows"]}
+    shown = heldout_lines(results, n=8)
+    if shown:
         out["contact_heldout"] = str(contact_sheet(lay.shards_of("heldout"), lay.pictures / "contact_heldout.png",
-                                                   n_samples=8, captions=shown))
+                                                   keys=list(shown), captions=shown))
     return out
+
+
+def heldout_lines(results: dict[str, dict], n: int) -> dict[str, str]:
+    """key -> one line per model ("llava: a red circle moving left [right]") for n held-out clips: first the
+    clips some model got wrong, then clips whose combination never appeared in training, then the rest."""
+    by_key: dict[str, list[tuple[str, dict]]] = {}
+    for kind, res in results.items():
+        for r in res["rows"]:
+            by_key.setdefault(r["key"], []).append((kind, r))
+
+    def rank(key: str) -> tuple[int, int]:
+        rows = [r for _, r in by_key[key]]
+        return (0 if not all(r["exact"] for r in rows) else 1, 0 if rows[0]["unseen_combo"] else 1)
+
+    def lines(key: str) -> list[str]:
+        rows = by_key[key]
+        unseen = ["(this colour+shape+direction never in training)"] if rows[0][1]["unseen_combo"] else []
+        return unseen + [f"{kind}: {r['caption']}  [{'right' if r['exact'] else 'WRONG'}]" for kind, r in rows]
+    keys = sorted(by_key, key=rank)[:n]  # stable: held-out order within each group
+    return {k: "\n".join(lines(k)) for k in keys}
 
 
 def write_report(cfg: DemoConfig, lay: Layout, report: dict) -> Path:

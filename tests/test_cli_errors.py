@@ -189,3 +189,10 @@ def test_every_cli_takes_h_and_version(name):
     assert h.exit_code == 0 and h.stdout.startswith("Usage:"), h.output
     v = invoke(main, ["--version"])
     assert v.exit_code == 0 and v.stdout.strip().endswith(f"version {version('vtt')}"), v.output
+
+
+def test_prep_subcommands_take_h():
+    from vtt.pipeline.cli import main as prep
+    for sub in prep.commands:
+        res = invoke(prep, [sub, "-h"])
+        assert res.exit_code == 0 and res.stdout.startswith("Usage:"), (sub, res.output)

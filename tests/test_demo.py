@@ -60,6 +60,16 @@ def test_score_qa_per_question_type():
         demo.score_qa(held, answers[:-1])
 
 
+def test_heldout_picture_shows_every_model_wrong_ones_first():
+    def rows(wrong: set[str]):
+        return {"rows": [{"key": k, "caption": f"cap {k}", "exact": k not in wrong, "unseen_combo": k == "c"}
+                         for k in "abcde"]}
+    lines = demo.heldout_lines({"llava": rows({"d"}), "seq2seq": rows(set()), "qa": rows({"b", "d"})}, n=4)
+    assert list(lines) == ["b", "d", "c", "a"]  # some model wrong, then an unseen combination, then the rest
+    assert lines["d"] == "llava: cap d  [WRONG]\nseq2seq: cap d  [right]\nqa: cap d  [WRONG]"
+    assert lines["c"].splitlines()[0] == "(this colour+shape+direction never in training)"
+
+
 def test_config_errors_are_named(tmp_path):
     with pytest.raises(ValueError, match="kinds"):
         demo.DemoConfig(out=tmp_path, kinds=("gpt",))

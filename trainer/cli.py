@@ -91,6 +91,13 @@ Examples:
 Settings: dataclass defaults < --config YAML < flags < --set section.field=value (any field, e.g.
 --set model.lora_r=64). RUN gets config.yaml and ds_config.json (what was actually used), metrics.jsonl,
 train.log, checkpoints/ and final/ (the exported Hugging Face model).
+
+Templates: model.target_template and model.source_template both default to {description}, so --model seq2seq
+without a --config learns to copy the description; set the target to another sidecar field to translate
+(configs/seq2seq.yaml: {description_fr}; or --set model.target_template={description_fr}).
+
+Exit status: 0 done; 1 a vtt error (one line on stderr); 2 bad flags or settings, an --output-dir or shards
+folder that cannot be used, or a shards URL that cannot be reached (checked before any work).
 """
 
 
