@@ -112,8 +112,8 @@ def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_siz
     from vtt.shards.storage import StorageError, parse_options
     try:
         options = parse_options(storage_options)
-        model_dir(model)
         failures = check_inputs(inputs, options)
+        model_dir(model)
     except (ValueError, click.UsageError) as e:  # StorageError too: one line naming the URL, before the model loads
         click.echo(f"vtt-caption: error: {e.message if isinstance(e, click.UsageError) else e}", err=True)
         sys.exit(2 if isinstance(e, (StorageError, click.UsageError)) or "storage-option" in str(e) else 1)
