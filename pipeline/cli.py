@@ -110,6 +110,7 @@ def retention(command):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vtt")
 def main():
     """vtt-prep: videos + JSON sidecars -> exact frames (ffmpeg) -> WebDataset tar shards."""
 

@@ -7,6 +7,7 @@ process because DeepSpeed keeps process groups per process. Reruns reuse the cli
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -262,13 +263,37 @@ def pictures(cfg: DemoConfig, lay: Layout, results: dict[str, dict]) -> dict[str
                                             title=f"tiny {kind}: train and held-out loss"))
     out["contact_train"] = str(contact_sheet(lay.shards_of("train"), lay.pictures / "contact_train.png",
                                              n_samples=6))
-    if "llava" in results:  # what the model said, marked right/wrong, and whether it ever saw the combination
-        shown = {r["key"]: f"{r['caption']}  [{'right' if r['exact'] else 'WRONG'}"
-                           f"{', combination never in training' if r['unseen_combo'] else ''}]"
-                 for r in results["llava"]["rows"]}
+    shown = heldout_lines(results, n=8)
+    if shown:
         out["contact_heldout"] = str(contact_sheet(lay.shards_of("heldout"), lay.pictures / "contact_heldout.png",
-                                                   n_samples=8, captions=shown))
+                                                   keys=list(shown), captions=shown))
     return out
+
+
+def heldout_lines(results: dict[str, dict], n: int) -> dict[str, str]:
+    """key -> one line per model ("llava: a red circle moving left  [right]") for n held-out clips: up to half
+    of them clips some model got wrong, taken in turn from each model's mistakes (so every model's errors show),
+    then clips every model got right, those whose combination never appeared in training first."""
+    by_key: dict[str, list[tuple[str, dict]]] = {}
+    for kind, res in results.items():
+        for r in res["rows"]:
+            by_key.setdefault(r["key"], []).append((kind, r))
+    mistakes = [[r["key"] for r in res["rows"] if not r["exact"]] for res in results.values()]
+    keys: list[str] = []
+    for key in (k for round_ in itertools.zip_longest(*mistakes) for k in round_ if k):
+        if len(keys) < n // 2 and key not in keys:
+            keys.append(key)
+
+    def rank(key: str) -> tuple[bool, bool]:
+        rows = [r for _, r in by_key[key]]
+        return not all(r["exact"] for r in rows), not rows[0]["unseen_combo"]
+    keys += sorted((k for k in by_key if k not in keys), key=rank)[:n - len(keys)]  # stable: held-out order
+
+    def lines(key: str) -> list[str]:
+        rows = by_key[key]
+        unseen = ["(this colour+shape+direction never in training)"] if rows[0][1]["unseen_combo"] else []
+        return unseen + [f"{kind}: {r['caption']}  [{'right' if r['exact'] else 'WRONG'}]" for kind, r in rows]
+    return {k: "\n".join(lines(k)) for k in keys}
 
 
 def write_report(cfg: DemoConfig, lay: Layout, report: dict) -> Path:

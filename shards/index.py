@@ -81,9 +81,7 @@ def read_index_bytes(folder: str | os.PathLike, options: dict | None = None) -> 
     store = Store.of(folder, options)
     path = store.join(INDEX_FILE)
     if not store.remote and not Path(folder).is_dir():
-        if Path(folder).exists():
-            raise NoIndex(f"{folder}: is a file, not a shards folder (the folder holding index.json and the tars)")
-        raise NoIndex(f"{folder}: shards folder does not exist")
+        raise NoIndex(not_a_folder(folder))
     try:
         data = store.read_bytes(INDEX_FILE)
     except (FileNotFoundError, IsADirectoryError):
@@ -91,6 +89,17 @@ def read_index_bytes(folder: str | os.PathLike, options: dict | None = None) -> 
     except OSError as e:
         raise ShardFormatError(f"{path}: unreadable index: {e}") from e
     return parse_index(data, path), data
+
+
+def not_a_folder(folder: str | os.PathLike) -> str:
+    """Why a local path that should be a shards folder is not one, in one line."""
+    p = Path(folder)
+    expected = "expected a folder written by vtt-prep extract: index.json + shard-*.tar"
+    if not p.exists():
+        return f"{folder}: shards folder does not exist ({expected})"
+    what = "a shard tar" if p.suffix == ".tar" else "a file"
+    hint = f"; give its folder, {p.parent}" if p.suffix == ".tar" and (p.parent / INDEX_FILE).is_file() else ""
+    return f"{folder}: is {what}, not a shards folder ({expected}){hint}"
 
 
 def parse_index(data: bytes, path: str | os.PathLike = INDEX_FILE) -> ShardIndex:

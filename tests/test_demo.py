@@ -60,6 +60,19 @@ def test_score_qa_per_question_type():
         demo.score_qa(held, answers[:-1])
 
 
+def test_heldout_picture_shows_each_models_mistakes_and_right_ones():
+    def rows(wrong: set[str]):
+        return {"rows": [{"key": k, "caption": f"cap {k}", "exact": k not in wrong, "unseen_combo": k in "cf"}
+                         for k in "abcdefg"]}
+    lines = demo.heldout_lines({"llava": rows({"d"}), "seq2seq": rows(set()), "qa": rows({"a", "b", "d", "g"})},
+                               n=5)
+    # 2 (n // 2) clips with mistakes, llava's and qa's in turn; then all-right ones, unseen combination first
+    assert list(lines) == ["d", "a", "c", "f", "e"]
+    assert lines["d"] == "llava: cap d  [WRONG]\nseq2seq: cap d  [right]\nqa: cap d  [WRONG]"
+    assert lines["c"].splitlines()[0] == "(this colour+shape+direction never in training)"
+    assert list(demo.heldout_lines({"llava": rows(set())}, n=3)) == ["c", "f", "a"]
+
+
 def test_config_errors_are_named(tmp_path):
     with pytest.raises(ValueError, match="kinds"):
         demo.DemoConfig(out=tmp_path, kinds=("gpt",))

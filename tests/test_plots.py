@@ -95,6 +95,21 @@ def test_contact_sheet_shows_frames_of_each_sample(tmp_path):
     assert blue.sum() == 0                         # and not the third
 
 
+def test_contact_sheet_shows_the_samples_asked_for_in_that_order(tmp_path):
+    shards = _write_shards(tmp_path / "shards")
+    png = plots.contact_sheet(shards, tmp_path / "sheet.png", keys=["clip2", "clip0"],
+                              captions={"clip2": "a: wrong\nb: right", "clip0": "a: right"})
+    arr = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    red = (arr[..., 0] > 180) & (arr[..., 1] < 80) & (arr[..., 2] < 80)
+    green = (arr[..., 1] > 140) & (arr[..., 0] < 80) & (arr[..., 2] < 80)
+    blue = (arr[..., 2] > 180) & (arr[..., 0] < 80) & (arr[..., 1] < 100)
+    assert blue.sum() > 100 and red.sum() > 100 and green.sum() == 0
+    rows_blue, rows_red = np.nonzero(blue.any(axis=1))[0], np.nonzero(red.any(axis=1))[0]
+    assert rows_blue.max() < rows_red.min()  # clip2 above clip0
+    with pytest.raises(ValueError, match="no sample"):
+        plots.contact_sheet(shards, tmp_path / "x.png", keys=["nope"])
+
+
 def test_images_go_to_active_wandb_run(tmp_path, monkeypatch):
     import wandb  # a declared dependency: never skip this test
     monkeypatch.setenv("WANDB_MODE", "offline")

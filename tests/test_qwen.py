@@ -148,11 +148,11 @@ def test_answer_only_labels_and_caption_samples(tiny, samples):
     assert learned == "".join(t["value"] + "<|im_end|>" for t in turns if t["from"] == "gpt")
 
 
-def test_bad_inputs_name_the_checkpoint_or_sample(tiny, samples, tmp_path):
+def test_bad_inputs_name_the_checkpoint_or_sample(tiny, samples, shards, tmp_path):
     llava = build_tiny("llava", tmp_path / "llava")
     with pytest.raises(ValueError, match=r"llava.*'llava_next_video' is not a Qwen-VL family"):
         adapter(llava)
-    p = vtt_train("--model", "qwen_vl", "--model-path", llava, "--shards", "/nonexistent", "--output-dir",
+    p = vtt_train("--model", "qwen_vl", "--model-path", llava, "--shards", shards[0], "--output-dir",
                   tmp_path / "run", "--max-steps", 1, check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and "vtt-train: error:" in last and "is not a Qwen-VL family" in last, p.stderr[-2000:]

@@ -308,7 +308,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     res = CliRunner().invoke(main, ["--model", "llava", "--preset", "tiny", "--shards", str(tmp_path / "none"),
                                     "--output-dir", str(tmp_path / "run"), "--max-steps", "1"],
                              env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output  # a path on the command line that is not there: before any work
     assert "vtt-train: error:" in res.output and "shards folder does not exist" in res.output
     res = CliRunner().invoke(main, ["--model", "llava", "--shards", "S", "--output-dir", str(tmp_path),
                                     "--set", "run.max_step=3"])

@@ -89,7 +89,10 @@ def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames:
 
 
 @click.command(help=__doc__.split("\n\n")[0] + "\n\nINPUT: video files and/or shards folders (paths or URLs "
-               "such as s3://bucket/shards).")
+               "such as s3://bucket/shards).\n\nExit status: 0 every input captioned; 1 some input failed (one line "
+               "each on stderr; the others are captioned); 2 bad flags, no model at MODEL, or a shards URL that "
+               "cannot be reached (nothing captioned).",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Only for exports without "
@@ -103,28 +106,43 @@ def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for shards URLs, repeatable (endpoint_url=..., profile=..., anon=true).")
+@click.version_option(package_name="vtt")
 def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_size, device, as_json,
          storage_options):
     from vtt.shards.storage import StorageError, parse_options
     try:
         options = parse_options(storage_options)
-        check_inputs(inputs, options)
-    except ValueError as e:  # StorageError too: one line naming the URL, before the model loads
-        click.echo(f"vtt-caption: error: {e}", err=True)
-        sys.exit(2 if isinstance(e, StorageError) or "storage-option" in str(e) else 1)
-    for key, text in caption(model, inputs, kind, keys, limit, num_frames, max_new_tokens, device, options,
-                             batch_size=batch_size):
-        click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")
+        failures = check_inputs(inputs, options)
+        model_dir(model)
+    except (ValueError, click.UsageError) as e:  # StorageError too: one line naming the URL, before the model loads
+        click.echo(f"vtt-caption: error: {e.message if isinstance(e, click.UsageError) else e}", err=True)
+        sys.exit(2 if isinstance(e, (StorageError, click.UsageError)) or "storage-option" in str(e) else 1)
+    for inp, why in failures:
+        click.echo(f"vtt-caption: error: {inp}: {why}", err=True)
+    good = [i for i in inputs if i not in dict(failures)]
+    if good:
+        def report(inp: str, why: str) -> None:
+            failures.append((inp, why))
+            click.echo(f"vtt-caption: error: {inp}: {why}", err=True)
+
+        for key, text in caption(model, good, kind, keys, limit, num_frames, max_new_tokens, device, options,
+                                 batch_size=batch_size, on_error=report):
+            click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")
+    if failures:
+        click.echo(f"vtt-caption: {len(failures)} of {len(inputs)} input(s) failed", err=True)
+        sys.exit(1)
 
 
-def check_inputs(inputs, options: dict) -> None:
-    """Local inputs must exist; shards URLs must be reachable (StorageError otherwise)."""
+def check_inputs(inputs, options: dict) -> list[tuple[str, str]]:
+    """(input, why) for each local input that is not there; shards URLs must be reachable (StorageError
+    otherwise: nothing runs)."""
     from vtt.shards.format import INDEX_FILE
     from vtt.shards.storage import StorageError, Store, is_url
+    bad = []
     for inp in inputs:
         if not is_url(inp):
             if not Path(inp).exists():
-                raise click.UsageError(f"{inp}: no such file or folder")
+                bad.append((inp, "no such file or folder"))
             continue
         try:
             Store.of(inp, options).read_bytes(INDEX_FILE)
@@ -132,12 +150,36 @@ def check_inputs(inputs, options: dict) -> None:
             raise
         except OSError:
             pass  # reachable; the loader names what is missing
+    return bad
+
+
+def one_line(inp: str, e: Exception) -> str:
+    """An input's failure in one line, without repeating the input's path: ffmpeg's telling last stderr line
+    beside vtt's message."""
+    from vtt.pipeline.frames import ExtractError
+    text = e.message if isinstance(e, (ExtractError, click.ClickException)) else str(e)
+    text = " / ".join(x.strip() for x in text.splitlines() if x.strip())
+    for prefix in (f"{inp}: ", f"{Path(inp).name}: "):
+        text = text.removeprefix(prefix)
+    if isinstance(e, ExtractError):
+        tail = [x.strip() for x in e.stderr_tail.splitlines() if x.strip()]
+        text = f"not captioned, {e.error_class}: {text}" + (f" ({tail[-1]})" if tail and tail[-1] not in text else "")
+    return text
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    from vtt.pipeline.frames import ExtractError
+    from vtt.shards.format import ShardFormatError
+    from vtt.trainer.adapters import SampleError
+    return ExtractError, ShardFormatError, SampleError, click.UsageError, OSError
 
 
 def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new_tokens=32, device=None,
-            storage_options=None, batch_size: int = 8):
+            storage_options=None, batch_size: int = 8, on_error=None):
     """[(key, caption)] for every input (video files, shards folders or URLs), `batch_size` inputs per generate
-    call: memory holds one batch of frames, however many inputs there are."""
+    call: memory holds one batch of frames, however many inputs there are. An input that cannot be read
+    (not a video, not a shards folder, a --key it lacks) raises, or with `on_error(input, why)` is reported
+    there and skipped, so the good inputs are still captioned."""
     import torch
 
     from vtt.shards.storage import is_url
@@ -146,12 +188,20 @@ def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new
     info = load_info(mdir, kind)
     adapter = get_adapter(model_config(mdir, info, kind))
     net = adapter.load_model().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def samples():
         for inp in inputs:
-            if is_url(inp) or Path(inp).is_dir():
-                yield from shard_samples(inp, keys, limit, adapter.needs_frames, storage_options)
-            else:
-                yield video_sample(Path(inp), frame_spec(info.get("frames") or {}, num_frames))
+            try:
+                if is_url(inp) or Path(inp).is_dir():
+                    got = shard_samples(inp, keys, limit, adapter.needs_frames, storage_options)
+                else:
+                    got = [video_sample(Path(inp), frame_spec(info.get("frames") or {}, num_frames))]
+            except input_errors() as e:
+                if on_error is None:
+                    raise
+                on_error(inp, one_line(inp, e))
+                continue
+            yield from got
 
     out, batch = [], []
     for s in itertools.chain(samples(), [None]):  # None: the end, flush what is left

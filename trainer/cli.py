@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -90,6 +91,13 @@ Examples:
 Settings: dataclass defaults < --config YAML < flags < --set section.field=value (any field, e.g.
 --set model.lora_r=64). RUN gets config.yaml and ds_config.json (what was actually used), metrics.jsonl,
 train.log, checkpoints/ and final/ (the exported Hugging Face model).
+
+Templates: model.target_template and model.source_template both default to {description}, so --model seq2seq
+without a --config learns to copy the description; set the target to another sidecar field to translate
+(configs/seq2seq.yaml: {description_fr}; or --set model.target_template={description_fr}).
+
+Exit status: 0 done; 1 a vtt error (one line on stderr); 2 bad flags or settings, an --output-dir or shards
+folder that cannot be used, or a shards URL that cannot be reached (checked before any work).
 """
 
 
@@ -157,6 +165,7 @@ train.log, checkpoints/ and final/ (the exported Hugging Face model).
 @click.option("--master-port", type=int, help="With --num-gpus: rendezvous port (default: a free one on a single "
               "machine, the launcher's 29500 with --hostfile/--num-nodes).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True)
+@click.version_option(package_name="vtt")
 def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
     enable_faulthandler()
     if num_gpus:
@@ -171,8 +180,8 @@ def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return
-    check_storage(cfg)
-    run(cfg, local_rank)
+    check_paths(cfg)
+    run(cfg, local_rank, created=not Path(cfg.run.output_dir).exists())
 
 
 def enable_faulthandler() -> None:
@@ -184,27 +193,54 @@ def enable_faulthandler() -> None:
         pass
 
 
-def check_storage(cfg) -> None:
-    """A shards URL that cannot be reached (scheme, endpoint, bucket, credentials, permissions) stops here,
-    before any work: one line naming the URL and the problem, exit status 2."""
-    from vtt.trainer.data import StorageError, check_storage as check
+def check_paths(cfg) -> None:
+    """The paths on the command line, before anything is imported, built or written (a second, not the model's
+    load): the run folder can be made, and every shards folder (path or URL) has a readable index.json (one
+    small read each). One line naming the path and the problem, exit status 2."""
+    from vtt.shards.format import ShardFormatError
+    from vtt.shards.index import read_index
     try:
-        check(cfg.data)
-    except StorageError as e:
+        check_run_folder(Path(cfg.run.output_dir))
+        for folder in dict.fromkeys(f for f in (cfg.data.shards, cfg.data.eval_shards) if f):
+            read_index(folder, cfg.data.storage_options)  # StorageError (a URL) is a ShardFormatError
+    except (ShardFormatError, NotADirectoryError, PermissionError) as e:
         click.echo(f"vtt-train: error: {e}", err=True)
         sys.exit(2)
 
 
-def run(cfg, local_rank: int | None) -> None:
-    """train() with vtt's known errors turned into one clear line and exit status 1."""
+def check_run_folder(out: Path) -> None:
+    """--output-dir must be a folder (new, or an earlier run's) that this user can write, or be makeable."""
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"{out}: is a file; --output-dir must be a folder (a new one or an earlier "
+                                     "run's)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out}: run folder is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{out}: cannot make the run folder there, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot make the run folder there, {parent} is not writable")
+
+
+def run(cfg, local_rank: int | None, created: bool = False) -> None:
+    """train() with vtt's known errors turned into one clear line and exit status 1. A run folder this command
+    created is removed again when the run fails before writing its config (nothing of a run is in it yet;
+    one process only: under a launcher the ranks would race)."""
     from vtt.trainer import loop
     try:
         result = loop.train(cfg, local_rank=local_rank)
     except known_errors() as e:
         from vtt.shards.storage import StorageError
         rank = os.environ.get("RANK", "0")
-        prefix = f"vtt-train (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else "vtt-train"
-        click.echo(f"{prefix}: error: {e}", err=True)
+        single = os.environ.get("WORLD_SIZE", "1") == "1"
+        click.echo(f"{'vtt-train' if single else f'vtt-train (rank {rank})'}: error: {e}", err=True)
+        run_dir = Path(cfg.run.output_dir)
+        if created and single and not (run_dir / "config.yaml").exists():
+            remove_run_folder(run_dir)
         sys.exit(2 if isinstance(e, StorageError) else 1)
     if int(os.environ.get("RANK", 0)) == 0:
         last = result.losses.get(result.steps)
@@ -213,6 +249,17 @@ def run(cfg, local_rank: int | None) -> None:
                    + (f"; model in {result.export_dir}" if result.export_dir else ""), err=True)
     shutdown()
     finish(0)
+
+
+def remove_run_folder(run_dir: Path) -> None:
+    import logging
+    import shutil
+    vtt_log = logging.getLogger("vtt")
+    for h in list(vtt_log.handlers):  # train.log's handler would reopen the file on the next record
+        if getattr(h, "_vtt_run", None) == str(run_dir):
+            vtt_log.removeHandler(h)
+            h.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:

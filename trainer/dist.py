@@ -46,9 +46,26 @@ def init_distributed(env: DistEnv, timeout_minutes: int) -> str:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(env.local_rank)
+    else:
+        skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
     return acc.device_name(env.local_rank) if acc.device_name() != "cpu" else "cpu"
+
+
+def skip_shm_comm_op() -> None:
+    """On DeepSpeed's CPU accelerator, do not build its shared-memory comm op (`deepspeed_shm_comm`).
+
+    Why: DeepSpeed's torch backend loads that op in every `init_distributed` (comm/torch.py `build_shm_op`),
+    which JIT-compiles C++ into TORCH_EXTENSIONS_DIR: 20-150 s of silence on a first run, and again whenever
+    the cache is elsewhere (another checkout, a CI machine). Only `inference_all_reduce` (AutoTP inference
+    layers) uses it; training's all_reduce, all_gather and reduce_scatter (ZeRO 0-3) go through
+    torch.distributed's gloo, and without the op that inference path falls back to gloo too.
+    `build_shm_op` returns None for an op that `deepspeed.ops.__compatible_ops__` marks incompatible; DeepSpeed
+    keeps that dict cached in the module so such edits persist (probing it is what init_distributed does
+    anyway)."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def quiet_deepspeed() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +125,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     return evaluate_model(adapter, net, cfg)
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
+@click.command(help=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\nExit status: 0 done, "
+               "1 a vtt error (one line on stderr; OUT is removed if this run made it), 2 bad flags or paths "
+               "(MODEL, --shards, --out), nothing written.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--shards", required=True, help="Shards folder to answer (its index order).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for predictions and metrics.")
@@ -134,10 +139,45 @@ def run_eval(cfg: EvalConfig) -> dict:
 @click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Only for exports without "
               "vtt_model.json.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if available].")
+@click.version_option(package_name="vtt")
 def main(model, shards, out, batch_size, group_by, max_new_tokens, limit, kind, device):
-    m = run_eval(EvalConfig(model, shards, out, batch_size, tuple(group_by), max_new_tokens, limit, kind, device))
+    try:
+        cfg = EvalConfig(model, shards, out, batch_size, tuple(group_by), max_new_tokens, limit, kind, device)
+        check_paths(cfg)
+    except (ValueError, click.UsageError) as e:  # ShardFormatError/StorageError are ValueErrors
+        click.echo(f"vtt-eval: error: {e.message if isinstance(e, click.UsageError) else e}", err=True)
+        sys.exit(2)
+    created = not Path(out).exists()
+    try:
+        m = run_eval(cfg)
+    except known_errors() as e:
+        click.echo(f"vtt-eval: error: {e}", err=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        sys.exit(1)
     click.echo(f"vtt-eval: {m['n']} answers, exact match {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
                f"chrF {m['chrf']:.1f} -> {Path(out) / METRICS_FILE}" if m["n"] else "vtt-eval: nothing to answer")
+
+
+def check_paths(cfg: EvalConfig) -> None:
+    """Before the model loads: an exported model, a shards folder with a readable index.json, an OUT that can
+    be made (one line each, naming the path)."""
+    from vtt.shards.index import read_index
+    from vtt.trainer.caption import model_dir
+    model_dir(cfg.model)
+    read_index(cfg.shards)
+    parent = Path(cfg.out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{cfg.out}: cannot make the output folder there, {parent} is a file")
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    from vtt.shards.format import ShardFormatError
+    from vtt.trainer.adapters import SampleError
+    from vtt.trainer.data import CorruptSampleError
+    return ShardFormatError, SampleError, CorruptSampleError, click.UsageError, OSError
 
 
 if __name__ == "__main__":

@@ -94,22 +94,23 @@ def _sample(key: str, fields: dict[str, bytes]) -> dict:
 
 
 def contact_sheet(shards_dir, png, n_samples: int = 6, max_frames: int = 8,
-                  captions: dict[str, str] | None = None, wandb_key: str = "plots/contact_sheet") -> Path:
-    """One row per sample (its frames left to right in time order) titled key + caption.
+                  captions: dict[str, str] | None = None, wandb_key: str = "plots/contact_sheet",
+                  keys: list[str] | None = None) -> Path:
+    """One row per sample (its frames left to right in time order) titled key + caption: the first `n_samples`
+    samples in index order, or the samples named by `keys` in that order (the folder is read until all are
+    found: O(samples read)).
 
-    `captions` (key -> text) adds a second line, e.g. what a trained model generated.
+    `captions` (key -> text, may hold several lines) adds lines under the title, e.g. what trained models
+    generated.
     """
-    samples = []
-    for sample in iter_shard_samples(shards_dir):
-        samples.append(sample)
-        if len(samples) >= n_samples:
-            break
+    samples = _pick(shards_dir, n_samples, keys)
     if not samples:
         raise ValueError(f"{shards_dir}: no samples to show")
     cols = min(max_frames, max(len(s["frames"]) for s in samples)) or 1
-    lines = 2 if captions else 1
+    lines = 1 + max((len(captions[s["key"]].splitlines()) for s in samples if s["key"] in (captions or {})),
+                    default=0)
     fig, axes = plt.subplots(len(samples), cols, figsize=(max(1.4 * cols, 5.5), (1.4 + 0.2 * lines) * len(samples)),
-                             dpi=100, squeeze=False, gridspec_kw={"hspace": 0.2 + 0.25 * lines, "wspace": 0.05})
+                             dpi=100, squeeze=False, gridspec_kw={"hspace": 0.1 + 0.17 * lines, "wspace": 0.05})
     for row, sample in zip(axes, samples):
         for i, ax in enumerate(row):
             ax.axis("off")
@@ -117,10 +118,29 @@ def contact_sheet(shards_dir, png, n_samples: int = 6, max_frames: int = 8,
                 ax.imshow(sample["frames"][i], interpolation="nearest")
         title = f"{sample['key']}: {sample['text']}"
         if captions and sample["key"] in captions:
-            title += f"\nmodel: {captions[sample['key']]}"
+            title += "\n" + captions[sample["key"]]
         # left-aligned over the whole row: the title may run past the first frame's axes
         row[0].set_title(title, loc="left", fontsize=8)
     return _save(fig, png, wandb_key)
+
+
+def _pick(shards_dir, n_samples: int, keys: list[str] | None) -> list[dict]:
+    want, found = (list(dict.fromkeys(keys)) if keys is not None else None), {}
+    for sample in iter_shard_samples(shards_dir):
+        if want is None:
+            found[sample["key"]] = sample
+            if len(found) >= n_samples:
+                break
+        elif sample["key"] in want:
+            found[sample["key"]] = sample
+            if len(found) == len(want):
+                break
+    if want is None:
+        return list(found.values())
+    missing = [k for k in want if k not in found]
+    if missing:
+        raise ValueError(f"{shards_dir}: no sample(s) with key {missing}")
+    return [found[k] for k in want]
 
 
 def _save(fig, png, wandb_key: str | None) -> Path:
