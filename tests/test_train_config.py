@@ -113,6 +113,33 @@ def test_generated_config_per_model_kind():
     assert z3["zero_force_ds_cpu_optimizer"] is False  # torch AdamW with offload: nothing to compile
 
 
+def test_settings_chosen_per_case():
+    """One process takes ZeRO-0 unless a stage is asked for (or offload needs one); gradient buckets come from the
+    trainable size (a tiny model: one bucket; NLLB-600M: ~4 instead of ~600; never above DeepSpeed's 5e8);
+    torch AdamW is fused on CUDA and multi-tensor elsewhere, left alone with offload."""
+    o = OptimConfig()
+    assert dsc.resolve(DeepSpeedSettings(), world_size=1).zero_stage == 0
+    assert dsc.resolve(DeepSpeedSettings(), world_size=2).zero_stage == 2
+    assert dsc.resolve(DeepSpeedSettings(zero_stage=2), world_size=1).zero_stage == 2
+    assert dsc.resolve(DeepSpeedSettings(offload_optimizer=True), world_size=1).zero_stage == 2
+    assert dsc.bucket_elements(171_000) == 2**20 and dsc.bucket_elements(615_000_000) == 153_750_000
+    assert dsc.bucket_elements(7_000_000_000) == 500_000_000
+    s = DeepSpeedSettings(zero_stage=2)
+    gpu = dsc.build(s, o, 2, 1024, False, 10, True, "cuda", trainable=615_000_000)
+    z = gpu["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 153_750_000
+    assert gpu["optimizer"]["params"]["fused"] is True and "foreach" not in gpu["optimizer"]["params"]
+    cpu = dsc.build(s, o, 2, 1024, False, 10, True, "cpu")
+    assert cpu["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024  # plan time: placeholder
+    assert cpu["optimizer"]["params"]["foreach"] is True and "fused" not in cpu["optimizer"]["params"]
+    off = dsc.build(DeepSpeedSettings(zero_stage=2, offload_optimizer=True), o, 1, 64, False, 10, True, "cuda")
+    assert "fused" not in off["optimizer"]["params"] and "foreach" not in off["optimizer"]["params"]
+    ext = dsc.build(DeepSpeedSettings(config_file=str(CONFIGS / "ds_config.json")), o, 1, 32, True, 10, True,
+                    "cuda", trainable=10_000_000)
+    assert ext["zero_optimization"]["reduce_bucket_size"] == 2_500_000  # "auto" filled
+    assert ext["zero_optimization"]["allgather_bucket_size"] == 500_000_000  # a concrete value is kept
+
+
 def test_seed_config_auto_values_are_filled(tmp_path):
     seed = json.loads((CONFIGS / "ds_config.json").read_text())
     assert seed["zero_optimization"]["stage"] == 2 and seed["bf16"]["enabled"] is True
