@@ -9,9 +9,10 @@ micro batches, the same loss function (`loss.forward_loss`: the summed token los
 no DeepSpeed, no host sync.
 
 Both take the same batches from vtt's loader + the adapter's collate, read before timing (prefetched), so the
-ratio is the step's cost alone. Rounds interleave the two sides (order alternating) and the ratio printed is
-the median of per-round ratios plain / vtt, so a busy machine slows both sides of a round alike
-(>= 0.9: vtt's step within ~1.1x of the plain loop).
+ratio is the step's cost alone. Single steps alternate between the two sides (which goes first alternates too),
+so a busy machine slows both alike; the ratio printed is median(plain step) / median(vtt step) over all rounds
+(>= 0.9: vtt's step within ~1.1x of the plain loop), with each round's ratio and the ratio of the fastest steps
+beside it to show the spread.
 
     .venv/bin/python benchmarks/bench_step.py                 # both tiny CPU cases, ~2-4 min on 2 busy cores
     .venv/bin/python benchmarks/bench_step.py --cases seq2seq --profile vtt   # cProfile of vtt's steps
@@ -122,6 +123,10 @@ class PlainSide:
         self.s, self.device = s, device
         torch.manual_seed(s.plan.cfg.run.seed)  # what build_engine does: same LoRA init
         self.model = s.adapter.load_model().to(device).train()
+        if s.bf16:  # fp32 master weights for what trains (bf16 autocast computes); a frozen base stays as loaded
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         o = s.plan.cfg.optim
         fused = {"fused": True} if device != "cpu" else {"foreach": True}
         self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -160,15 +165,27 @@ def timed(side, groups: list[list[dict]], device: str) -> float:
     return (time.perf_counter() - t0) / len(groups)
 
 
-def peak_gb(device: str, fn) -> float | None:
+def first_step(device: str, make, batches: list[dict]):
+    """(side, its first step's loss, GiB it holds on the GPU after that step: weights, optimizer states, kept
+    gradient buffers)."""
+    before = torch.cuda.memory_allocated() if device != "cpu" else 0
+    side = make()
+    loss = float(side.step(batches))
+    return side, loss, (torch.cuda.memory_allocated() - before) / 2**30 if device != "cpu" else None
+
+
+def peak_gb(device: str, fn, base: float | None) -> float | None:
+    """One side's peak during a step as if it were alone on the GPU: the other side's memory is not counted
+    (what it holds after its first step + this step's growth above what was allocated before it)."""
     if device == "cpu":
         fn()
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return base + (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def run_case(name: str, flags: list[str], a) -> dict:
@@ -177,23 +194,28 @@ def run_case(name: str, flags: list[str], a) -> dict:
     s = Setup(cfg, a.steps_per_round * 2)
     device = init_distributed(s.env, 30)
     groups = [s.batches[i:i + s.accum] for i in range(0, len(s.batches) - s.accum + 1, s.accum)]
-    vtt, plain = VttSide(s, device), PlainSide(s, device)
-    first = (float(vtt.step(groups[0])), float(plain.step(groups[0])))  # same weights, same batch
-    peaks = {side.name: peak_gb(device, lambda: side.step(groups[1])) for side in (vtt, plain)}  # + warm-up
+    vtt, vtt_loss, vtt_gb = first_step(device, lambda: VttSide(s, device), groups[0])  # same weights, batch
+    plain, plain_loss, plain_gb = first_step(device, lambda: PlainSide(s, device), groups[0])
+    peaks = {side.name: peak_gb(device, lambda: side.step(groups[1]), base)  # + warm-up
+             for side, base in ((vtt, vtt_gb), (plain, plain_gb))}
     if a.profile:
         return profile(vtt if a.profile == "vtt" else plain, groups, device)
-    times = {"vtt": [], "plain": []}
+    times, ratios = {"vtt": [], "plain": []}, []
     for r in range(a.rounds):
-        order = (vtt, plain) if r % 2 == 0 else (plain, vtt)
-        for side in order:
-            times[side.name].append(timed(side, groups[:a.steps_per_round], device))
-    ratios = [p / v for p, v in zip(times["plain"], times["vtt"])]
+        got = {"vtt": [], "plain": []}
+        for k in range(a.steps_per_round):  # single steps alternate: both sides see the same moment's load
+            for side in ((vtt, plain) if (r + k) % 2 == 0 else (plain, vtt)):
+                got[side.name].append(timed(side, [groups[k % len(groups)]], device))
+        ratios.append(statistics.median(got["plain"]) / statistics.median(got["vtt"]))
+        for side_name, t in got.items():
+            times[side_name] += t
     res = {"case": name, "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
            "zero_stage": s.plan.resolved.zero_stage, "precision": s.plan.resolved.precision,
            "micro_batch": s.plan.resolved.micro_batch_size, "grad_accum": s.accum,
            "vtt_step_s": statistics.median(times["vtt"]), "plain_step_s": statistics.median(times["plain"]),
-           "ratio_plain_over_vtt": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios],
-           "first_loss_vtt": first[0], "first_loss_plain": first[1],
+           "ratio_plain_over_vtt": statistics.median(times["plain"]) / statistics.median(times["vtt"]),
+           "ratio_of_fastest": min(times["plain"]) / min(times["vtt"]), "round_ratios": [round(x, 3) for x in ratios],
+           "first_loss_vtt": vtt_loss, "first_loss_plain": plain_loss,
            "peak_gb_vtt": peaks["vtt"], "peak_gb_plain": peaks["plain"], "load_1min": os.getloadavg()[0]}
     print("BENCH_STEP " + json.dumps(res), flush=True)
     return res
@@ -227,14 +249,14 @@ def main() -> None:
     rest = [x for x in rest if x != "--"]
     out = a.out or Path(tempfile.mkdtemp(prefix="vtt-bench-step-"))
     out.mkdir(parents=True, exist_ok=True)
-    shards = a.shards or make_shards(out)
     cases = {a.name: rest} if a.name else {c: CASES[c] for c in a.cases.split(",")}
     precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     for name, flags in cases.items():
-        flags = [*flags, "--shards", str(shards), "--output-dir", str(out / f"run-{name}"),
-                 "--set", "run.progress_bar=false", "--max-steps", "1000"]
+        flags = [*flags, "--output-dir", str(out / f"run-{name}"), "--set", "run.progress_bar=false",
+                 "--max-steps", "1000"]  # the step count only sets the LR schedule's length here
         if not a.name:
-            flags += ["--precision", precision] + (["--zero-stage", a.zero_stage] if a.zero_stage else [])
+            flags += ["--shards", str(a.shards or make_shards(out)), "--precision", precision]
+            flags += ["--zero-stage", a.zero_stage] if a.zero_stage else []
         log(f"{name}: vtt-train {' '.join(flags)}")
         run_case(name, flags, a)
 

@@ -29,8 +29,9 @@ def recording(engine, batch, causal):
     return real_loss(engine, batch, causal)
 def step(self, *a, **k):
     if self.is_gradient_accumulation_boundary() and not getattr(self, "_dumped", False):
-        grads = {n: safe_get_full_grad(p).detach().float().cpu().clone()
-                 for n, p in self.module.named_parameters() if p.requires_grad}
+        full = {n: safe_get_full_grad(p) for n, p in self.module.named_parameters() if p.requires_grad}
+        grads = {n: (torch.zeros_like(p) if full[n] is None else full[n]).detach().float().cpu().clone()
+                 for n, p in self.module.named_parameters() if p.requires_grad}  # ZeRO-0: unused ones stay None
         torch.save({"grads": grads, "batches": batches}, f"{out}.rank{os.environ.get('RANK', '0')}")
         self._dumped = True
     return real_step(self, *a, **k)
@@ -56,7 +57,8 @@ def captured(tmp, shards, preset, micro: int, accum: int, ranks: int = 1) -> lis
     args = ["--model", "llava", "--model-path", str(preset), "--shards", str(shards), "--output-dir", str(out),
             "--micro-batch", str(micro), "--grad-accum", str(accum), "--max-steps", "1", "--precision", "fp32",
             "--save-every", "0", "--no-export", "--set", "run.save_final=false", "--set", "run.progress_bar=false",
-            "--set", "data.shuffle_buffer=0", "--set", "data.interleave_shards=1"]  # clips 0-3: 4 caption lengths
+            "--set", "data.shuffle_buffer=0", "--set", "data.interleave_shards=1",  # clips 0-3: 4 caption lengths
+            "--grad-clip", "0"]  # the gradients as the loss makes them (ZeRO-0: vtt clips before engine.step)
     launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                     "--master_port", str(free_port())]
     script = tmp / "capture.py"

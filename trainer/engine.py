@@ -43,7 +43,26 @@ def build_engine(plan: Plan, adapter):
         # the data-parallel mean over one rank is the identity: skip DeepSpeed's flatten + all_reduce + copy
         # back of every gradient at each boundary
         engine.enable_backward_allreduce = False
+    take_over_clipping(engine)
     return engine
+
+
+def take_over_clipping(engine) -> None:
+    """fp32 ZeRO-0: DeepSpeed clips with a Python loop of per-parameter norms over the whole module plus an
+    all_reduce, and keeps no norm (grad_norm would log None); vtt clips instead (clip_gradients), same max norm.
+    bf16 (DeepSpeed's BF16_Optimizer) and ZeRO >= 1 clip their own fp32 copies and keep the norm."""
+    engine._vtt_clip, engine._vtt_grad_norm = 0.0, None
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and engine.gradient_clipping() > 0:
+        engine._vtt_clip = engine.gradient_clipping()
+        engine._config.gradient_clipping = 0.0  # what engine.gradient_clipping() returns
+
+
+def clip_gradients(engine) -> None:
+    """Before the update step (after DeepSpeed's all_reduce of the last backward): clip the trainable
+    parameters' gradients to the run's max norm; the norm stays on the device until logged."""
+    if engine._vtt_clip:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        engine._vtt_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine._vtt_clip)
 
 
 def config_for_model(plan: Plan, adapter, model: torch.nn.Module) -> dict:

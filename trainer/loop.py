@@ -21,7 +21,7 @@ from vtt.trainer.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.config import BEST_METRICS, TrainConfig
 from vtt.trainer.data import agree_data, build_loader, pin_data
 from vtt.trainer.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
-from vtt.trainer.engine import build_engine, engine_dtype, to_device
+from vtt.trainer.engine import build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale
@@ -93,7 +93,9 @@ class StepStats:
 
 
 def grad_norm(engine) -> float | None:
-    g = engine.get_global_grad_norm()
+    """The last update's gradient norm (a host read: called at log steps only)."""
+    g = getattr(engine, "_vtt_grad_norm", None)
+    g = engine.get_global_grad_norm() if g is None else g
     if g is None:
         return None
     return float(g.item() if torch.is_tensor(g) else g)
@@ -167,6 +169,7 @@ def train_step(engine, it, plan: Plan, device, dtype, adapter, env: DistEnv, ste
             mine, (total_loss, global_tokens, total_samples, total_tokens), bad = step_totals(
                 torch.stack(losses).sum(), [local, samples, tokens], env, device)
             check_finite(losses, mine, bad, step, env, last_ckpt)
+            clip_gradients(engine)
         engine.step()
     global_tokens = int(global_tokens)
     return StepStats(total_loss / max(global_tokens, 1), global_tokens, int(total_samples), int(total_tokens), wait)

@@ -77,9 +77,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """In place: a second copy of the head's gradient would be the largest tensor here (backward runs once;
+        retain_graph=True is not supported)."""
         grad_h, grad_w = ctx.saved_tensors
-        g = grad_out.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
-        return (grad_h * g if grad_h is not None else None), (grad_w * g if grad_w is not None else None), None, None
+        for g in (grad_h, grad_w):
+            if g is not None:
+                g.mul_(grad_out.to(g.dtype))
+        return grad_h, grad_w, None, None
 
 
 def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
