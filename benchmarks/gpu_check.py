@@ -1,5 +1,5 @@
 """GPU check for vtt-train: bf16 on real vtt-prep shards with full-size model shapes (random weights), the ZeRO
-stage vtt-train picks (0 on one GPU; --zero-stage to force one).
+stage vtt-train picks (bf16 on one GPU: ZeRO-1 with fp32 gradient accumulation; --zero-stage to force one).
 
 Runs (each a `vtt-train` process, a few dozen optimizer steps):
   llava_lora   LLaVA-NeXT-Video with LLaVA-NeXT-Video-7B's shapes (Llama-2-7B text, CLIP ViT-L/14-336 vision,

@@ -101,7 +101,7 @@ def test_generated_config_per_model_kind():
     assert (r.zero_stage, r.precision, r.global_batch) == (2, "bf16", 24)
     llava = dsc.build(s, o, 4, hidden_size=64, cast_buffers=False, total_steps=10, bf16_supported=True,
                       device="cuda")
-    assert llava["train_batch_size"] == 24 and llava["bf16"] == {"enabled": True}
+    assert llava["train_batch_size"] == 24 and llava["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert llava["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert llava["optimizer"]["params"]["torch_adam"] is True and "data_types" not in llava  # RoPE stays fp32
     s2s = dsc.build(s, o, 4, 32, cast_buffers=True, total_steps=10, bf16_supported=True, device="cuda")
@@ -118,7 +118,10 @@ def test_settings_chosen_per_case():
     trainable size (a tiny model: one bucket; NLLB-600M: ~4 instead of ~600; never above DeepSpeed's 5e8);
     torch AdamW is fused on CUDA and multi-tensor elsewhere, left alone with offload."""
     o = OptimConfig()
-    assert dsc.resolve(DeepSpeedSettings(), world_size=1).zero_stage == 0
+    assert dsc.resolve(DeepSpeedSettings(), world_size=1).zero_stage == 1  # bf16: BF16_Optimizer
+    assert dsc.resolve(DeepSpeedSettings(precision="fp32"), world_size=1).zero_stage == 0
+    bf16 = dsc.build(DeepSpeedSettings(), o, 1, 64, False, 10, True, "cuda")
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"} and bf16["bf16"]["check_grad_overflow"] is False
     assert dsc.resolve(DeepSpeedSettings(), world_size=2).zero_stage == 2
     assert dsc.resolve(DeepSpeedSettings(zero_stage=2), world_size=1).zero_stage == 2
     assert dsc.resolve(DeepSpeedSettings(offload_optimizer=True), world_size=1).zero_stage == 2
@@ -279,7 +282,7 @@ def prepare(tmp_path, tiny_models, kind="llava", shards=None, **sections):
 def test_prepare_accepts_good_data(tmp_path, tiny_models, world1):
     shards = make_train_shards(tmp_path / "shards", n=8, per_shard=4)
     plan = prepare(tmp_path, tiny_models, "seq2seq", shards, model={"src_lang": "eng_Latn"})
-    assert plan.total_steps == 2 and plan.ds["data_types"] == {"buffer_dtype": "bf16"}
+    assert plan.total_steps == 2 and plan.ds["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
     assert plan.cfg.data.decode_frames is False  # text-only model: frames never decoded
 
 

@@ -84,13 +84,15 @@ def _json_precision(ext: dict, source: str) -> str | None:
     return None
 
 
-def default_stage(settings: DeepSpeedSettings, world_size: int) -> int:
-    """ZeRO stage when neither the settings nor the JSON name one. One process: stage 0 - partitioning over one
-    rank saves nothing, and ZeRO-1/2's per-parameter gradient hooks and bucket copies were most of a small
-    model's step (benchmarks/bench_step.py); bf16 keeps fp32 master weights either way. Several: ZeRO-2.
-    Optimizer offload needs ZeRO >= 1."""
+def default_stage(settings: DeepSpeedSettings, world_size: int, precision: str) -> int:
+    """ZeRO stage when neither the settings nor the JSON name one. One process: partitioning over one rank saves
+    nothing, and ZeRO-2's per-parameter gradient hooks and bucket reductions were most of a small model's step
+    (benchmarks/bench_step.py): fp32 takes stage 0 (the torch optimizer on the parameters); bf16 takes stage 1,
+    which with fp32 gradient accumulation (generate) is DeepSpeed's BF16_Optimizer - flat fp32 master weights
+    and gradients - where bf16 stage 0 would accumulate gradients in bf16 and copy every gradient to a fresh
+    fp32 tensor each step. Several processes: ZeRO-2. Optimizer offload needs ZeRO >= 1."""
     if world_size == 1 and not settings.offload_optimizer:
-        return 0
+        return 1 if precision == "bf16" else 0
     return DEFAULT_ZERO_STAGE
 
 
@@ -105,9 +107,9 @@ def resolve(settings: DeepSpeedSettings, world_size: int, ext: dict | None = Non
     """Batch, ZeRO stage and precision from the settings and (optionally) an external config."""
     ext = ext or {}
     src = settings.config_file or "the DeepSpeed config"
-    stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
-                  default_stage(settings, world_size), src)
     precision = _pick("precision", settings.precision, _json_precision(ext, src), DEFAULT_PRECISION, src)
+    stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
+                  default_stage(settings, world_size, precision), src)
     micro = _pick("train_micro_batch_size_per_gpu", settings.micro_batch_size,
                   ext.get("train_micro_batch_size_per_gpu"), DEFAULT_MICRO_BATCH, src)
     ext_ga, ext_tbs = ext.get("gradient_accumulation_steps"), ext.get("train_batch_size")
@@ -183,6 +185,10 @@ def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if r.precision == "bf16" and cast_buffers:
         cfg["data_types"] = {"buffer_dtype": "bf16"}
+    if r.precision == "bf16" and r.zero_stage == 1 and not s.offload_optimizer:
+        cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"  # -> BF16_Optimizer (default_stage)
+    if r.precision == "bf16" and r.zero_stage in (1, 2):
+        cfg["bf16"]["check_grad_overflow"] = False  # no loss scale to adjust: a per-step scan + all_reduce saved
     return cfg
 
 

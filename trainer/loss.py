@@ -104,6 +104,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels).float()
     if impl != "chunked":
         raise ValueError(f"unknown cross-entropy implementation {impl!r}")
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):  # as autocast would run the head's matmul; autograd casts the grads back
+        dt = torch.get_autocast_dtype(kind)
+        hidden, weight = hidden.to(dt), weight.to(dt)
     return _ChunkedLinearCE.apply(hidden, weight, labels, chunk or chunk_rows(weight.shape[0]))
 
 
