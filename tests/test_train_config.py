@@ -153,7 +153,7 @@ def test_seed_config_auto_values_are_filled(tmp_path):
                     device="cuda")
     assert cfg["train_batch_size"] == 3 * 4 * 2 and cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"]["params"] == {"lr": 5e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05,
-                                          "torch_adam": True}
+                                          "torch_adam": True, "fused": True}  # CUDA: fused torch AdamW
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 32 * 32
     assert cfg["data_types"] == {"buffer_dtype": "bf16"} and dsc.remaining_auto(cfg) == []
 

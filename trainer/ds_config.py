@@ -212,7 +212,7 @@ class _Filler:
 
 
 def fill_auto(ext: dict, r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size: int,
-              cast_buffers: bool, total_steps: int, trainable: int | None = None) -> dict:
+              cast_buffers: bool, total_steps: int, trainable: int | None = None, device: str = "cuda") -> dict:
     """Fill an external config's "auto" values; concrete values that disagree with the settings stop."""
     cfg = copy.deepcopy(ext)
     f = _Filler(cfg, s.config_file or "DeepSpeed config")
@@ -240,7 +240,7 @@ def fill_auto(ext: dict, r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, 
         z.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     if s.offload_param:
         z.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
-    _fill_optimizer(cfg, f, s, optim)
+    _fill_optimizer(cfg, f, s, optim, device)
     _fill_scheduler(f, optim, total_steps)
     if r.precision == "bf16" and cast_buffers:
         cfg.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
@@ -259,7 +259,7 @@ def _fill_precision(cfg: dict, r: Resolved) -> None:
         cfg["fp16"]["enabled"] = False
 
 
-def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimConfig) -> None:
+def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimConfig, device: str) -> None:
     if "optimizer" not in cfg:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
                                                         "eps": optim.eps, "weight_decay": optim.weight_decay}}
@@ -270,8 +270,11 @@ def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimCon
     f.fill("optimizer.params.weight_decay", optim.weight_decay)
     if str(cfg["optimizer"].get("type", "")).lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", s.torch_adam)
-        if params["torch_adam"] and _get(cfg, "zero_optimization.offload_optimizer.device") == "cpu":
+        offload = _get(cfg, "zero_optimization.offload_optimizer.device", "none") != "none"
+        if params["torch_adam"] and offload:
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+        if params["torch_adam"] and not offload and not {"fused", "foreach"} & set(params):
+            params["fused" if device == "cuda" else "foreach"] = True  # as generate(): _optimizer_params
 
 
 def _fill_scheduler(f: _Filler, optim: OptimConfig, total_steps: int) -> None:
@@ -325,7 +328,8 @@ def build(settings: DeepSpeedSettings, optim: OptimConfig, world_size: int, hidd
     trainable parameter count (sizes the gradient buckets); None at plan time."""
     ext = read_external(settings.config_file) if settings.config_file else None
     r = resolved or resolve(settings, world_size, ext)
-    cfg = (fill_auto(ext, r, settings, optim, hidden_size, cast_buffers, total_steps, trainable) if ext is not None
+    cfg = (fill_auto(ext, r, settings, optim, hidden_size, cast_buffers, total_steps, trainable, device)
+           if ext is not None
            else generate(r, settings, optim, hidden_size, cast_buffers, device, trainable))
     validate(cfg, r, bf16_supported, cast_buffers, device)
     return cfg
