@@ -1,4 +1,5 @@
-"""GPU check for vtt-train: bf16 ZeRO-2 on real vtt-prep shards with full-size model shapes (random weights).
+"""GPU check for vtt-train: bf16 on real vtt-prep shards with full-size model shapes (random weights), the ZeRO
+stage vtt-train picks (bf16 on one GPU: ZeRO-1 with fp32 gradient accumulation; --zero-stage to force one).
 
 Runs (each a `vtt-train` process, a few dozen optimizer steps):
   llava_lora   LLaVA-NeXT-Video with LLaVA-NeXT-Video-7B's shapes (Llama-2-7B text, CLIP ViT-L/14-336 vision,
@@ -9,8 +10,11 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
                batch 1, 8 frames of 336x336 (4 temporal patches x 144 = 576 video tokens)
   nllb         NLLB-200-600M's shapes (M2M100, d_model 1024, 12+12 layers, vocab 256206), full fine-tune
   llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
-and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; OUT/gpu_check.json
-keeps them (copy the table into BENCHMARKS.md with the device name). About 3-5 minutes on one H100.
+and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; then, per run,
+benchmarks/bench_step.py with the same flags: vtt-train's step against a plain PyTorch loop on the same batches and
+model (the ratio plain / vtt; >= 0.9 is the target), and the peak memory against the memory planner's estimate
+(`vtt.trainer.memory`, where that module exists). OUT/gpu_check.json keeps them (copy the table into
+BENCHMARKS.md with the device name). About 5-8 minutes on one H100 (--no-ratio: 3-5).
 
 How to run, on a CUDA machine without registry access:
   1. beside the repo, a folder of wheels for this project (`pip download -d wheels torch deepspeed transformers
@@ -143,11 +147,13 @@ def _save_random(auto_cls, cfg, out: Path) -> None:
 
 # ------------------------------------------------------------------ runs
 
-def run_args(name: str, models: dict, shards: Path, out: Path, steps: int) -> list[str]:
+def run_args(name: str, models: dict, shards: Path, out: Path, steps: int,
+             zero_stage: int | None = None) -> list[str]:
     common = ["--shards", str(shards), "--output-dir", str(out / f"run-{name}"), "--max-steps", str(steps),
               "--log-every", "5", "--save-every", "0", "--set", "run.save_final=false", "--precision", "bf16",
-              "--zero-stage", "2", "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16",
-              "--warmup-steps", "2"]
+              "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16", "--warmup-steps", "2",
+              "--set", "run.progress_bar=false"]
+    common += ["--zero-stage", str(zero_stage)] if zero_stage is not None else []
     if name == "llava_lora":
         return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1", "--lora",
                 "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
@@ -173,6 +179,38 @@ def train(args: list[str], timeout: int) -> float:
     if p.returncode != 0:
         raise RuntimeError(f"vtt-train failed ({p.returncode}):\n{p.stdout[-5000:]}")
     return time.perf_counter() - t0
+
+
+def step_ratio(name: str, args: list[str], out: Path, timeout: int) -> dict:
+    """benchmarks/bench_step.py on the same flags: vtt's step vs the plain loop, interleaved, in one process."""
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda"), WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--name", name, "--out", str(out / "bench"),
+           "--rounds", "4", "--steps-per-round", "5", "--", *args]
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"bench_step timed out after {timeout}s"}
+    lines = [x for x in p.stdout.splitlines() if x.startswith("BENCH_STEP ")]
+    if p.returncode != 0 or not lines:
+        return {"error": f"bench_step failed ({p.returncode}): {p.stdout[-2000:]}"}
+    return json.loads(lines[-1][len("BENCH_STEP "):])
+
+
+def planned_peak_gb(args: list[str]) -> float | None:
+    """HOOK (issue 21 item 3): the memory planner's estimate of the peak per device for these vtt-train flags.
+    `vtt.trainer.memory` is written on another branch; until it is merged this returns None and the table
+    shows "-". Expected: an `estimate(cfg)` returning an object with `peak_bytes` (or a number of bytes)."""
+    try:
+        from vtt.trainer import memory
+    except ImportError:
+        return None
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_step import config_from_flags
+    est = memory.estimate(config_from_flags(args))
+    peak = getattr(est, "peak_bytes", est)
+    return float(peak) / 2**30 if peak is not None else None
 
 
 def count_tokens(model_path: Path, shards: Path, n: int = 64) -> tuple[float, float]:
@@ -249,6 +287,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=96, help="sample clips to make when --shards is not given")
     ap.add_argument("--peak-tflops", type=float)
     ap.add_argument("--timeout", type=int, default=420, help="per vtt-train run, seconds")
+    ap.add_argument("--zero-stage", type=int, help="force this ZeRO stage (default: vtt-train's choice)")
+    ap.add_argument("--no-ratio", action="store_true", help="skip the step benchmark against the plain loop")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: configs, commands, parameter counts only")
     a = ap.parse_args()
     if a.dry_run:
@@ -272,14 +312,19 @@ def main() -> None:
     for name in runs:
         shutil.rmtree(a.out / f"run-{name}", ignore_errors=True)
         log(f"training {name} for {a.steps} steps ...")
-        wall = train(run_args(name, models, shards, a.out, a.steps), a.timeout)
+        args = run_args(name, models, shards, a.out, a.steps, a.zero_stage)
+        wall = train(args, a.timeout)
         s = json.loads((a.out / f"run-{name}" / "summary.json").read_text())
         kind = "seq2seq" if name == "nllb" else "qwen_vl" if name.startswith("qwen") else "llava"
         parts = module_params(models[kind], kind)
         flops = (flops_seq2seq(s, parts, *count_tokens(models[kind], shards)) if kind == "seq2seq"
                  else flops_llava(s, parts, 8))
-        results["runs"][name] = {**s, "wall_s": wall, "model_tflops": flops / 1e12, "mfu": flops / (peak * 1e12)}
+        results["runs"][name] = {**s, "wall_s": wall, "model_tflops": flops / 1e12, "mfu": flops / (peak * 1e12),
+                                 "planned_peak_gb": planned_peak_gb(args)}
         log(f"{name}: done in {wall:.0f}s")
+        if not a.no_ratio and name != "llava_offload":
+            results["runs"][name]["bench_step"] = b = step_ratio(name, args, a.out, a.timeout)
+            log(f"{name}: step ratio plain/vtt {b.get('ratio_plain_over_vtt')} {b.get('error', '')[:300]}")
     results["total_s"] = time.perf_counter() - t0
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
     print_table(results)
@@ -298,12 +343,20 @@ def dry_run(a) -> None:
 def print_table(r: dict) -> None:
     print(f"\nvtt-train GPU check on {r['device']} (peak {r['peak_tflops']:.0f} bf16 TFLOP/s), "
           f"total {r['total_s']:.0f}s")
-    print("| run | params (trainable) | step s | samples/s | tokens/s | MFU | peak mem GB | data wait | final loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | params (trainable) | ZeRO | step s | samples/s | tokens/s | MFU | peak mem GB | planned GB | "
+          "data wait | final loss | bench vtt s | bench plain s | ratio plain/vtt |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in r["runs"].items():
-        print(f"| {name} | {s['params'] / 1e9:.2f}B ({s['trainable_params'] / 1e6:.1f}M) | {s['step_s']:.3f} | "
-              f"{s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {100 * s['mfu']:.1f}% | "
-              f"{s['peak_memory_gb'] or 0:.1f} | {100 * s['data_wait_frac']:.1f}% | {s['final_loss']:.3f} |")
+        b = s.get("bench_step") or {}
+        print(f"| {name} | {s['params'] / 1e9:.2f}B ({s['trainable_params'] / 1e6:.1f}M) | {s['zero_stage']} | "
+              f"{s['step_s']:.3f} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {100 * s['mfu']:.1f}% | "
+              f"{s['peak_memory_gb'] or 0:.1f} | {_num(s.get('planned_peak_gb'), '.1f')} | "
+              f"{100 * s['data_wait_frac']:.1f}% | {s['final_loss']:.3f} | {_num(b.get('vtt_step_s'), '.3f')} | "
+              f"{_num(b.get('plain_step_s'), '.3f')} | {_num(b.get('ratio_plain_over_vtt'), '.2f')} |")
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def test_generated_config_per_model_kind():
     assert (r.zero_stage, r.precision, r.global_batch) == (2, "bf16", 24)
     llava = dsc.build(s, o, 4, hidden_size=64, cast_buffers=False, total_steps=10, bf16_supported=True,
                       device="cuda")
-    assert llava["train_batch_size"] == 24 and llava["bf16"] == {"enabled": True}
+    assert llava["train_batch_size"] == 24 and llava["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert llava["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert llava["optimizer"]["params"]["torch_adam"] is True and "data_types" not in llava  # RoPE stays fp32
     s2s = dsc.build(s, o, 4, 32, cast_buffers=True, total_steps=10, bf16_supported=True, device="cuda")
@@ -111,6 +111,36 @@ def test_generated_config_per_model_kind():
     zo = z3["zero_optimization"]
     assert zo["stage3_gather_16bit_weights_on_model_save"] and zo["offload_param"]["device"] == "cpu"
     assert z3["zero_force_ds_cpu_optimizer"] is False  # torch AdamW with offload: nothing to compile
+
+
+def test_settings_chosen_per_case():
+    """One process takes ZeRO-0 unless a stage is asked for (or offload needs one); gradient buckets come from the
+    trainable size (a tiny model: one bucket; NLLB-600M: ~4 instead of ~600; never above DeepSpeed's 5e8);
+    torch AdamW is fused on CUDA and multi-tensor elsewhere, left alone with offload."""
+    o = OptimConfig()
+    assert dsc.resolve(DeepSpeedSettings(), world_size=1).zero_stage == 1  # bf16: BF16_Optimizer
+    assert dsc.resolve(DeepSpeedSettings(precision="fp32"), world_size=1).zero_stage == 0
+    bf16 = dsc.build(DeepSpeedSettings(), o, 1, 64, False, 10, True, "cuda")
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"} and bf16["bf16"]["check_grad_overflow"] is False
+    assert dsc.resolve(DeepSpeedSettings(), world_size=2).zero_stage == 2
+    assert dsc.resolve(DeepSpeedSettings(zero_stage=2), world_size=1).zero_stage == 2
+    assert dsc.resolve(DeepSpeedSettings(offload_optimizer=True), world_size=1).zero_stage == 2
+    assert dsc.bucket_elements(171_000) == 2**20 and dsc.bucket_elements(615_000_000) == 153_750_000
+    assert dsc.bucket_elements(7_000_000_000) == 500_000_000
+    s = DeepSpeedSettings(zero_stage=2)
+    gpu = dsc.build(s, o, 2, 1024, False, 10, True, "cuda", trainable=615_000_000)
+    z = gpu["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 153_750_000
+    assert gpu["optimizer"]["params"]["fused"] is True and "foreach" not in gpu["optimizer"]["params"]
+    cpu = dsc.build(s, o, 2, 1024, False, 10, True, "cpu")
+    assert cpu["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024  # plan time: placeholder
+    assert cpu["optimizer"]["params"]["foreach"] is True and "fused" not in cpu["optimizer"]["params"]
+    off = dsc.build(DeepSpeedSettings(zero_stage=2, offload_optimizer=True), o, 1, 64, False, 10, True, "cuda")
+    assert "fused" not in off["optimizer"]["params"] and "foreach" not in off["optimizer"]["params"]
+    ext = dsc.build(DeepSpeedSettings(config_file=str(CONFIGS / "ds_config.json")), o, 1, 32, True, 10, True,
+                    "cuda", trainable=10_000_000)
+    assert ext["zero_optimization"]["reduce_bucket_size"] == 2_500_000  # "auto" filled
+    assert ext["zero_optimization"]["allgather_bucket_size"] == 500_000_000  # a concrete value is kept
 
 
 def test_seed_config_auto_values_are_filled(tmp_path):
@@ -123,7 +153,7 @@ def test_seed_config_auto_values_are_filled(tmp_path):
                     device="cuda")
     assert cfg["train_batch_size"] == 3 * 4 * 2 and cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"]["params"] == {"lr": 5e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05,
-                                          "torch_adam": True}
+                                          "torch_adam": True, "fused": True}  # CUDA: fused torch AdamW
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 32 * 32
     assert cfg["data_types"] == {"buffer_dtype": "bf16"} and dsc.remaining_auto(cfg) == []
 
@@ -252,7 +282,7 @@ def prepare(tmp_path, tiny_models, kind="llava", shards=None, **sections):
 def test_prepare_accepts_good_data(tmp_path, tiny_models, world1):
     shards = make_train_shards(tmp_path / "shards", n=8, per_shard=4)
     plan = prepare(tmp_path, tiny_models, "seq2seq", shards, model={"src_lang": "eng_Latn"})
-    assert plan.total_steps == 2 and plan.ds["data_types"] == {"buffer_dtype": "bf16"}
+    assert plan.total_steps == 2 and plan.ds["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
     assert plan.cfg.data.decode_frames is False  # text-only model: frames never decoded
 
 

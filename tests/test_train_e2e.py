@@ -13,6 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import PY, REPO, make_prep_shards, metrics, train_env, vtt_train  # noqa: E402
 
+from vtt.trainer.ds_config import bucket_elements  # noqa: E402
+
 COMMON = ["--preset", "tiny", "--micro-batch", "2", "--log-every", "1", "--lr", "2e-3", "--warmup-steps", "1"]
 
 
@@ -35,7 +37,7 @@ def llava_run(shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("llava") / "run"
     args = ["--model", "llava", "--shards", train, "--eval-shards", evals, "--output-dir", run, "--max-steps", 8,
             "--grad-accum", 2, "--save-every", 4, "--eval-every", 4, "--wandb-project", "vtt-test",
-            "--wandb-mode", "offline", *COMMON]
+            "--wandb-mode", "offline", "--zero-stage", 2, *COMMON]  # one process alone would take stage 0
     p = subprocess.run([PY, str(Path(__file__).parent / "train_helpers.py"), "train_and_dump",
                         str(run.parent / "dump.pt"), *map(str, args)], cwd=REPO, env=train_env(),
                        capture_output=True, text=True, timeout=300)
@@ -114,7 +116,9 @@ def test_seq2seq_with_seed_deepspeed_json(shards, tmp_path):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (4, 2, 8)
     assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["data_types"] == {"buffer_dtype": "bf16"}
-    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32
+    assert ds["gradient_clipping"] == 1.0  # "auto" bucket: from the trainable size, not hidden^2 (ds_config.py)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == bucket_elements(
+        json.loads((run / "summary.json").read_text())["trainable_params"])
     lines = metrics(run)[0]
     assert len(lines) == 6 and falling(lines), [x["loss"] for x in lines]
     assert lines[-1]["epoch"] == pytest.approx(2.0)  # 6 steps x 8 samples = 2 epochs of 24

@@ -15,6 +15,8 @@ from vtt.trainer.config import (DEFAULT_GRAD_ACCUM, DEFAULT_MICRO_BATCH, DEFAULT
 
 AUTO = "auto"
 QUIET_STEPS_PER_PRINT = 10**9  # vtt logs itself; DeepSpeed's own per-step prints only add noise
+BUCKET_MIN, BUCKET_MAX = 2**20, 500_000_000  # elements; DeepSpeed's own default bucket is 5e8
+BUCKETS_PER_STEP = 4  # enough to overlap the first reductions with the rest of backward on GPUs
 
 
 class DeepSpeedConfigError(ConfigError):
@@ -82,13 +84,32 @@ def _json_precision(ext: dict, source: str) -> str | None:
     return None
 
 
+def default_stage(settings: DeepSpeedSettings, world_size: int, precision: str) -> int:
+    """ZeRO stage when neither the settings nor the JSON name one. One process: partitioning over one rank saves
+    nothing, and ZeRO-2's per-parameter gradient hooks and bucket reductions were most of a small model's step
+    (benchmarks/bench_step.py): fp32 takes stage 0 (the torch optimizer on the parameters); bf16 takes stage 1,
+    which with fp32 gradient accumulation (generate) is DeepSpeed's BF16_Optimizer - flat fp32 master weights
+    and gradients - where bf16 stage 0 would accumulate gradients in bf16 and copy every gradient to a fresh
+    fp32 tensor each step. Several processes: ZeRO-2. Optimizer offload needs ZeRO >= 1."""
+    if world_size == 1 and not settings.offload_optimizer:
+        return 1 if precision == "bf16" else 0
+    return DEFAULT_ZERO_STAGE
+
+
+def bucket_elements(trainable: int) -> int:
+    """Gradient reduce / allgather bucket size from the trainable parameter count: BUCKETS_PER_STEP buckets per
+    step, between 1M elements (hidden^2 gave a tiny model dozens of reductions per micro batch, NLLB-600M ~600)
+    and DeepSpeed's 5e8."""
+    return int(min(BUCKET_MAX, max(BUCKET_MIN, -(-trainable // BUCKETS_PER_STEP))))
+
+
 def resolve(settings: DeepSpeedSettings, world_size: int, ext: dict | None = None) -> Resolved:
     """Batch, ZeRO stage and precision from the settings and (optionally) an external config."""
     ext = ext or {}
     src = settings.config_file or "the DeepSpeed config"
-    stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
-                  DEFAULT_ZERO_STAGE, src)
     precision = _pick("precision", settings.precision, _json_precision(ext, src), DEFAULT_PRECISION, src)
+    stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
+                  default_stage(settings, world_size, precision), src)
     micro = _pick("train_micro_batch_size_per_gpu", settings.micro_batch_size,
                   ext.get("train_micro_batch_size_per_gpu"), DEFAULT_MICRO_BATCH, src)
     ext_ga, ext_tbs = ext.get("gradient_accumulation_steps"), ext.get("train_batch_size")
@@ -111,12 +132,19 @@ def _derive_accum(tbs: int, world: int, micro: int, src: str) -> int:
     return tbs // (world * micro)
 
 
-def _zero_section(stage: int, hidden: int, s: DeepSpeedSettings, device: str) -> dict:
+def _bucket(hidden: int, trainable: int | None) -> int:
+    """Before the model is loaded (plan time) the trainable size is unknown: hidden^2 holds the place;
+    engine.build_engine builds the config again with the real count."""
+    return bucket_elements(trainable) if trainable else hidden * hidden
+
+
+def _zero_section(stage: int, hidden: int, s: DeepSpeedSettings, device: str, trainable: int | None) -> dict:
     z: dict[str, Any] = {"stage": stage}
     if stage == 0:
         return z
     overlap = s.overlap_comm if s.overlap_comm is not None else device != "cpu"
-    z.update(overlap_comm=overlap, contiguous_gradients=True, reduce_bucket_size=hidden * hidden)
+    z.update(overlap_comm=overlap, contiguous_gradients=True, reduce_bucket_size=_bucket(hidden, trainable),
+             allgather_bucket_size=_bucket(hidden, trainable))
     if stage == 3:
         z.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
                  stage3_param_persistence_threshold=10 * hidden,
@@ -128,8 +156,19 @@ def _zero_section(stage: int, hidden: int, s: DeepSpeedSettings, device: str) ->
     return z
 
 
+def _optimizer_params(s: DeepSpeedSettings, optim: OptimConfig, device: str) -> dict:
+    """torch AdamW; its fused (one-kernel) step on CUDA when the optimizer states stay on the GPU (DeepSpeed
+    passes extra params through to torch.optim.AdamW; PR #8512: the default there was a per-tensor loop), the
+    multi-tensor one elsewhere (torch's CPU default is the per-tensor loop)."""
+    p = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+         "torch_adam": s.torch_adam}
+    if s.torch_adam and not s.offload_optimizer:
+        p["fused" if device == "cuda" else "foreach"] = True
+    return p
+
+
 def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size: int, cast_buffers: bool,
-             device: str = "cuda") -> dict:
+             device: str = "cuda", trainable: int | None = None) -> dict:
     """A complete DeepSpeed config from the settings alone (the LR schedule is vtt's own, see loop.py)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": r.micro_batch_size,
@@ -137,9 +176,8 @@ def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size:
         "train_batch_size": r.global_batch,
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": r.precision == "bf16"},
-        "zero_optimization": _zero_section(r.zero_stage, hidden_size, s, device),
-        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                                                  "weight_decay": optim.weight_decay, "torch_adam": s.torch_adam}},
+        "zero_optimization": _zero_section(r.zero_stage, hidden_size, s, device, trainable),
+        "optimizer": {"type": "AdamW", "params": _optimizer_params(s, optim, device)},
         "steps_per_print": QUIET_STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
@@ -147,6 +185,10 @@ def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if r.precision == "bf16" and cast_buffers:
         cfg["data_types"] = {"buffer_dtype": "bf16"}
+    if r.precision == "bf16" and r.zero_stage == 1 and not s.offload_optimizer:
+        cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"  # -> BF16_Optimizer (default_stage)
+    if r.precision == "bf16" and r.zero_stage in (1, 2):
+        cfg["bf16"]["check_grad_overflow"] = False  # no loss scale to adjust: a per-step scan + all_reduce saved
     return cfg
 
 
@@ -170,7 +212,7 @@ class _Filler:
 
 
 def fill_auto(ext: dict, r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size: int,
-              cast_buffers: bool, total_steps: int) -> dict:
+              cast_buffers: bool, total_steps: int, trainable: int | None = None, device: str = "cuda") -> dict:
     """Fill an external config's "auto" values; concrete values that disagree with the settings stop."""
     cfg = copy.deepcopy(ext)
     f = _Filler(cfg, s.config_file or "DeepSpeed config")
@@ -186,7 +228,8 @@ def fill_auto(ext: dict, r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, 
     z = cfg.setdefault("zero_optimization", {})
     f.fill("zero_optimization.stage", r.zero_stage)
     z.setdefault("stage", r.zero_stage)
-    for k, v in (("reduce_bucket_size", hidden_size * hidden_size),
+    for k, v in (("reduce_bucket_size", _bucket(hidden_size, trainable)),
+                 ("allgather_bucket_size", _bucket(hidden_size, trainable)),
                  ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                  ("stage3_param_persistence_threshold", 10 * hidden_size),
                  ("stage3_gather_16bit_weights_on_model_save", True)):
@@ -197,7 +240,7 @@ def fill_auto(ext: dict, r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, 
         z.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     if s.offload_param:
         z.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
-    _fill_optimizer(cfg, f, s, optim)
+    _fill_optimizer(cfg, f, s, optim, device)
     _fill_scheduler(f, optim, total_steps)
     if r.precision == "bf16" and cast_buffers:
         cfg.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
@@ -216,7 +259,7 @@ def _fill_precision(cfg: dict, r: Resolved) -> None:
         cfg["fp16"]["enabled"] = False
 
 
-def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimConfig) -> None:
+def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimConfig, device: str) -> None:
     if "optimizer" not in cfg:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
                                                         "eps": optim.eps, "weight_decay": optim.weight_decay}}
@@ -227,8 +270,11 @@ def _fill_optimizer(cfg: dict, f: _Filler, s: DeepSpeedSettings, optim: OptimCon
     f.fill("optimizer.params.weight_decay", optim.weight_decay)
     if str(cfg["optimizer"].get("type", "")).lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", s.torch_adam)
-        if params["torch_adam"] and _get(cfg, "zero_optimization.offload_optimizer.device") == "cpu":
+        offload = _get(cfg, "zero_optimization.offload_optimizer.device", "none") != "none"
+        if params["torch_adam"] and offload:
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+        if params["torch_adam"] and not offload and not {"fused", "foreach"} & set(params):
+            params["fused" if device == "cuda" else "foreach"] = True  # as generate(): _optimizer_params
 
 
 def _fill_scheduler(f: _Filler, optim: OptimConfig, total_steps: int) -> None:
@@ -277,11 +323,13 @@ def validate(cfg: dict, r: Resolved, bf16_supported: bool, cast_buffers: bool, d
 
 def build(settings: DeepSpeedSettings, optim: OptimConfig, world_size: int, hidden_size: int,
           cast_buffers: bool, total_steps: int, bf16_supported: bool, device: str,
-          resolved: Resolved | None = None) -> dict:
-    """The final DeepSpeed config dict (generated or filled), validated."""
+          resolved: Resolved | None = None, trainable: int | None = None) -> dict:
+    """The final DeepSpeed config dict (generated or filled), validated. `trainable`: the loaded model's
+    trainable parameter count (sizes the gradient buckets); None at plan time."""
     ext = read_external(settings.config_file) if settings.config_file else None
     r = resolved or resolve(settings, world_size, ext)
-    cfg = (fill_auto(ext, r, settings, optim, hidden_size, cast_buffers, total_steps) if ext is not None
-           else generate(r, settings, optim, hidden_size, cast_buffers, device))
+    cfg = (fill_auto(ext, r, settings, optim, hidden_size, cast_buffers, total_steps, trainable, device)
+           if ext is not None
+           else generate(r, settings, optim, hidden_size, cast_buffers, device, trainable))
     validate(cfg, r, bf16_supported, cast_buffers, device)
     return cfg

@@ -22,14 +22,14 @@ def evaluate(engine, plan: Plan, adapter, env: DistEnv, device, dtype) -> float:
     loader = build_loader(cfg.data, adapter.collate, plan.resolved.micro_batch_size, env.rank, env.world_size,
                           split="eval")
     engine.eval()
-    total, tokens = 0.0, 0
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no per-batch sync
     for i, batch in enumerate(loader):
         if cfg.run.eval_max_batches and i >= cfg.run.eval_max_batches:
             break
-        total += float(forward_loss(engine, to_device(batch, device, dtype), adapter.causal).item())
+        total += forward_loss(engine, to_device(batch, device, dtype), adapter.causal).double()
         tokens += label_count(batch, adapter.causal)
     engine.train()
-    total, tokens = all_reduce([total, tokens], device)
+    total, tokens = all_reduce([total.item(), tokens], device)
     return total / max(tokens, 1)
 
 

@@ -6,6 +6,7 @@ DeepSpeed (dist.py, engine.py), resume, the loop (checkpoints, eval, metrics), t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,8 +20,8 @@ from vtt.trainer.adapters import get_adapter
 from vtt.trainer.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.config import BEST_METRICS, TrainConfig
 from vtt.trainer.data import agree_data, build_loader, pin_data
-from vtt.trainer.dist import DistEnv, all_reduce, dist_env, init_distributed, quiet_deepspeed
-from vtt.trainer.engine import build_engine, engine_dtype, to_device
+from vtt.trainer.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
+from vtt.trainer.engine import build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale
@@ -92,23 +93,26 @@ class StepStats:
 
 
 def grad_norm(engine) -> float | None:
-    g = engine.get_global_grad_norm()
+    """The last update's gradient norm (a host read: called at log steps only)."""
+    g = getattr(engine, "_vtt_grad_norm", None)
+    g = engine.get_global_grad_norm() if g is None else g
     if g is None:
         return None
     return float(g.item() if torch.is_tensor(g) else g)
 
 
-def check_finite(loss: torch.Tensor, device, step: int, micro: int, env: DistEnv, last_ckpt: Path | None) -> None:
-    """Collective: every rank learns whether any rank's loss is NaN/inf, so all stop together."""
-    local = loss.detach().float().item()
-    bad = all_reduce([0.0 if math.isfinite(local) else 1.0], device, op="max")[0]
-    if bad:
-        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-        raise NonFiniteLossError(
-            f"loss is not finite at step {step} (micro batch {micro}; this rank {env.rank}'s summed token loss is "
-            f"{local}): "
-            f"stopped before the update; {where}. Lower the learning rate, check the data, or use "
-            "--precision fp32 to rule out bf16 overflow")
+def check_finite(losses: list[torch.Tensor], loss_sum: float, bad: bool, step: int, env: DistEnv,
+                 last_ckpt: Path | None) -> None:
+    """Stop before the update when any rank's loss of this step is NaN/inf (`bad` is the all-ranks verdict, so
+    all ranks stop together). Costs nothing more unless it fires: the values are already on the host."""
+    if not bad:
+        return
+    micro = [i for i, x in enumerate(losses) if not math.isfinite(float(x))]
+    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+    raise NonFiniteLossError(
+        f"loss is not finite at step {step} (micro batch(es) {micro or 'of another rank'}; this rank {env.rank}'s "
+        f"summed token loss is {loss_sum}): stopped before the update; {where}. Lower the learning rate, check "
+        "the data, or use --precision fp32 to rule out bf16 overflow")
 
 
 def next_batches(it, n: int) -> tuple[list[dict], float]:
@@ -118,25 +122,56 @@ def next_batches(it, n: int) -> tuple[list[dict], float]:
     return batches, time.perf_counter() - t0
 
 
+def loss_scale(local_tokens: int, env: DistEnv, device) -> float | torch.Tensor:
+    """step_scale from the step's label tokens on all ranks. Counted on the host (labels are CPU tensors until
+    to_device); with several ranks summed on the device and left there: no host wait before the forward."""
+    if env.world_size == 1:
+        return step_scale(1, local_tokens)
+    import deepspeed.comm as dist
+    t = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (env.world_size / t.clamp(min=1)).float()
+
+
+def step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv, device) -> tuple[float, list[float], bool]:
+    """The step's one host sync (before the update): (this rank's summed loss, all ranks' [loss, *host],
+    whether any rank's loss is not finite). One collective for all of it with several ranks."""
+    if env.world_size == 1:
+        local = loss_sum.item()
+        return local, [local, *host], not math.isfinite(local)
+    import deepspeed.comm as dist
+    t = torch.cat([loss_sum.double().reshape(1), (~torch.isfinite(loss_sum)).double().reshape(1),
+                   torch.tensor(host, dtype=torch.float64, device=device)])
+    local = t[0].clone()
+    dist.all_reduce(t)
+    vals = t.tolist()
+    return local.item(), [vals[0], *vals[2:]], vals[1] > 0
+
+
 def train_step(engine, it, plan: Plan, device, dtype, adapter, env: DistEnv, step: int,
                last_ckpt: Path | None) -> StepStats:
     """Collective. One optimizer step = grad_accum micro batches, the loss a per-token mean over all its micro
     batches and ranks. Gradients are those of that same mean (loss.py), so
-    they do not depend on how the global batch is split into ranks x micro batches x accumulation."""
+    they do not depend on how the global batch is split into ranks x micro batches x accumulation.
+    Host syncs: one per step, before the update (the NaN stop and the step's loss); the micro batches' losses
+    stay on the device until then."""
     batches, wait = next_batches(it, plan.resolved.grad_accum)
     local = sum(label_count(b, adapter.causal) for b in batches)
-    global_tokens = int(all_reduce([local], device)[0])
-    scale = step_scale(env.world_size, global_tokens)
-    loss_sum, samples, tokens = 0.0, 0, 0
+    scale = loss_scale(local, env, device)
+    losses, samples, tokens = [], 0, 0
     for micro, batch in enumerate(batches):
         tokens += adapter.num_tokens(batch)
         samples += int(batch["input_ids"].shape[0])
         loss = forward_loss(engine, to_device(batch, device, dtype), adapter.causal)
-        check_finite(loss, device, step, micro, env, last_ckpt)
         engine.backward(loss * scale, scale_wrt_gas=False)
+        losses.append(loss.detach().float())
+        if micro == len(batches) - 1:  # DeepSpeed updates in this step() call: check first
+            mine, (total_loss, global_tokens, total_samples, total_tokens), bad = step_totals(
+                torch.stack(losses).sum(), [local, samples, tokens], env, device)
+            check_finite(losses, mine, bad, step, env, last_ckpt)
+            clip_gradients(engine)
         engine.step()
-        loss_sum += float(loss.detach().item())
-    total_loss, total_samples, total_tokens = all_reduce([loss_sum, samples, tokens], device)
+    global_tokens = int(global_tokens)
     return StepStats(total_loss / max(global_tokens, 1), global_tokens, int(total_samples), int(total_tokens), wait)
 
 
@@ -183,9 +218,10 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     if agree_data(cfg.data):  # this rank read index.json across a vtt-prep commit: plan on rank 0's
         plan = prepare(cfg, env, adapter)
     quiet_deepspeed()
+    engine = build_engine(plan, adapter)
+    plan = dataclasses.replace(plan, ds=engine._vtt_ds)  # buckets sized from the loaded model
     if env.rank == 0:
         write_run_files(plan, run_dir)
-    engine = build_engine(plan, adapter)
     log.info("engine ready at %.1fs (ZeRO-%d, %s, world %d, device %s)", time.perf_counter() - t_start,
              plan.resolved.zero_stage, plan.resolved.precision, env.world_size, device)
     ckpt = CheckpointManager(run_dir, cfg.run.keep_last, env.rank, env.world_size, cfg.model.model_path)
