@@ -1,0 +1,116 @@
+"""The memory planner (vtt.trainer.memory): parameter counts on the meta device against real models, the
+activation formulas against what autograd really saves, the optimizer accounting against a real AdamW step,
+monotonicity, fitting (the 7B LoRA recipe on a 24 GB card) and `vtt-train --plan`."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers as tf
+
+from vtt.trainer import memory as M
+from vtt.trainer.adapters import ModelConfig, get_adapter
+from vtt.trainer.presets import build_shaped, build_tiny
+from vtt.trainer.presets_qwen import build_shaped_qwen
+
+GB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return {"llava": build_shaped("llava-next-video-7b", root / "llava"),
+            "qwen_vl": build_shaped_qwen(root / "qwen"), "seq2seq": build_shaped("nllb-600m", root / "nllb")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: build_tiny(k, root / k) for k in ("llava", "qwen_vl", "seq2seq")}
+
+
+# ------------------------------------------------------------------ parameter counts
+
+@pytest.mark.parametrize("kind", ["llava", "qwen_vl", "seq2seq"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_meta_counts_equal_the_loaded_model(tiny, kind, lora):
+    """The meta-device model has exactly the parameters (and trainable ones) of the model training loads."""
+    mc = ModelConfig(kind=kind, model_path=str(tiny[kind]), lora=lora)
+    real = get_adapter(mc).load_model()
+    shape = M.model_shape(mc)
+    assert shape.params == sum(p.numel() for p in real.parameters())
+    assert shape.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
+
+
+def llama_params(h, inter, layers, heads, kv, vocab):
+    kv_dim = kv * h // heads
+    per_layer = h * h * 2 + 2 * h * kv_dim + 3 * h * inter + 2 * h
+    return vocab * h * 2 + layers * per_layer + h
+
+
+def test_real_7b_shapes_counted_on_the_meta_device(shaped):
+    """LLaVA-NeXT-Video-7B: Llama-2-7B (6.74B) + CLIP ViT-L/14-336 (303M) + projector (21M); its language
+    model by the closed formula; Qwen2.5-VL-7B-Instruct 8.29B as published; LoRA r16 counts by hand."""
+    llava = M.model_shape(ModelConfig(kind="llava", model_path=str(shaped["llava"])))
+    lm = llama_params(4096, 11008, 32, 32, 32, 32064)
+    proj = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert 303e6 < llava.params - lm - proj < 305e6  # the CLIP tower
+    assert llava.trainable == llava.params
+    qwen = M.model_shape(ModelConfig(kind="qwen_vl", model_path=str(shaped["qwen_vl"]), lora=True))
+    assert 8.28e9 < qwen.params - qwen.trainable < 8.30e9
+    kv = 512
+    assert qwen.trainable == 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + kv))  # q, o and k, v on 28 layers
+    nllb = M.model_shape(ModelConfig(kind="seq2seq", model_path=str(shaped["seq2seq"])))
+    assert 615e6 < nllb.params < 616e6  # facebook/nllb-200-distilled-600M: 615,073,792 (tied embeddings)
+
+
+# ------------------------------------------------------------------ activations against autograd
+
+def saved_per_token(run, tokens: int, shared=()) -> float:
+    """Bytes autograd saves for one call, per token, as the slope between two lengths (weights and other
+    per-call tensors cancel out); `shared` tensors (a model's RoPE cos/sin, one for all layers) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in shared}
+
+    def saved(n):
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in skip:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(n)
+        return sum(seen.values())
+    return (saved(2 * tokens) - saved(tokens)) / tokens
+
+
+def llama_layer(dtype, mode):
+    c = tf.LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=1, attn_implementation="sdpa")
+    layer = tf.models.llama.modeling_llama.LlamaDecoderLayer(c, 0)
+    rope = tf.models.llama.modeling_llama.LlamaRotaryEmbedding(c)
+    layer.requires_grad_(mode == "full")
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        get_peft_model(torch.nn.ModuleDict({"l": layer}), LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    layer.to(dtype)  # as DeepSpeed's bf16 casts the whole module, LoRA layers too
+    pos = {n: torch.arange(n)[None] for n in (64, 128)}
+    cos_sin = {n: rope(torch.zeros(1, dtype=dtype), p) for n, p in pos.items()}
+
+    def run(n):
+        x = torch.randn(1, n, 128, dtype=dtype, requires_grad=True)
+        layer(x, position_embeddings=cos_sin[n], attention_mask=None, position_ids=pos[n])
+    stack = M.Stack("lm", 1, 128, 352, 4, 2, gated=True, rms_fp32=True, mode=mode)
+    return run, stack, [t for cs in cos_sin.values() for t in cs]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
+def test_llama_layer_activations_match_autograd(dtype, mode):
+    run, stack, shared = llama_layer(dtype, mode)
+    e = 2 if dtype == torch.bfloat16 else 4
+    want = M.layer_bytes(stack, e, lora_r=8, lora_dropout=True, lora_targets=4, mask=e)  # CPU dropout mask
+    got = saved_per_token(run, 64, shared)
+    assert got == pytest.approx(want, rel=0.03), (got, want)
