@@ -39,7 +39,7 @@ forward memory when frozen, attention implementations that materialise scores (e
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -269,6 +269,7 @@ def checkpointed_bytes(s: Stack, e: int) -> float:
 
 # ------------------------------------------------------------------ video tokens
 
+@functools.lru_cache(maxsize=256)
 def video_tokens(model_cfg, frames: int, frame_size: tuple[int, int]) -> tuple[int, int]:
     """(LM video tokens, vision-tower tokens) of one sample of `frames` frames of frame_size (h, w)."""
     if model_cfg.kind == "seq2seq" or frames == 0:
@@ -402,3 +403,145 @@ def _largest_micro(model_cfg, inputs, shape, ckpt: bool, limit: float) -> int:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
+
+
+# ------------------------------------------------------------------ a TrainConfig's plan
+
+def shard_frames(data_cfg) -> tuple[int | None, tuple[int, int] | None]:
+    """(frames per sample, (h, w)) as the shards' index records vtt-prep's settings; None where unknown."""
+    from vtt.shards.index import read_index
+    try:
+        settings = read_index(data_cfg.shards, data_cfg.storage_options).settings or {}
+    except Exception:  # no readable index: the plan says so, training reports it properly
+        return None, None
+    frames = settings.get("num_frames") or settings.get("max_frames")
+    size = settings.get("size")
+    hw = (int(size[1]), int(size[0])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+    return (int(frames) if frames else None), hw
+
+
+def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: bool) -> PlanInputs:
+    ds = cfg.deepspeed
+    text = DEFAULT_TEXT_TOKENS if cfg.model.kind != "seq2seq" else min(cfg.model.max_source_len, DEFAULT_TEXT_TOKENS)
+    return PlanInputs(micro_batch=micro, frames=frames, frame_size=frame_size, text_tokens=text,
+                      label_tokens=min(32, cfg.model.max_target_len),
+                      zero_stage=ds.zero_stage if ds.zero_stage is not None else 2,
+                      precision=ds.precision or "bf16", world_size=_world_size(),
+                      gradient_checkpointing=ckpt, offload_optimizer=ds.offload_optimizer)
+
+
+def _world_size() -> int:
+    import os
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What resolve_auto decided and why, for --plan and the run log."""
+    cfg: object
+    estimate: Estimate | None
+    memory: int | None
+    memory_source: str
+    stored_frames: int | None
+    frame_size: tuple[int, int]
+    lines: tuple[str, ...]
+
+
+def resolve_auto(cfg) -> Resolution:
+    """cfg with `auto` micro batch / gradient checkpointing and the video-token budget made concrete.
+
+    Frames: data.num_frames, capped by data.video_tokens (the most frames whose video tokens fit), of what the
+    shards hold. Micro batch and checkpointing: the fastest pair that fits the device memory less headroom
+    (fit); on a CPU run without --device-memory there is nothing to fill: 4 and off."""
+    from vtt.trainer.config import DEFAULT_MICRO_BATCH, ConfigError
+    stored, size = shard_frames(cfg.data)
+    size = size or (336, 336)
+    frames = min(x for x in (cfg.data.num_frames, stored, 10**6) if x)
+    lines = []
+    data = cfg.data
+    if cfg.data.video_tokens and cfg.model.kind != "seq2seq":
+        frames = frames_for_budget(cfg.model, cfg.data.video_tokens, frames if frames < 10**6 else 64, size)
+        data = dataclasses.replace(data, num_frames=frames)
+        lines.append(f"video-token budget {cfg.data.video_tokens}: {frames} frames per sample")
+    frames = frames if frames < 10**6 else 8
+    memory, source = device_memory(cfg.deepspeed.device_memory_gb)
+    micro, ckpt = cfg.deepspeed.micro_batch_size, cfg.model.gradient_checkpointing
+    shape = model_shape(cfg.model)
+    est = None
+    if memory is None:
+        micro = DEFAULT_MICRO_BATCH if micro == "auto" else micro or DEFAULT_MICRO_BATCH
+        ckpt = False if ckpt == "auto" else ckpt
+        lines.append(f"device memory unknown ({source})")
+    else:
+        fixed_m = None if micro == "auto" else (micro or DEFAULT_MICRO_BATCH)
+        est = fit(cfg.model, inputs_for(cfg, frames, size, fixed_m or 1, False), memory,
+                  cfg.deepspeed.memory_headroom, fixed_m, None if ckpt == "auto" else bool(ckpt), shape)
+        if est is None and (micro == "auto" or ckpt == "auto"):
+            raise ConfigError(f"{cfg.model.model_path}: no micro batch fits {memory / GIB:.1f} GiB ({source}) "
+                              "even with gradient checkpointing: use ZeRO-3, more devices, optimizer offload, "
+                              "fewer frames (--num-frames / --video-tokens) or LoRA")
+        if est is not None:
+            micro, ckpt = est.micro_batch, est.gradient_checkpointing
+        else:
+            micro, ckpt = fixed_m, bool(ckpt)
+    est = est or estimate(cfg.model, inputs_for(cfg, frames, size, micro, bool(ckpt)), shape)
+    cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, gradient_checkpointing=bool(ckpt)),
+                              deepspeed=dataclasses.replace(cfg.deepspeed, micro_batch_size=micro))
+    return Resolution(cfg, est, memory, source, stored, size, tuple(lines))
+
+
+def needs_resolution(cfg) -> bool:
+    return "auto" in (cfg.deepspeed.micro_batch_size, cfg.model.gradient_checkpointing) or \
+        bool(cfg.data.video_tokens)
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def plan_text(res: Resolution) -> str:
+    """The --plan report: components of the peak per device, the fit, and frames traded for micro batch."""
+    cfg, e = res.cfg, res.estimate
+    ds = cfg.deepspeed
+    out = [f"vtt-train plan: {cfg.model.model_path} ({cfg.model.kind}), {e.params / 1e9:.3f}B parameters, "
+           f"{e.trainable / 1e6:.1f}M trainable ({'LoRA r' + str(cfg.model.lora_r) if cfg.model.lora else 'full'})",
+           f"  per device: world size {_world_size()}, ZeRO-{ds.zero_stage if ds.zero_stage is not None else 2}, "
+           f"{ds.precision or 'bf16'}, micro batch {e.micro_batch}, gradient checkpointing "
+           f"{'on' if e.gradient_checkpointing else 'off'}"]
+    if e.video_tokens:
+        out.append(f"  video: {e.frames} frames of {res.frame_size[1]}x{res.frame_size[0]} (shards hold "
+                   f"{res.stored_frames or '?'}) -> {e.video_tokens} video tokens, {e.tokens} tokens per sample")
+    else:
+        out.append(f"  tokens per sample: {e.tokens}")
+    rows = [("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
+            ("optimizer step (fp32 grads)", e.step), ("comm buffers", e.buffers),
+            ("activations, no checkpointing", e.activations), ("activations, checkpointing", e.activations_ckpt),
+            ("logits + loss", e.logits)]
+    out += [f"  {name:<32}{gib(v):>12}" for name, v in rows]
+    out.append(f"  {'estimated peak':<32}{gib(e.total):>12}")
+    out += [f"  {line}" for line in res.lines]
+    if res.memory:
+        limit = res.memory * (1 - ds.memory_headroom)
+        verdict = "fits" if e.total <= limit else "DOES NOT FIT"
+        out.append(f"  device: {gib(res.memory)} ({res.memory_source}); {verdict} with "
+                   f"{ds.memory_headroom:.0%} headroom ({gib(limit)} usable)")
+        out += _trade_table(res, limit)
+    return "\n".join(out)
+
+
+def _trade_table(res: Resolution, limit: float) -> list[str]:
+    """Frames vs the largest micro batch that fits, without and with checkpointing (--num-frames /
+    --video-tokens trade one for the other)."""
+    cfg, e = res.cfg, res.estimate
+    if not e.video_tokens:
+        return []
+    shape = model_shape(cfg.model)
+    top = res.stored_frames or e.frames
+    options = sorted({f for f in (top, top // 2, top // 4, e.frames) if f >= 2}, reverse=True)
+    out = ["  frames  video tokens  largest micro batch (no ckpt / ckpt)"]
+    for f in options:
+        i = inputs_for(cfg, f, res.frame_size, 1, False)
+        m0 = _largest_micro(cfg.model, i, shape, False, limit)
+        m1 = _largest_micro(cfg.model, i, shape, True, limit)
+        out.append(f"  {f:>6}  {video_tokens(cfg.model, f, res.frame_size)[0]:>12}  {m0:>6} / {m1}")
+    return out
