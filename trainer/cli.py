@@ -203,7 +203,9 @@ def resolve_plan(cfg, show: bool):
     """`auto` settings made concrete from the memory estimate; --plan prints it and exits 0."""
     from vtt.trainer.config import ConfigError
     from vtt.trainer.memory import PlanError, plan_text, resolve_auto
+    from vtt.trainer.plan import ensure_preset
     try:
+        ensure_preset(cfg)  # --preset tiny: the model folder the plan reads
         res = resolve_auto(cfg)
     except (ConfigError, PlanError, ValueError) as e:
         click.echo(f"vtt-train: error: {e}", err=True)
