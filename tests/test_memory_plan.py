@@ -114,3 +114,81 @@ def test_llama_layer_activations_match_autograd(dtype, mode):
     want = M.layer_bytes(stack, e, lora_r=8, lora_dropout=True, lora_targets=4, mask=e)  # CPU dropout mask
     got = saved_per_token(run, 64, shared)
     assert got == pytest.approx(want, rel=0.03), (got, want)
+
+
+# ------------------------------------------------------------------ weights, gradients, optimizer states
+
+def test_weights_grads_and_adam_states_are_exact_for_a_real_step(tiny):
+    """fp32, ZeRO-0, one process: the estimate's weights + gradients + optimizer equal the bytes of the
+    parameters, their .grad and torch AdamW's states after a real step on the tiny seq2seq model."""
+    mc = ModelConfig(kind="seq2seq", model_path=str(tiny["seq2seq"]))
+    model = get_adapter(mc).load_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.tensor([[5, 6, 7, 2]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    est = M.estimate(mc, M.PlanInputs(precision="fp32", zero_stage=0, frames=0))
+    assert est.weights == nbytes(model.parameters())
+    assert est.gradients == nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    states = [v for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert est.optimizer == nbytes(states)
+
+
+# ------------------------------------------------------------------ monotonicity and fitting
+
+def test_estimate_grows_and_shrinks_the_right_way(shaped):
+    mc = ModelConfig(kind="llava", model_path=str(shaped["llava"]), lora=True)
+    shape = M.model_shape(mc)
+    base = M.PlanInputs(micro_batch=2, frames=8)
+    t = lambda **kw: M.estimate(mc, dataclasses.replace(base, **kw), shape).total  # noqa: E731
+    assert t(micro_batch=1) < t() < t(micro_batch=4)
+    assert t(frames=4) < t() < t(frames=16)
+    assert t(gradient_checkpointing=True) < t()
+    full = ModelConfig(kind="llava", model_path=str(shaped["llava"]))
+    fshape = M.model_shape(full)
+    z = [M.estimate(full, dataclasses.replace(base, zero_stage=s, world_size=8), fshape).total for s in range(4)]
+    assert z[0] > z[1] > z[2] > z[3]
+    assert M.estimate(full, dataclasses.replace(base, world_size=8), fshape).total < \
+        M.estimate(full, base, fshape).total
+    assert M.estimate(full, dataclasses.replace(base, offload_optimizer=True), fshape).optimizer == 0
+
+
+def test_the_7b_lora_recipe_fits_a_24gb_card_and_auto_fills_a_big_one(shaped):
+    """The seed's recipe (LLaVA-NeXT-Video-7B LoRA r16, checkpointing, micro 1, 8 frames, bf16 ZeRO-2) under
+    24 GB with 10% headroom; `auto` on 24 GB and 141 GB (H200) picks settings that fit, more on the larger."""
+    for kind in ("llava", "qwen_vl"):
+        mc = ModelConfig(kind=kind, model_path=str(shaped[kind]), lora=True)
+        shape = M.model_shape(mc)
+        recipe = M.PlanInputs(micro_batch=1, frames=8, gradient_checkpointing=True)
+        assert M.estimate(mc, recipe, shape).total < 0.9 * 24 * GB
+        small = M.fit(mc, recipe, 24 * GB, 0.1, None, None, shape)
+        big = M.fit(mc, recipe, 141 * GB, 0.1, None, None, shape)
+        assert small.total <= 0.9 * 24 * GB and big.total <= 0.9 * 141 * GB
+        assert big.micro_batch > small.micro_batch
+    nllb = ModelConfig(kind="seq2seq", model_path=str(shaped["seq2seq"]))
+    assert M.fit(nllb, M.PlanInputs(frames=0), 2 * GB, 0.1, None, None) is None  # 615M full FT: 9+ GB static
+
+
+def test_video_token_budget_trades_frames(shaped):
+    mc = ModelConfig(kind="llava", model_path=str(shaped["llava"]), lora=True)
+    assert M.video_tokens(mc, 8, (336, 336))[0] == 8 * 144  # 24x24 patches pooled 2x2
+    assert M.frames_for_budget(mc, 600, 8, (336, 336)) == 4
+    assert M.frames_for_budget(mc, 10_000, 8, (336, 336)) == 8
+
+
+def test_vtt_train_plan_prints_and_exits(shaped, tmp_path):
+    from click.testing import CliRunner
+
+    from train_helpers import make_train_shards
+    from vtt.trainer.cli import main
+    shards = make_train_shards(tmp_path / "shards", n=4, per_shard=4, frames=8, size=336)
+    args = ["--model", "llava", "--model-path", str(shaped["llava"]), "--lora", "--shards", str(shards), "-o",
+            str(tmp_path / "run"), "--micro-batch", "auto", "--set", "model.gradient_checkpointing=auto",
+            "--device-memory", "24", "--plan"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "estimated peak" in r.output and "1152 video tokens" in r.output and "fits" in r.output
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    r = CliRunner().invoke(main, args[:-3] + ["--plan"])  # CPU, no --device-memory: said so
+    assert r.exit_code == 0 and "device memory unknown" in r.output
