@@ -102,7 +102,7 @@ def llama_layer(dtype, mode):
     def run(n):
         x = torch.randn(1, n, 128, dtype=dtype, requires_grad=True)
         layer(x, position_embeddings=cos_sin[n], attention_mask=None, position_ids=pos[n])
-    stack = M.Stack("lm", 1, 128, 352, 4, 2, gated=True, rms_fp32=True, mode=mode)
+    stack = M.Stack("lm", 1, 128, 352, 4, 2, act="silu_gated", rms_fp32=True, mode=mode)
     return run, stack, [t for cs in cos_sin.values() for t in cs]
 
 
@@ -192,3 +192,87 @@ def test_vtt_train_plan_prints_and_exits(shaped, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
     r = CliRunner().invoke(main, args[:-3] + ["--plan"])  # CPU, no --device-memory: said so
     assert r.exit_code == 0 and "device memory unknown" in r.output
+
+
+def m2m_layers(dtype, mode, cross):
+    c = tf.M2M100Config(d_model=128, encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_attention_heads=4,
+                        decoder_attention_heads=4, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+                        attn_implementation="sdpa")
+    mm = tf.models.m2m_100.modeling_m2m_100
+    layer = (mm.M2M100DecoderLayer(c, layer_idx=0) if cross else mm.M2M100EncoderLayer(c)).to(dtype).train()
+    layer.requires_grad_(mode == "full")
+    enc = {n: torch.randn(1, n, 128, dtype=dtype, requires_grad=True) for n in (64, 128)}
+
+    def run(n):
+        x = torch.randn(1, n, 128, dtype=dtype, requires_grad=True)
+        kw = dict(encoder_hidden_states=enc[n], encoder_attention_mask=None) if cross else {}
+        layer(x, attention_mask=None, **kw)
+    stack = M.Stack("decoder" if cross else "encoder", 1, 128, 512, 4, 4, act="relu", rms_fp32=False, mode=mode,
+                    dropout=True, cross=cross)
+    return run, stack, list(enc.values())  # the encoder output is shared by every decoder layer
+
+
+def clip_layer(dtype, mode, cross=False):
+    vc = tf.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                             attn_implementation="sdpa")
+    layer = tf.models.clip.modeling_clip.CLIPEncoderLayer(vc).to(dtype)
+    layer.requires_grad_(mode == "full")
+
+    def run(n):
+        layer(torch.randn(1, n, 128, dtype=dtype, requires_grad=True), attention_mask=None,
+              causal_attention_mask=None)
+    return run, M.Stack("vision tower", 1, 128, 512, 4, 4, act="quick_gelu", rms_fp32=False, mode=mode), []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("make,cross", [(m2m_layers, False), (m2m_layers, True), (clip_layer, False)])
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_encoder_decoder_and_clip_layers_match_autograd(dtype, make, cross, mode):
+    """NLLB's M2M100 encoder and decoder (cross-attention, dropout) and CLIP's tower layer."""
+    run, stack, shared = make(dtype, mode, cross)
+    e = 2 if dtype == torch.bfloat16 else 4
+    got = saved_per_token(run, 64, shared)
+    assert got == pytest.approx(M.layer_bytes(stack, e, mask=e), rel=0.03), got
+
+
+def whole_model_saved(adapter, model, samples) -> tuple[int, dict, torch.Tensor]:
+    """Bytes autograd keeps for one micro batch's forward + vtt's loss (weights left out)."""
+    from vtt.trainer.loss import summed_token_loss
+    batch = adapter.collate(samples)
+    labels = batch.pop("labels")
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        summed_token_loss(model(**batch).logits, labels, adapter.causal)
+    return sum(seen.values()), batch, labels
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen_vl", "seq2seq"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_whole_model_activations_within_15_percent(tiny, kind, lora):
+    """The tiny presets in bf16 on CPU, one sample more per micro batch: what autograd keeps (the slope, so
+    weights cancel) against the estimate's activations + the loss's fp32 log-softmax (the transient bf16 logits
+    are not kept for backward)."""
+    import numpy as np
+    mc = ModelConfig(kind=kind, model_path=str(tiny[kind]), lora=lora)
+    ad = get_adapter(mc)
+    model = ad.load_model().to(torch.bfloat16).train()
+    rng = np.random.default_rng(0)
+    text = "a red square moving left, then a blue circle moving right"
+    samples = [{"key": f"k{i}", "text": text, "meta": {"description": text},
+                "frames": rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)} for i in range(2)]
+    one, batch, labels = whole_model_saved(ad, model, samples[:1])
+    two, _, _ = whole_model_saved(ad, model, samples)
+    width, n_labels = batch["input_ids"].shape[1], int((labels != -100).sum())
+    vid = M.video_tokens(mc, 8, (32, 32))[0]
+    inputs = M.PlanInputs(micro_batch=1, frames=8, frame_size=(32, 32), mask_bytes=2,
+                          text_tokens=width - vid, label_tokens=labels.shape[1] if kind == "seq2seq" else n_labels)
+    shape = M.model_shape(mc)
+    want = M.estimate(mc, inputs, shape).activations + 4 * shape.vocab * n_labels
+    assert two - one == pytest.approx(want, rel=0.15)

@@ -68,7 +68,7 @@ class Stack:
     intermediate: int
     heads: int
     kv_heads: int
-    gated: bool         # SwiGLU (gate, up, down) vs one activation (fc1, fc2)
+    act: str            # silu_gated (SwiGLU: gate, up, down) | relu | gelu | quick_gelu (fc1, fc2)
     rms_fp32: bool      # Llama/Qwen RMSNorm: an fp32 copy of its input is saved
     mode: str           # full | lora | frozen (gradient passes through) | none (no backward at all)
     cross: bool = False  # decoder layer with cross-attention over the encoder output
@@ -88,6 +88,8 @@ class ModelShape:
     lora_r: int = 0
     lora_dropout: bool = False
     lora_targets: int = 0  # attention projections per layer carrying LoRA (q, k, v, o = 4)
+    head_trains: bool = False  # the LM head's weight trains (keeps its input)
+    projector: tuple[int, int] | None = None  # trained projector/merger: (vision hidden, text hidden)
 
 
 @dataclass(frozen=True)
@@ -198,23 +200,40 @@ def model_shape(model_cfg, model: torch.nn.Module | None = None) -> ModelShape:
     vmode = _trains(model, tower)
     if lm_mode == "none" and any(p.requires_grad for n, p in model.named_parameters() if tower not in n):
         lm_mode = "frozen"  # a trainable projector/merger below: the gradient passes through the LM
-    stacks = [Stack("language model", **_dims(text), gated=True, rms_fp32=True, mode=lm_mode)]
+    stacks = [Stack("language model", **_dims(text), act="silu_gated", rms_fp32=True, mode=lm_mode)]
     vd = _dims(vision)
-    gated = model_cfg.kind == "qwen_vl" and getattr(vision, "hidden_act", "") == "silu"
-    stacks.append(Stack("vision tower", **vd, gated=gated, rms_fp32=gated, mode=vmode))
+    gated = model_cfg.kind == "qwen_vl" and getattr(vision, "hidden_act", "") == "silu"  # Qwen2.5-VL's blocks
+    act = "silu_gated" if gated else _act(getattr(vision, "hidden_act", "gelu"))
+    stacks.append(Stack("vision tower", **vd, act=act, rms_fp32=gated, mode=vmode))
+    part = "visual.merger" if model_cfg.kind == "qwen_vl" else "multi_modal_projector"
+    proj = (vd["hidden"], text.hidden_size) if _any_trains(model, part) else None
     return ModelShape(model_cfg.kind, config.model_type, params, trainable, text.hidden_size, text.vocab_size,
-                      tuple(stacks), **lora)
+                      tuple(stacks), **lora, head_trains=_any_trains(model, "lm_head"), projector=proj)
 
 
 def _seq2seq_shape(model_cfg, model, c, params, trainable, lora) -> ModelShape:
     mode = _trains(model, "layers")
     drop = (getattr(c, "dropout", 0) or 0) > 0
-    common = dict(hidden=c.d_model, gated=False, rms_fp32=False, mode=mode, dropout=drop)
+    common = dict(hidden=c.d_model, act=_act(c.activation_function), rms_fp32=False, mode=mode, dropout=drop)
     enc = Stack("encoder", c.encoder_layers, intermediate=c.encoder_ffn_dim, heads=c.encoder_attention_heads,
                 kv_heads=c.encoder_attention_heads, **common)
     dec = Stack("decoder", c.decoder_layers, intermediate=c.decoder_ffn_dim, heads=c.decoder_attention_heads,
                 kv_heads=c.decoder_attention_heads, cross=True, **common)
-    return ModelShape("seq2seq", c.model_type, params, trainable, c.d_model, c.vocab_size, (enc, dec), **lora)
+    return ModelShape("seq2seq", c.model_type, params, trainable, c.d_model, c.vocab_size, (enc, dec), **lora,
+                      head_trains=_any_trains(model, "lm_head"))
+
+
+def _any_trains(model, part: str) -> bool:
+    return any(p.requires_grad for n, p in model.named_parameters() if part in n)
+
+
+def _act(name: str) -> str:
+    return "relu" if name == "relu" else "quick_gelu" if name == "quick_gelu" else "gelu"
+
+
+# e*I tensors a non-gated MLP keeps (trained fc2 / frozen fc2): relu its output, which is fc2's input too;
+# gelu its input + fc2's input; quick_gelu x, sigmoid(1.702x) and fc2's input
+ACT_SAVES = {"relu": (1, 1), "gelu": (2, 1), "quick_gelu": (3, 2)}
 
 
 def _lora_targets_per_layer(model) -> int:
@@ -229,13 +248,13 @@ def layer_bytes(s: Stack, e: int, lora_r: int = 0, lora_dropout: bool = False, l
     """Bytes autograd keeps per token for one layer of stack s (e = bytes per activation element).
 
     Per op, what its backward needs (h hidden, k = kv heads x head dim, I intermediate, a heads):
-      norm (x2)      full: input (fp32 copy for RMSNorm: 4h; LayerNorm: e*h) + normalised output e*h for the
-                     weight's gradient; frozen weight: the input only
+      norm (x2)      Llama/Qwen RMSNorm: an fp32 copy of its input 4h (+ the normalised e*h for a trained
+                     weight); LayerNorm: its input e*h (+ per-token stats)
       attention in   the norm output as input of q/k/v (saved once, they share it): e*h if trained
       SDPA           q e*h, k and v e*k each, output e*h, logsumexp 4a (no a*s^2 scores: flash/efficient)
       o_proj in      the attention output, the same storage as SDPA's (transposed back as a view)
       MLP            SwiGLU: gate, up, silu(gate) 3*e*I (+ down's input e*I and the norm output e*h if trained);
-                     one activation: its output e*I (the fc2 input too) + fc1's input e*h if trained
+                     fc1-act-fc2: ACT_SAVES x e*I (relu 1, gelu 2, quick_gelu 3) + fc1's input e*h if trained
       dropout        a mask per hidden dropout (2 per layer, 3 with cross-attention): `mask` bytes per element,
                      1 on CUDA (fused dropout keeps a bool mask), e on CPU (input * mask keeps the mask in the
                      input's dtype)
@@ -248,12 +267,15 @@ def layer_bytes(s: Stack, e: int, lora_r: int = 0, lora_dropout: bool = False, l
     h, I, a = s.hidden, s.intermediate, s.heads
     k = s.kv_heads * (h // s.heads)
     train = s.mode == "full"
-    norm = (4 * h if s.rms_fp32 else e * h) + (e * h if train else 0)
+    norm = 4 * h + (e * h if train else 0) if s.rms_fp32 else e * h  # LayerNorm: input (+ fp32 stats)
     attn = (e * h if train else 0) + e * (2 * h + 2 * k) + 4 * a
-    mlp = e * (3 * I + (I + h if train else 0)) if s.gated else e * (I + (h if train else 0))
+    if s.act == "silu_gated":
+        mlp = e * (3 * I + (I + h if train else 0))
+    else:
+        mlp = e * (ACT_SAVES[s.act][0 if train else 1] * I + (h if train else 0))
     total = 2 * norm + attn + mlp
     if s.cross:
-        total += norm + (e * h if train else 0) + e * (2 * h) + 4 * a + (e * h if train else 0)
+        total += norm + (e * h if train else 0) + e * (2 * h) + 4 * a  # q's input, q, output, logsumexp
         total += e * 2 * h * enc_tokens_ratio  # k and v over the encoder positions
     if s.dropout:
         total += mask * h * (3 if s.cross else 2)
@@ -312,6 +334,7 @@ class PlanInputs:
     world_size: int = 1
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
+    mask_bytes: int = 1  # per dropout-mask element: 1 on CUDA; tests on CPU pass e (layer_bytes)
     notes: tuple[str, ...] = field(default=())
 
 
@@ -349,10 +372,24 @@ def _activations(shape: ModelShape, i: PlanInputs, e: int, tokens: int, tower_to
         else:
             toks = tokens if shape.kind != "seq2seq" else i.text_tokens
         ratio = i.text_tokens / max(i.label_tokens, 1)
-        per = layer_bytes(s, e, shape.lora_r, shape.lora_dropout, shape.lora_targets or 4, ratio)
+        per = layer_bytes(s, e, shape.lora_r, shape.lora_dropout, shape.lora_targets or 4, ratio, i.mask_bytes)
         plain += s.layers * toks * per
         ckpt += s.layers * toks * checkpointed_bytes(s, e) + toks * per  # + one layer being recomputed
-    return int(i.micro_batch * plain), int(i.micro_batch * ckpt)
+    rest = _outside_layers(shape, i, e, tokens, tower_tokens)
+    return int(i.micro_batch * (plain + rest)), int(i.micro_batch * (ckpt + rest))
+
+
+def _outside_layers(shape: ModelShape, i: PlanInputs, e: int, tokens: int, tower_tokens: int) -> float:
+    """Per sample, outside the checkpointed layers: the final norm(s) and the LM head's input if it trains;
+    a VLM's bool mask where video features are scattered into the embeddings (h per token); a trained
+    projector/merger: its input e*vision_h and GELU in/out 2*e*h per tower token."""
+    h = shape.hidden
+    if shape.kind == "seq2seq":
+        return i.text_tokens * e * h + i.label_tokens * (e * h + (e * h if shape.head_trains else 0))
+    out = tokens * (4 * h + (e * h if shape.head_trains else 0) + h)
+    if shape.projector and tower_tokens:
+        out += tower_tokens * e * (shape.projector[0] + 2 * shape.projector[1])
+    return float(out)
 
 
 # ------------------------------------------------------------------ fitting
