@@ -132,7 +132,7 @@ def test_resume_skips_without_decoding(tmp_path, monkeypatch):
     calls = []
     real = data.decode_sample
     monkeypatch.setattr(data, "decode_sample",
-                        lambda raw, frames: calls.append(raw["__key__"]) or real(raw, frames))
+                        lambda raw, *rest: calls.append(raw["__key__"]) or real(raw, *rest))
     resumed = build_loader(cfg, keys_of, 2, start=loader.state())
     got = take(resumed, 1)[0]
     assert got == calls  # only the 2 samples of the next batch were decoded

@@ -72,6 +72,18 @@ def read_norm(model_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return CLIP_MEAN, CLIP_STD
 
 
+def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Checkpointing, LoRA and freezing on a loaded model (any device, meta too: vtt.trainer.memory)."""
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.lora:  # peft freezes all but the adapters; the projector keeps training (it is small)
+        return apply_lora(model, cfg, keep_trainable=PROJECTOR_PARTS)
+    frozen = (VISION_PARTS if cfg.freeze_vision or cfg.projector_only else []) + \
+             (LLM_PARTS if cfg.freeze_llm or cfg.projector_only else [])
+    set_trainable(model, frozen)
+    return model
+
+
 class LlavaAdapter:
     needs_frames = True
     cast_buffers = False  # RoPE inv_freq must stay fp32
@@ -97,15 +109,7 @@ class LlavaAdapter:
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
         cfg = self.cfg
-        model = common_load(AutoModelForImageTextToText, cfg)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        if cfg.lora:  # peft freezes all but the adapters; the projector keeps training (it is small)
-            return apply_lora(model, cfg, keep_trainable=PROJECTOR_PARTS)
-        frozen = (VISION_PARTS if cfg.freeze_vision or cfg.projector_only else []) + \
-                 (LLM_PARTS if cfg.freeze_llm or cfg.projector_only else [])
-        set_trainable(model, frozen)
-        return model
+        return setup_model(common_load(AutoModelForImageTextToText, cfg), cfg)
 
     # -- samples -----------------------------------------------------------------------------------------------
     def check_sample(self, sample: dict) -> None:

@@ -39,6 +39,22 @@ def frame_times(sample: dict, n: int) -> list[float]:
     return [i / FALLBACK_FPS for i in range(n)]
 
 
+def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Checkpointing, LoRA and freezing on a loaded model (any device, meta too: vtt.trainer.memory)."""
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    keep = [MERGER_PART] if cfg.train_merger else []
+    if cfg.lora:
+        model = apply_lora(model, cfg, keep_trainable=keep + ([VISION_PART] if cfg.train_vision else []))
+    frozen = [] if cfg.train_vision else [VISION_PART]
+    frozen += ["language_model", "lm_head"] if cfg.freeze_llm else []
+    for name, p in model.named_parameters():
+        if any(f in name for f in frozen) and not any(k in name for k in keep):
+            p.requires_grad_(False)
+    set_trainable(model, [])  # raises when nothing is left to train
+    return model
+
+
 class QwenAdapter:
     needs_frames = True
     cast_buffers = False  # RoPE inv_freq stays fp32
@@ -74,20 +90,7 @@ class QwenAdapter:
         return self.setup(common_load(AutoModelForImageTextToText, self.cfg))
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Checkpointing, LoRA and freezing on a loaded model (any device, meta too)."""
-        cfg = self.cfg
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        keep = [MERGER_PART] if cfg.train_merger else []
-        if cfg.lora:
-            model = apply_lora(model, cfg, keep_trainable=keep + ([VISION_PART] if cfg.train_vision else []))
-        frozen = [] if cfg.train_vision else [VISION_PART]
-        frozen += ["language_model", "lm_head"] if cfg.freeze_llm else []
-        for name, p in model.named_parameters():
-            if any(f in name for f in frozen) and not any(k in name for k in keep):
-                p.requires_grad_(False)
-        set_trainable(model, [])  # raises when nothing is left to train
-        return model
+        return setup_model(model, self.cfg)
 
     # -- samples -----------------------------------------------------------------------------------------------
     def _frames(self, sample: dict) -> tuple[np.ndarray, list[float]]:

@@ -12,6 +12,15 @@ from vtt.trainer.text import encode, render_spans
 EXTRA_FILES = ("sentencepiece.bpe.model",)
 
 
+def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Checkpointing and LoRA on a loaded model (any device, meta too: vtt.trainer.memory)."""
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.lora:
+        return apply_lora(model, cfg, keep_trainable=[])
+    return model
+
+
 class Seq2SeqAdapter:
     needs_frames = False
     # M2M100's sinusoidal position table is an fp32 buffer: under DeepSpeed bf16 it must be cast with the weights.
@@ -45,12 +54,7 @@ class Seq2SeqAdapter:
 
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM
-        model = common_load(AutoModelForSeq2SeqLM, self.cfg)
-        if self.cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        if self.cfg.lora:
-            return apply_lora(model, self.cfg, keep_trainable=[])
-        return model
+        return setup_model(common_load(AutoModelForSeq2SeqLM, self.cfg), self.cfg)
 
     def _encode(self, rendered: tuple[str, list], lang: int | None, limit: int) -> list[int]:
         """NLLB layout: [lang] tokens </s>; without a language, the tokenizer's own specials (+ </s>).

@@ -55,7 +55,7 @@ class ModelConfig:
     projector_only: bool = False
     train_vision: bool = False               # qwen_vl: the vision tower trains too (frozen by default)
     train_merger: bool = False               # qwen_vl: the vision-language merger trains (with LoRA too)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # "auto": vtt-train picks (vtt.trainer.memory.resolve_auto)
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -77,6 +77,8 @@ class ModelConfig:
         for name in ("max_source_len", "max_target_len", "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
         if self.overflow not in ("drop", "truncate_history"):
             raise ValueError(f"overflow must be 'drop' or 'truncate_history', got {self.overflow!r}")
         if self.max_length is not None and self.max_length < 8:

@@ -14,7 +14,9 @@ import click
 # Flags -> (section, field). Every flag left out (None) keeps the YAML/default value.
 FLAG_FIELDS = {
     "kind": ("model", "kind"), "model_path": ("model", "model_path"), "lora": ("model", "lora"),
-    "num_frames": ("model", "num_frames"), "gradient_checkpointing": ("model", "gradient_checkpointing"),
+    "num_frames": ("data", "num_frames"), "frame_sampling": ("data", "frame_sampling"),
+    "video_tokens": ("data", "video_tokens"), "device_memory": ("deepspeed", "device_memory_gb"),
+    "gradient_checkpointing": ("model", "gradient_checkpointing"),
     "mask_history": ("model", "mask_history"), "max_length": ("model", "max_length"),
     "shards": ("data", "shards"), "eval_shards": ("data", "eval_shards"),
     "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
@@ -120,7 +122,13 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
               "\"auto\" values are filled from the settings. Default: generated from the settings.")
 @click.option("--zero-stage", type=click.IntRange(0, 3), help="ZeRO stage [default: 2].")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="[default: bf16]; fp32 only when asked.")
-@click.option("--micro-batch", type=int, help="Micro batch per GPU [default: 4].")
+@click.option("--micro-batch", callback=lambda c, p, v: v if v in (None, "auto") else int(v) if v.isdigit() else
+              _bad(p, v), help="Micro batch per GPU, or auto: the fastest that fits the device (with "
+              "--set model.gradient_checkpointing=auto also choosing checkpointing) [default: 4].")
+@click.option("--device-memory", type=float, metavar="GB", help="Device memory to plan for where torch.cuda "
+              "cannot tell (CPU runs, --plan for another machine).")
+@click.option("--plan", "plan", is_flag=True, help="Print the estimated peak memory per device (weights, "
+              "gradients, optimizer, activations with and without checkpointing, video tokens) and exit.")
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 1].")
 @click.option("--offload-optimizer/--no-offload-optimizer", default=None, help="ZeRO-Offload optimizer to CPU.")
 @click.option("--lr", type=float, help="Peak learning rate [default: 1e-4].")
@@ -142,7 +150,12 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
 @click.option("--resume", is_flag=False, flag_value="latest", default=None,
               help="Resume from RUN's latest checkpoint (bare flag) or from a checkpoint folder.")
 @click.option("--lora/--no-lora", default=None, help="LoRA (peft) on the language model.")
-@click.option("--num-frames", type=int, help="LLaVA: resample every clip to N frames.")
+@click.option("--num-frames", type=int, help="Frames per sample read from the shards' stored ones, when they "
+              "hold more [default: all].")
+@click.option("--frame-sampling", type=click.Choice(["uniform", "random"]), help="With --num-frames: evenly "
+              "spaced, or drawn per epoch from (data seed, epoch, sample key) [default: uniform].")
+@click.option("--video-tokens", type=int, help="Video-token budget per sample: caps --num-frames to the most "
+              "frames whose video tokens fit.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--mask-history/--no-mask-history", default=None,
               help="Conversations: loss on the last assistant turn only [default: every assistant turn].")
@@ -166,7 +179,7 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
               "machine, the launcher's 29500 with --hostfile/--num-nodes).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True)
 @click.version_option(package_name="vtt")
-def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
+def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
     enable_faulthandler()
     if num_gpus:
         cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
@@ -177,11 +190,45 @@ def main(config_file, sets, print_config, num_gpus, num_nodes, hostfile, master_
         cfg = load_config(config_file, overrides_from_flags(flags, sets))
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
+    if not (plan or print_config):
+        check_paths(cfg)  # before the planner builds anything: a wrong path costs nothing
+    if plan or needs_auto(cfg):
+        cfg = resolve_plan(cfg, plan)
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return
-    check_paths(cfg)
     run(cfg, local_rank, created=not Path(cfg.run.output_dir).exists())
+
+
+def _bad(param, value):
+    raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param=param)
+
+
+def needs_auto(cfg) -> bool:
+    from vtt.trainer.memory import needs_resolution
+    return needs_resolution(cfg)
+
+
+def resolve_plan(cfg, show: bool):
+    """`auto` settings made concrete from the memory estimate; --plan prints it and exits 0."""
+    from vtt.trainer.config import ConfigError
+    from vtt.trainer.memory import PlanError, plan_text, resolve_auto
+    from vtt.trainer.plan import ensure_preset
+    try:
+        ensure_preset(cfg)  # --preset tiny: the model folder the plan reads
+        res = resolve_auto(cfg)
+    except (ConfigError, PlanError, ValueError) as e:
+        click.echo(f"vtt-train: error: {e}", err=True)
+        sys.exit(1)
+    if show:
+        click.echo(plan_text(res))
+        sys.exit(0)
+    if int(os.environ.get("RANK", 0)) == 0:
+        e = res.estimate
+        click.echo(f"vtt-train: micro batch {e.micro_batch}, gradient checkpointing "
+                   f"{'on' if e.gradient_checkpointing else 'off'}, {e.frames} frames: estimated peak "
+                   f"{e.total / 2**30:.1f} GiB per device" + "".join(f"; {x}" for x in res.lines), err=True)
+    return res.cfg
 
 
 def enable_faulthandler() -> None:

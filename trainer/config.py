@@ -88,7 +88,7 @@ class DeepSpeedSettings:
     config_file: str | None = None  # external DeepSpeed JSON (may hold "auto")
     zero_stage: int | None = None  # 0..3, default 2
     precision: str | None = None  # bf16 | fp32, default bf16; fp32 only when asked for
-    micro_batch_size: int | None = None  # per GPU, default 4
+    micro_batch_size: int | str | None = None  # per GPU, default 4; "auto": the fastest that fits (memory.py)
     grad_accum: int | None = None  # default 1
     train_batch_size: int | None = None  # optional check: must equal world x micro x accumulation
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states (and step) on CPU
@@ -99,6 +99,9 @@ class DeepSpeedSettings:
     # process's RAM. Off by default: LoRA layers added after loading would then differ in dtype.
     zero3_init: bool = False
     timeout_minutes: int = 30  # process-group timeout: a rank that dies surfaces as an error, not a hang
+    # what `auto` settings and --plan fit into: the device's memory (torch.cuda where present, else this)
+    device_memory_gb: float | None = None
+    memory_headroom: float = 0.10  # fraction kept free (CUDA context, fragmentation)
 
     def __post_init__(self):
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
@@ -106,8 +109,16 @@ class DeepSpeedSettings:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r} "
                               "(fp16 is not offered: M2M100/NLLB gives NaN losses in fp16)")
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
+            raise ConfigError(f"deepspeed.micro_batch_size must be a number or 'auto', got {self.micro_batch_size!r}")
+        if self.device_memory_gb is not None and not self.device_memory_gb > 0:
+            raise ConfigError(f"deepspeed.device_memory_gb must be > 0, got {self.device_memory_gb}")
+        if not 0 <= self.memory_headroom < 1:
+            raise ConfigError(f"deepspeed.memory_headroom must be in [0, 1), got {self.memory_headroom}")
         for name in ("micro_batch_size", "grad_accum", "train_batch_size"):
             v = getattr(self, name)
+            if isinstance(v, str):
+                continue
             if v is not None and v < 1:
                 raise ConfigError(f"deepspeed.{name} must be >= 1, got {v}")
         if self.config_file and not Path(self.config_file).is_file():
@@ -385,6 +396,8 @@ def _from_raw(value: RawValue, tp: Any, where: str) -> Any:
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if value.strip() in ("", "null", "~", "None") and type(None) in args:
         return None
+    if str in args and bool in args and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # bool | str fields ("auto" or a boolean)
     if str in args:
         return str(value)
     try:

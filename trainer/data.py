@@ -59,6 +59,7 @@ from vtt.trainer.data_source import (RESTART_HINT, DataResumeError, Snapshot, Sn
 log = logging.getLogger(__name__)
 
 ON_CORRUPT = ("skip", "stop")
+FRAME_SAMPLING = ("uniform", "random")
 RESUME_MODES = ("exact", "next_epoch")
 SPLITS = ("train", "eval")
 
@@ -77,6 +78,11 @@ class DataConfig:
     decode_frames: bool = True  # False: frames stay undecoded (text-only models), sample["frames"] is None
     verify_checksums: bool = False  # sha256 of every tar against the index before training
     prefetch_factor: int = 2
+    # frames chosen at train time (data_read.pick_frames): at most num_frames of a sample's stored frames,
+    # evenly spaced ('uniform') or drawn per epoch from (seed, epoch, key) ('random'); None: all of them
+    num_frames: int | None = None
+    frame_sampling: str = "uniform"
+    video_tokens: int | None = None  # per-sample video-token budget: caps num_frames (vtt.trainer.memory)
     # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
     # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
     storage_options: dict = field(default_factory=dict)
@@ -94,6 +100,12 @@ class DataConfig:
             raise ValueError(f"DataConfig.resume must be one of {RESUME_MODES}, got {self.resume!r}")
         if self.shuffle_buffer < 0 or self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError("DataConfig: shuffle_buffer and num_workers must be >= 0, prefetch_factor >= 1")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"DataConfig.num_frames must be >= 1 or None, got {self.num_frames}")
+        if self.frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"DataConfig.frame_sampling must be one of {FRAME_SAMPLING}, got {self.frame_sampling!r}")
+        if self.video_tokens is not None and self.video_tokens < 1:
+            raise ValueError(f"DataConfig.video_tokens must be >= 1 or None, got {self.video_tokens}")
         if self.interleave_shards < 1:
             raise ValueError(f"DataConfig.interleave_shards must be >= 1, got {self.interleave_shards}")
 
@@ -272,7 +284,8 @@ class Loader:
         cfg, train = self.cfg, self.split == "train"
         return Plan(self._src, self.split, cfg.seed, epoch, self.rank, self.world_size, self.workers,
                     self.micro_batch, len(self), start_batch, raw, cfg.shuffle_buffer if train else 0,
-                    cfg.interleave_shards if train else 1, cfg.on_corrupt, cfg.decode_frames)
+                    cfg.interleave_shards if train else 1, cfg.on_corrupt, cfg.decode_frames,
+                    cfg.num_frames, cfg.frame_sampling if train else "uniform")
 
     def __iter__(self) -> Iterator[Any]:
         if self.split == "eval":

@@ -184,6 +184,8 @@ class Plan:
     interleave: int
     on_corrupt: str
     decode_frames: bool
+    num_frames: int | None = None  # frames kept per sample (data_read.pick_frames); None: all stored
+    frame_sampling: str = "uniform"
 
     def my_batches(self, l: int, start: int | None = None) -> range:
         first = self.start_batch if start is None else start

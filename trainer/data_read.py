@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tarfile
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -178,12 +180,47 @@ def raw_samples(plan: Plan, l: int, consumed: int, corrupt: Corrupt) -> Iterator
 
 # ---------------------------------------------------------------- decoding
 
-def _decode_frames(raw: dict) -> np.ndarray:
+@dataclass(frozen=True)
+class FramePick:
+    """Which stored frames a sample keeps: at most `num` (None: all), evenly spaced or drawn at random from
+    (seed, epoch, key) - the same draw on a resume, a new one each epoch."""
+    num: int | None = None
+    sampling: str = "uniform"
+    seed: int = 0
+    epoch: int = 0
+
+    def indices(self, stored: int, key: str) -> list[int]:
+        """Sorted indices into the stored frames; a sample with num or fewer frames keeps them all (frames
+        are never invented here: the adapters pad or resample). O(stored)."""
+        if self.num is None or stored <= self.num:
+            return list(range(stored))
+        if self.sampling == "random":
+            rng = random.Random(f"vtt-frames:{self.seed}:{self.epoch}:{key}")
+            return sorted(rng.sample(range(stored), self.num))
+        return np.linspace(0, stored - 1, self.num).round().astype(int).tolist()  # the adapters' resample
+
+
+def picked(sample: dict, idx: list[int], stored: int) -> dict:
+    """The sample's meta with the timestamps of the frames `idx` of `stored`, and `frame_indices` = idx."""
+    meta = dict(sample["meta"])
+    vtt = meta.get("vtt")
+    if isinstance(vtt, dict) and isinstance(vtt.get("timestamps"), list) and len(vtt["timestamps"]) == stored:
+        meta["vtt"] = dict(vtt, timestamps=[vtt["timestamps"][i] for i in idx])
+    return dict(sample, meta=meta, frame_indices=idx)
+
+
+def _decode_frames(raw: dict, pick: FramePick | None = None) -> tuple[np.ndarray, list[int] | None]:
+    """(frames, their indices among the stored ones, None when all are kept)."""
     names = frame_fields(raw)
     if not names:
         raise Bad("missing_frames", "no NNNN.jpg/png members")
     if [frame_index(n) for n in names] != list(range(len(names))):
         raise Bad("frame_gap", f"frame members {names} are not numbered 0000..{len(names) - 1:04d}")
+    idx = pick.indices(len(names), raw["__key__"]) if pick is not None else None
+    if idx is not None and len(idx) < len(names):  # only the picked frames are decoded
+        names = [names[i] for i in idx]
+    else:
+        idx = None
     frames = []
     for name in names:
         try:
@@ -192,11 +229,12 @@ def _decode_frames(raw: dict) -> np.ndarray:
             raise Bad("bad_image", f"{name}: {type(e).__name__}: {e}") from e
     if len({f.shape for f in frames}) != 1:
         raise Bad("frame_size_mismatch", f"frames differ in size: {sorted({f.shape for f in frames})}")
-    return np.stack(frames)
+    return np.stack(frames), idx
 
 
-def decode_sample(raw: dict, decode_frames: bool = True) -> dict:
-    """{key, meta, text, frames} from a raw sample; raises Bad(class, reason)."""
+def decode_sample(raw: dict, decode_frames: bool = True, pick: FramePick | None = None) -> dict:
+    """{key, meta, text, frames} from a raw sample, only the `pick`ed frames decoded (their indices in
+    `frame_indices`, their timestamps in meta.vtt.timestamps); raises Bad(class, reason)."""
     if raw.get("__lost__"):
         raise Bad("lost_sample", "the tar ended or broke inside this sample (see bad_shard)")
     if "json" not in raw:
@@ -213,8 +251,12 @@ def decode_sample(raw: dict, decode_frames: bool = True) -> dict:
         text = raw["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
         raise Bad("bad_text", str(e)) from e
-    frames = _decode_frames(raw) if decode_frames else None
-    return {"key": raw["__key__"], "meta": meta, "text": text, "frames": frames}
+    sample = {"key": raw["__key__"], "meta": meta, "text": text, "frames": None}
+    if not decode_frames:
+        return sample
+    frames, idx = _decode_frames(raw, pick)
+    sample["frames"] = frames
+    return picked(sample, idx, len(frame_fields(raw))) if idx is not None else sample
 
 
 # ---------------------------------------------------------------- batches
@@ -236,6 +278,7 @@ def stream_batches(plan: Plan, l: int, collate_fn: Callable) -> Iterator[tuple[A
     if not mine:
         return
     corrupt = Corrupt(plan.on_corrupt)
+    pick = FramePick(plan.num_frames, plan.frame_sampling, plan.seed, plan.epoch)
     consumed = plan.skip(l)
     raw = raw_samples(plan, l, consumed, corrupt)
     bad_run = 0  # samples dropped since the last good batch
@@ -256,7 +299,7 @@ def stream_batches(plan: Plan, l: int, collate_fn: Callable) -> Iterator[tuple[A
                 consumed += 1
                 url = sample.get("__url__", "?")
                 try:
-                    samples.append((decode_sample(sample, plan.decode_frames), url))
+                    samples.append((decode_sample(sample, plan.decode_frames, pick), url))
                 except Bad as e:
                     drop(e.cls, url, sample.get("__key__"), e.reason, e)
             try:
