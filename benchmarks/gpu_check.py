@@ -10,6 +10,8 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
                batch 1, 8 frames of 336x336 (4 temporal patches x 144 = 576 video tokens)
   nllb         NLLB-200-600M's shapes (M2M100, d_model 1024, 12+12 layers, vocab 256206), full fine-tune
   llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
+  llava_auto, qwen25_auto  the LoRA runs with `--micro-batch auto --set model.gradient_checkpointing=auto`: the
+               memory planner picks the fastest setting that fits this card (its choice is logged)
 and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; then, per run,
 benchmarks/bench_step.py with the same flags: vtt-train's step against a plain PyTorch loop on the same batches and
 model (the ratio plain / vtt; >= 0.9 is the target), and the peak memory against the memory planner's estimate
@@ -154,6 +156,11 @@ def run_args(name: str, models: dict, shards: Path, out: Path, steps: int,
               "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16", "--warmup-steps", "2",
               "--set", "run.progress_bar=false"]
     common += ["--zero-stage", str(zero_stage)] if zero_stage is not None else []
+    if name.endswith("_auto"):  # the LoRA recipe with the planner's micro batch and checkpointing
+        args = run_args(name.replace("_auto", "_lora"), models, shards, out, steps, zero_stage)
+        args = [a for a in args if a != "--gradient-checkpointing"]
+        args[args.index("--micro-batch") + 1] = "auto"
+        return [*args, "--set", "model.gradient_checkpointing=auto", "--output-dir", str(out / f"run-{name}")]
     if name == "llava_lora":
         return ["--model", "llava", "--model-path", str(models["llava"]), "--micro-batch", "1", "--lora",
                 "--gradient-checkpointing", "--num-frames", "8", "--set", "model.freeze_vision=true",
@@ -198,19 +205,21 @@ def step_ratio(name: str, args: list[str], out: Path, timeout: int) -> dict:
     return json.loads(lines[-1][len("BENCH_STEP "):])
 
 
-def planned_peak_gb(args: list[str]) -> float | None:
-    """HOOK (issue 21 item 3): the memory planner's estimate of the peak per device for these vtt-train flags.
-    `vtt.trainer.memory` is written on another branch; until it is merged this returns None and the table
-    shows "-". Expected: an `estimate(cfg)` returning an object with `peak_bytes` (or a number of bytes)."""
-    try:
-        from vtt.trainer import memory
-    except ImportError:
-        return None
+def resolved(args: list[str]) -> tuple[list[str], float | None, str]:
+    """The planner on these vtt-train flags, as vtt-train itself resolves them (same device): the flags with any
+    `auto` made concrete (bench_step runs those), the estimated peak per device in GiB (as peak mem), and what it chose.
+    A planner failure is reported, not raised: the measured run still counts."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_step import config_from_flags
-    est = memory.estimate(config_from_flags(args))
-    peak = getattr(est, "peak_bytes", est)
-    return float(peak) / 2**30 if peak is not None else None
+    from vtt.trainer.memory import resolve_auto
+    try:
+        res = resolve_auto(config_from_flags(args))
+    except Exception as e:  # noqa: BLE001 - recorded in the results
+        return args, None, f"planner failed: {type(e).__name__}: {e}"
+    e = res.estimate
+    concrete = [*args, "--micro-batch", str(e.micro_batch),
+                "--set", f"model.gradient_checkpointing={str(e.gradient_checkpointing).lower()}"]
+    return concrete, e.total / 2**30, f"micro {e.micro_batch}, ckpt {e.gradient_checkpointing}"
 
 
 def count_tokens(model_path: Path, shards: Path, n: int = 64) -> tuple[float, float]:
@@ -304,7 +313,7 @@ def main() -> None:
     models = {}
     if any(r.startswith("llava") for r in runs):
         models["llava"] = build_llava_7b(a.out / "llava-next-video-7b-random")
-    if "qwen25_lora" in runs:
+    if any(r.startswith("qwen25") for r in runs):
         models["qwen_vl"] = build_qwen25_7b(a.out / "qwen2.5-vl-7b-random")
     if "nllb" in runs:
         models["seq2seq"] = build_nllb_600m(a.out / "nllb-600m-random")
@@ -313,6 +322,8 @@ def main() -> None:
         shutil.rmtree(a.out / f"run-{name}", ignore_errors=True)
         log(f"training {name} for {a.steps} steps ...")
         args = run_args(name, models, shards, a.out, a.steps, a.zero_stage)
+        concrete, planned_gb, choice = resolved(args)
+        log(f"{name}: planner: {choice}, estimated peak {planned_gb} GB")
         wall = train(args, a.timeout)
         s = json.loads((a.out / f"run-{name}" / "summary.json").read_text())
         kind = "seq2seq" if name == "nllb" else "qwen_vl" if name.startswith("qwen") else "llava"
@@ -320,10 +331,10 @@ def main() -> None:
         flops = (flops_seq2seq(s, parts, *count_tokens(models[kind], shards)) if kind == "seq2seq"
                  else flops_llava(s, parts, 8))
         results["runs"][name] = {**s, "wall_s": wall, "model_tflops": flops / 1e12, "mfu": flops / (peak * 1e12),
-                                 "planned_peak_gb": planned_peak_gb(args)}
+                                 "planned_peak_gb": planned_gb, "planner": choice}
         log(f"{name}: done in {wall:.0f}s")
         if not a.no_ratio and name != "llava_offload":
-            results["runs"][name]["bench_step"] = b = step_ratio(name, args, a.out, a.timeout)
+            results["runs"][name]["bench_step"] = b = step_ratio(name, concrete, a.out, a.timeout)
             log(f"{name}: step ratio plain/vtt {b.get('ratio_plain_over_vtt')} {b.get('error', '')[:300]}")
     results["total_s"] = time.perf_counter() - t0
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
