@@ -254,3 +254,40 @@ def test_qwen_labels_are_exactly_each_answer_and_its_end(tmp_path, family, style
     ad = get_adapter(ModelConfig(kind="qwen_vl", model_path=path))
     s = dict(sample(turns=QA), frames=np.zeros((4, 32, 32, 3), np.uint8))
     _check_answers_learned_exactly(ad, s, ad.video_id, "<|im_start|>assistant\n")
+
+
+def test_system_column_and_swift_pairs_render_through_the_chat_template(tmp_path):
+    """LLaMA-Factory's / ms-swift's top-level `system` is the system turn the template renders (Qwen's default
+    system prompt is replaced, not added to); ms-swift's human/assistant pairs are learned like any turns."""
+    ad = get_adapter(ModelConfig(kind="qwen_vl", model_path=str(build_tiny("qwen_vl", tmp_path / "q"))))
+    frames = np.zeros((4, 32, 32, 3), np.uint8)
+    factory = {"key": "f", "frames": frames, "meta": {"system": "You describe test patterns.", "conversations": [
+        {"from": "human", "value": "<video>user instruction"}, {"from": "gpt", "value": "model response"}]}}
+    swift = {"key": "s", "frames": frames, "meta": {"system": "Be brief.", "conversation": [
+        {"human": "<video>What is shown?", "assistant": "A test pattern."},
+        {"human": "And the colours?", "assistant": "Bars."}]}}
+    for s, system, answers in ((factory, "You describe test patterns.", ["model response"]),
+                               (swift, "Be brief.", ["A test pattern.", "Bars."])):
+        batch = ad.collate([s])
+        text = ad.tokenizer.decode([i for i in batch["input_ids"][0].tolist() if i != ad.video_id])
+        assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n") and \
+            "You are a helpful assistant." not in text, text
+        assert learned_texts(ad, batch) == [a + "<|im_end|>" for a in answers]
+    both = {**factory, "meta": {**factory["meta"], "conversations": CONV}}
+    with pytest.raises(SampleError, match="both a 'system' field and a system turn"):
+        ad.collate([both])
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({"messages": [{"role": "user", "content": "<video><audio>What is said?"}, {"role": "assistant", "content": "x"}],
+      "videos": ["a.mp4"], "audios": ["a.mp3"]}, r"has 'audios' \(\[\"a.mp3\"\]\); vtt trains one video and text"),
+    ({"messages": [{"role": "user", "content": "<video><audio>What is said?"}, {"role": "assistant", "content": "x"}]},
+     r"messages\[0\]: has an <audio> placeholder"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "audio"}]},
+                   {"role": "assistant", "content": "x"}]}, r"messages\[0\]: has an audio content part"),
+])
+def test_audio_is_never_trained_as_text(llava_path, meta, match):
+    from vtt.trainer.conversation import UnsupportedSample
+    ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
+    with pytest.raises(UnsupportedSample, match=match):
+        ad.collate([{**sample(), "meta": meta}])

@@ -34,6 +34,14 @@ class Turn:
     loss: bool = True  # assistant turns: learn this answer
 
 
+class UnsupportedSample(SampleError):
+    """A sample that asks for what vtt does not train (audio, several videos): data, never silently dropped."""
+
+
+AUDIO = "<audio>"
+SUPPORTED = "vtt trains one video and text per sample"
+
+
 def _turn(item, i: int, field: str, key: str) -> Turn:
     where = f"sample {key!r}: {field}[{i}]"
     if not isinstance(item, dict):
@@ -41,30 +49,75 @@ def _turn(item, i: int, field: str, key: str) -> Turn:
     role = item.get("from") if field == "conversations" else item.get("role")
     text = item.get("value") if field == "conversations" else item.get("content")
     if isinstance(text, list):  # content parts: [{"type": "video"}, {"type": "text", "text": ...}]
+        kinds = [p.get("type") for p in text if isinstance(p, dict)]
+        if "audio" in kinds:
+            raise UnsupportedSample(f"{where}: has an audio content part; {SUPPORTED} (no audio)")
         text = "".join("<video>" if p.get("type") == "video" else str(p.get("text", "")) for p in text
                        if isinstance(p, dict))
     if role not in FROM_ROLES:
         raise SampleError(f"{where}: unknown role {role!r} (one of {sorted(FROM_ROLES)})")
     if not isinstance(text, str):
         raise SampleError(f"{where}: the text must be a string, got {type(text).__name__}")
+    if AUDIO in text:
+        raise UnsupportedSample(f"{where}: has an {AUDIO} placeholder; {SUPPORTED} (no audio): drop the audio "
+                                "from the entry or leave the entry out")
     loss = item.get("loss", True)
     if not isinstance(loss, bool):
         raise SampleError(f"{where}: \"loss\" must be true or false, got {loss!r}")
     return Turn(FROM_ROLES[role], text, loss)
 
 
+def _swift_pairs(raw, key: str) -> list[dict]:
+    """ms-swift's ShareGPT form `[{"human": q, "assistant": a}, ...]` as messages."""
+    out = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, dict) or not isinstance(pair.get("human"), str) or \
+                not isinstance(pair.get("assistant"), str):
+            raise SampleError(f"sample {key!r}: conversation[{i}]: expected {{\"human\": text, \"assistant\": "
+                              f"text}}, got {json_preview(pair)}")
+        out += [{"role": "user", "content": pair["human"]}, {"role": "assistant", "content": pair["assistant"]}]
+    return out
+
+
+def json_preview(value, limit: int = 80) -> str:
+    import json
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def conversation_field(meta: dict) -> str | None:
+    """Which field holds the conversation: LLaVA/LLaMA-Factory `conversations`, `messages`, ms-swift's ShareGPT
+    `conversation` (human/assistant pairs); None for a caption sample."""
+    return next((f for f in ("conversations", "messages", "conversation") if f in meta), None)
+
+
 def conversation_of(sample: dict) -> list[Turn] | None:
-    """The sample's validated turns, or None for a caption sample (no `conversations`/`messages`)."""
+    """The sample's validated turns, or None for a caption sample (no conversation field). A top-level `system`
+    string (LLaMA-Factory's system column, ms-swift's ShareGPT `system`) is the system turn. Audio (an `audios`
+    field, an <audio> placeholder or part) raises UnsupportedSample."""
     meta, key = sample.get("meta") or {}, sample.get("key", "?")
-    field = "conversations" if "conversations" in meta else "messages" if "messages" in meta else None
+    field = conversation_field(meta)
     if field is None:
         return None
+    for name in ("audios", "audio"):
+        if meta.get(name):
+            raise UnsupportedSample(f"sample {key!r}: has {name!r} ({json_preview(meta[name], 60)}); {SUPPORTED} "
+                                    "(no audio): drop the audio from the entry or leave the entry out")
     raw = meta[field]
     if not isinstance(raw, list) or not raw:
         raise SampleError(f"sample {key!r}: {field} must be a non-empty list")
+    if field == "conversation":
+        raw, field = _swift_pairs(raw, key), "messages"
     turns = [_turn(item, i, field, key) for i, item in enumerate(raw)]
     check_order(turns, f"sample {key!r}: {field}")
-    return turns
+    system = meta.get("system")
+    if system is None or system == "":  # LLaMA-Factory: an empty system column means the template's default
+        return turns
+    if not isinstance(system, str):
+        raise SampleError(f"sample {key!r}: 'system' must be a string, got {type(system).__name__}")
+    if turns[0].role == "system":
+        raise SampleError(f"sample {key!r}: has both a 'system' field and a system turn in {field}; keep one")
+    return [Turn("system", system)] + turns
 
 
 def check_order(turns: list[Turn], where: str) -> None:
