@@ -4,8 +4,8 @@ Formats: a JSON list or JSONL of LLaVA-Video-178K / LLaVA-NeXT / Qwen-VL finetun
 `conversations`), LLaMA-Factory sharegpt entries (`messages` or `conversations`, `videos`: one video, an optional
 `system` column), ms-swift entries (`messages`, or its ShareGPT `system` + `conversation` of human/assistant pairs,
 `videos`), and CSV/TSV (by extension) with a video column and a caption column (MSR-VTT / WebVid). Entries with
-audio or several videos fail as `annotation_unsupported` (vtt trains one video and text per sample). An entry's metadata is its own fields (conversations/messages
-as they are, rendered by vtt.trainer.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
+audio or several videos fail as `annotation_unsupported` (vtt trains one video and text per sample). An entry's
+metadata is its own fields (conversations/messages as they are, rendered by vtt.trainer.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
 and `description` (the caption; for a conversation its first answer).
 
 Each entry is a `Video` whose identity (`source`) is `<video path>#<video_id>` and whose `entry` fingerprint is
