@@ -1,9 +1,11 @@
 """Annotation files (`--annotations FILE`): entries instead of sidecars, one sample per entry.
 
-Formats: a JSON list or JSONL of LLaVA-Video-178K / LLaVA-NeXT entries (`id`, `video`, `conversations`) or
-LLaMA-Factory sharegpt entries (`messages`, `videos`: one video), and CSV/TSV (by extension) with a video
-column and a caption column (MSR-VTT / WebVid). An entry's metadata is its own fields (conversations/messages
-as they are, rendered by vtt.trainer.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
+Formats: a JSON list or JSONL of LLaVA-Video-178K / LLaVA-NeXT / Qwen-VL finetune entries (`id`, `video`,
+`conversations`), LLaMA-Factory sharegpt entries (`messages` or `conversations`, `videos`: one video, an optional
+`system` column), ms-swift entries (`messages`, or its ShareGPT `system` + `conversation` of human/assistant pairs,
+`videos`), and CSV/TSV (by extension) with a video column and a caption column (MSR-VTT / WebVid). Entries with
+audio or several videos fail as `annotation_unsupported` (vtt trains one video and text per sample). An entry's
+metadata is its own fields (conversations/messages as they are, rendered by vtt.trainer.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
 and `description` (the caption; for a conversation its first answer).
 
 Each entry is a `Video` whose identity (`source`) is `<video path>#<video_id>` and whose `entry` fingerprint is
@@ -147,26 +149,45 @@ def _first_answer(turns) -> str:
     return next((t.text for t in turns if t.role == "assistant"), "")
 
 
-def _entry_meta(entry, where: str) -> tuple[str | None, dict | None, str | None]:
-    """(video path relative to DATA, metadata, problem) of one parsed entry."""
-    from vtt.trainer.conversation import conversation_of  # torch-free: parse and validate only
+UNSUPPORTED = "annotation_unsupported"  # the entry asks for what vtt does not train (audio, several videos)
+
+
+def _entry_video_path(entry: dict) -> tuple[str | None, str | None]:
+    """(the one video path, problem): `video` (LLaVA / Qwen-VL finetune; a list of one is that one) or `videos`
+    (LLaMA-Factory / ms-swift, one path). Several videos, or a list of frame images, are unsupported."""
+    for name in ("video", "videos"):
+        value = entry.get(name)
+        if not isinstance(value, list):
+            continue
+        if len(value) != 1:
+            return None, f"{name!r} is a list of {len(value)}; vtt takes one video per entry"
+        if isinstance(value[0], list):
+            return None, f"{name!r}[0] is a list of {len(value[0])} (frame images); vtt takes a video file"
+        return value[0], None
+    return entry.get("video"), None
+
+
+def _entry_meta(entry, where: str) -> tuple[str | None, dict | None, str | tuple[str, str] | None]:
+    """(video path relative to DATA, metadata, problem: text, or (error class, text)) of one parsed entry."""
+    from vtt.trainer.conversation import SUPPORTED, UnsupportedSample, conversation_of  # torch-free
     from vtt.trainer.text import SampleError
     if not isinstance(entry, dict):
         return None, None, f"expected an object, got {type(entry).__name__}"
     if "vtt" in entry:
         return None, None, "field 'vtt' is reserved for vtt-prep's provenance"
-    video = entry.get("video")
-    if video is None and isinstance(entry.get("videos"), list):
-        if len(entry["videos"]) != 1:
-            return None, None, f"'videos' must list one video, has {len(entry['videos'])}"
-        video = entry["videos"][0]
+    if entry.get("audios"):
+        return None, None, (UNSUPPORTED, f"has 'audios' ({len(entry['audios'])}); {SUPPORTED} (no audio)")
+    video, problem = _entry_video_path(entry)
+    if problem:
+        return None, None, (UNSUPPORTED, problem)
     if not isinstance(video, str) or not video.strip():
         return None, None, "no video ('video', or 'videos' with one path)"
     meta = dict(entry)
     try:
         turns = conversation_of({"meta": meta, "key": where})
     except SampleError as e:
-        return None, None, str(e).replace(f"sample {where!r}: ", "")
+        why = str(e).replace(f"sample {where!r}: ", "")
+        return None, None, (UNSUPPORTED, why) if isinstance(e, UnsupportedSample) else why
     if turns is not None:
         meta.setdefault("description", _first_answer(turns))
     if not isinstance(meta.get("description"), str) or not meta["description"].strip():
@@ -199,8 +220,9 @@ def load_annotations(data_dir, files, video_column: str = "video", caption_colum
             if problem is None:
                 out.append(_entry_video(find, file, n, where, video, meta, owner))
             else:
+                cls, problem = problem if isinstance(problem, tuple) else ("annotation_invalid", problem)
                 out.append(Video(f"{_name(file)}#{n}", file, None,
-                                 error={"class": "annotation_invalid", "reason": f"{file}: {where}: {problem}"}))
+                                 error={"class": cls, "reason": f"{file}: {where}: {problem}"}))
     return sorted(out, key=lambda v: v.source)
 
 

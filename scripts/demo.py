@@ -23,9 +23,10 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("llava", "seq2seq", "qa")  # what `make demo` runs
-ALL_KINDS = KINDS + ("qwen",)       # qwen: the tiny Qwen2.5-VL preset captioning (--model qwen)
+ALL_KINDS = KINDS + ("qwen", "qa_qwen")  # qwen: the tiny Qwen2.5-VL preset captioning; qa_qwen: answering
+QA_KINDS = ("qa", "qa_qwen")
 MODEL_OF = {"llava": "llava", "seq2seq": "seq2seq", "qa": "llava",  # qa: the LLaVA preset on the conversations
-            "qwen": "qwen_vl"}
+            "qwen": "qwen_vl", "qa_qwen": "qwen_vl"}
 ATTRS = ("colour", "shape", "direction")
 # Environment for the child processes, as the Makefile sets it (tiny ops: one thread is fastest).
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
@@ -45,10 +46,12 @@ class DemoConfig:
     seq2seq_config: Path = ROOT / "configs" / "demo_seq2seq.yaml"
     qa_config: Path = ROOT / "configs" / "demo_qa.yaml"
     qwen_config: Path = ROOT / "configs" / "demo_qwen.yaml"
+    qa_qwen_config: Path = ROOT / "configs" / "demo_qa_qwen.yaml"
     llava_steps: int | None = None     # None: as in the YAML
     seq2seq_steps: int | None = None
     qa_steps: int | None = None
     qwen_steps: int | None = None
+    qa_qwen_steps: int | None = None
     workers: int | None = None         # vtt-prep worker processes (None: all cores)
     wandb_project: str | None = None
     wandb_mode: str | None = None
@@ -64,7 +67,7 @@ class DemoConfig:
             path = self.config_for(kind)
             if not Path(path).is_file():
                 raise ValueError(f"{kind} config {path} does not exist")
-        for name in ("llava_steps", "seq2seq_steps", "qa_steps", "qwen_steps"):
+        for name in ("llava_steps", "seq2seq_steps", "qa_steps", "qwen_steps", "qa_qwen_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -179,10 +182,10 @@ def caption_heldout(model_dir: Path, lay: Layout, n: int) -> dict[str, str]:
                         device="cpu"))
 
 
-def answer_heldout(model_dir: Path, lay: Layout) -> list[dict]:
+def answer_heldout(model_dir: Path, lay: Layout, kind: str = "qa") -> list[dict]:
     """vtt-eval's rows (key, turn, question, reference, prediction) for every question of every held-out clip."""
     from vtt.trainer.gen_eval import PREDICTIONS_FILE, EvalConfig, run_eval
-    out = lay.out / "qa-eval"
+    out = lay.out / f"{kind.replace('_', '-')}-eval"
     run_eval(EvalConfig(str(model_dir), str(lay.shards_of("heldout")), str(out), batch_size=16, max_new_tokens=4,
                         device="cpu"))
     return [json.loads(x) for x in (out / PREDICTIONS_FILE).read_text().splitlines()]
@@ -371,8 +374,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     with timer.stage("4/5 caption held-out clips + score"):
         held = sample_set.split("heldout")
         for kind in cfg.kinds:
-            if kind == "qa":
-                results[kind] = score_qa(held, answer_heldout(models[kind], lay))
+            if kind in QA_KINDS:
+                results[kind] = score_qa(held, answer_heldout(models[kind], lay, kind))
                 continue
             captions[kind] = caption_heldout(models[kind], lay, len(held))
             results[kind] = score(kind, held, captions[kind])
@@ -395,22 +398,25 @@ def run_demo(cfg: DemoConfig) -> dict:
 @click.option("--n-heldout", default=DemoConfig.n_heldout, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--model", "--models", "kinds", multiple=True, type=click.Choice(ALL_KINDS),
-              help="Train only these (repeatable) [default: llava, seq2seq, qa; qwen adds the tiny Qwen2.5-VL].")
+              help="Train only these (repeatable) [default: llava, seq2seq, qa; qwen / qa_qwen: the tiny Qwen2.5-VL "
+              "captioning / answering].")
 @click.option("--llava-steps", type=int, help="Override the YAML's run.max_steps for LLaVA.")
 @click.option("--seq2seq-steps", type=int, help="Override the YAML's run.max_steps for seq2seq.")
 @click.option("--qa-steps", type=int, help="Override the YAML's run.max_steps for question answering.")
 @click.option("--qwen-steps", type=int, help="Override the YAML's run.max_steps for Qwen-VL.")
+@click.option("--qa-qwen-steps", type=int, help="Override the YAML's run.max_steps for Qwen-VL answering.")
 @click.option("--workers", type=int, help="vtt-prep worker processes [default: all cores].")
 @click.option("--wandb-project", help="Also log runs, pictures and accuracy to this W&B project.")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
-def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, qa_steps, qwen_steps, workers,
-         wandb_project, wandb_mode):
+def main(out, n_train, n_heldout, seed, kinds, llava_steps, seq2seq_steps, qa_steps, qwen_steps, qa_qwen_steps,
+         workers, wandb_project, wandb_mode):
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     try:
         cfg = DemoConfig(out=Path(out), n_train=n_train, n_heldout=n_heldout, seed=seed, kinds=kinds or KINDS,
                          llava_steps=llava_steps, seq2seq_steps=seq2seq_steps, qa_steps=qa_steps,
-                         qwen_steps=qwen_steps, workers=workers, wandb_project=wandb_project, wandb_mode=wandb_mode)
+                         qwen_steps=qwen_steps, qa_qwen_steps=qa_qwen_steps, workers=workers,
+                         wandb_project=wandb_project, wandb_mode=wandb_mode)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -87,7 +87,7 @@ def test_llava_collate_masks_all_but_answer(llava_path):
     assert ad.num_tokens(batch) == int(batch["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("style", ["bytelevel", "metaspace"])
+@pytest.mark.parametrize("style", ["bytelevel", "metaspace", "llama"])
 def test_answer_tokens_match_joint_tokenization(style, llava_path, tmp_path):
     """Prompt and answer are tokenized apart (to know where the loss starts): the ids must equal tokenizing
     the whole text at once, for GPT-2/Qwen-style and for Llama/SentencePiece-style tokenizers."""
@@ -97,7 +97,7 @@ def test_answer_tokens_match_joint_tokenization(style, llava_path, tmp_path):
     from vtt.trainer.tokenizer import build_tokenizer
     path = tmp_path / style
     shutil.copytree(llava_path, path)
-    if style == "metaspace":
+    if style != "bytelevel":
         tok = build_tokenizer(LLAVA_SPECIAL, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
                               style=style)
         tok.add_special_tokens({"additional_special_tokens": ["<video>", "<image>"]})
@@ -134,7 +134,7 @@ def test_llava_training_reduces_loss_and_generates(llava_path):
     ad = llava(llava_path)
     model = ad.load_model()
     batch = ad.collate(video_samples())
-    losses = train_steps(model, batch, 20)
+    losses = train_steps(model, batch, 30)
     assert losses[-1] < 0.5 * losses[0], losses
     out = ad.generate(model, video_samples(n=2), max_new_tokens=8)
     assert len(out) == 2 and all(isinstance(x, str) and x for x in out)

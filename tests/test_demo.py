@@ -23,7 +23,8 @@ def _load_demo():
 demo = _load_demo()
 
 QA_STEPS = 1000
-QA_MIN = {"colour": 0.5, "shape": 0.6, "direction": 0.5}  # measured with seed 0: 75%, 81%, 78%
+# measured with seed 0 (four-layer preset, 2026-12-04): 100%, 62%, 50%; the demo's 384 clips: 100%, 100%, 94%
+QA_MIN = {"colour": 0.9, "shape": 0.55, "direction": 0.45}
 # The test's configuration: fixed seed, fewer clips and steps than the demo (see configs/demo_*.yaml).
 TEST_CFG = dict(n_train=256, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300, qa_steps=QA_STEPS)
 
@@ -85,7 +86,8 @@ def test_demo_learns_from_frames_and_metadata(tmp_path):
     chance = report["chance"]
     llava = report["results"]["llava"]["accuracy"]
     s2s = report["results"]["seq2seq"]["accuracy"]
-    print(json.dumps({"llava": llava, "seq2seq": s2s, "stages": report["stages"]}, indent=1))
+    print(json.dumps({"llava": llava, "seq2seq": s2s, "qa": report["results"]["qa"]["accuracy"],
+                      "stages": report["stages"]}, indent=1))
     # LLaVA: appearance (colour, shape) and time (direction) read from held-out clips' frames
     assert llava["all"]["colour"] >= 0.9 > 2 * chance["colour"]
     assert llava["all"]["shape"] >= 2 * chance["shape"]

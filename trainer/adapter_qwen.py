@@ -17,10 +17,8 @@ import torch
 from vtt.trainer.adapters import (ModelConfig, SampleError, apply_lora, common_load, enable_gradient_checkpointing,
                                   load_tokenizer, model_device, pad_left, pad_right, render, save_checkpoint,
                                   set_trainable, unwrap)
-from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, fit_turns
-from vtt.trainer.conversation import render as render_conversation
+from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, encode_conversation, fit_turns
 from vtt.trainer.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
-from vtt.trainer.text import encode_offsets
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json", "chat_template.jinja")
@@ -138,16 +136,15 @@ class QwenAdapter:
         return [Turn("user", prompt), Turn("assistant", render(self.cfg.target_template, sample,
                                                                 "target_template").strip())]
 
-    def _text_ids(self, key: str, turns: list[Turn], generation: bool = False) -> tuple[list[int], list[int], int]:
-        """ids (one <|video_pad|>), labels, and the placeholder's index."""
-        text, data, loss = render_conversation(self.tokenizer, turns, self.tokenizer.chat_template, self.placeholder,
-                                               add_generation_prompt=generation)
-        ids, offs = encode_offsets(self.tokenizer, text, data, add_special_tokens=False)
-        labels = [i if b > a and any(a < e and s < b for s, e in loss) else -100 for i, (a, b) in zip(ids, offs)]
+    def _text_ids(self, key: str, turns: list[Turn], generation: bool = False
+                  ) -> tuple[list[int], list[int], int, list]:
+        """ids (one <|video_pad|>), labels, the placeholder's index, and [(answer, its first token index)]."""
+        ids, labels, answers, starts = encode_conversation(self.tokenizer, turns, self.tokenizer.chat_template,
+                                                           self.placeholder, generation, add_special_tokens=False)
         where = [k for k, i in enumerate(ids) if i == self.video_id]
         if len(where) != 1:
             raise SampleError(f"sample {key!r}: the rendered conversation holds {len(where)} video placeholders")
-        return ids, labels, where[0]
+        return ids, labels, where[0], list(zip(answers, starts))
 
     def _sample_ids(self, sample: dict, video: dict) -> tuple[list[int], list[int]]:
         """ids and labels within the length limit by `model.overflow` (drop: a counted SampleError, or cut the
@@ -156,7 +153,7 @@ class QwenAdapter:
         turns, vid = self._turns(sample), self._video_ids(video)
 
         def encode(ts: list[Turn]) -> tuple[list[int], list[int]]:
-            ids, labels, at = self._text_ids(key, ts)
+            ids, labels, at, _ = self._text_ids(key, ts)
             return ids[:at] + vid + ids[at + 1:], labels[:at] + [-100] * len(vid) + labels[at + 1:]
         return fit_turns(key, turns, encode, limit, self.cfg.mask_history, self.cfg.overflow)
 
@@ -195,14 +192,12 @@ class QwenAdapter:
         """Per assistant turn (its history from the data, teacher forced) or the caption:
         [{turn, question, reference, ids (one <|video_pad|>), at}]."""
         self._frames(sample)
-        turns, key, items = self._turns(sample), sample.get("key", "?"), []
+        turns = self._turns(sample)
+        # one encoding of the whole conversation: the prompt of turn i is exactly what training puts before it
+        ids, _, at, answers = self._text_ids(sample.get("key", "?"), turns)
         video_at = next(i for i, x in enumerate(turns) if any(p in x.text for p in PLACEHOLDERS))
-        for i, turn in enumerate(turns):
-            if turn.role != "assistant" or i < video_at:
-                continue
-            ids, _, at = self._text_ids(key, turns[:i], generation=True)
-            items.append({"turn": i, "question": turns[i - 1].text, "reference": turn.text, "ids": ids, "at": at})
-        return items
+        return [{"turn": a.turn, "question": turns[a.turn - 1].text, "reference": turns[a.turn].text,
+                 "ids": ids[:k], "at": at} for a, k in answers if a.turn > video_at]
 
     @torch.no_grad()
     def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
@@ -229,6 +224,6 @@ class QwenAdapter:
         pairs = []
         for s in samples:
             turns = [Turn("user", render(self.prompt, s, "prompt"))]
-            ids, _, at = self._text_ids(s.get("key", "?"), turns, generation=True)
+            ids, _, at, _ = self._text_ids(s.get("key", "?"), turns, generation=True)
             pairs.append((s, {"ids": ids, "at": at}))
         return self.generate_items(model, pairs, max_new_tokens)

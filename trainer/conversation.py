@@ -5,6 +5,9 @@ A sample's metadata may carry `conversations` (LLaVA / LLaVA-Video-178K: `[{"fro
 with the video placeholder (`<video>`, or `<image>` as LLaVA-Video-178K writes it) once, in a user turn. A turn may
 say `"loss": false`. Rendering uses the checkpoint's own chat template when it has one, else the family's format
 (FAMILY_TEMPLATES); message text stays data (vtt.trainer.text), only the placeholder becomes markup.
+What the loss sees is what the model must generate: from the end of the template's generation prompt (a space the
+template puts between "ASSISTANT:" and the answer is the answer's) through the end-of-turn token; the text is
+tokenised in segments cut there, so no token straddles prompt and answer, and eval prompts are training prefixes.
 """
 from __future__ import annotations
 
@@ -31,6 +34,14 @@ class Turn:
     loss: bool = True  # assistant turns: learn this answer
 
 
+class UnsupportedSample(SampleError):
+    """A sample that asks for what vtt does not train (audio, several videos): data, never silently dropped."""
+
+
+AUDIO = "<audio>"
+SUPPORTED = "vtt trains one video and text per sample"
+
+
 def _turn(item, i: int, field: str, key: str) -> Turn:
     where = f"sample {key!r}: {field}[{i}]"
     if not isinstance(item, dict):
@@ -38,30 +49,75 @@ def _turn(item, i: int, field: str, key: str) -> Turn:
     role = item.get("from") if field == "conversations" else item.get("role")
     text = item.get("value") if field == "conversations" else item.get("content")
     if isinstance(text, list):  # content parts: [{"type": "video"}, {"type": "text", "text": ...}]
+        kinds = [p.get("type") for p in text if isinstance(p, dict)]
+        if "audio" in kinds:
+            raise UnsupportedSample(f"{where}: has an audio content part; {SUPPORTED} (no audio)")
         text = "".join("<video>" if p.get("type") == "video" else str(p.get("text", "")) for p in text
                        if isinstance(p, dict))
     if role not in FROM_ROLES:
         raise SampleError(f"{where}: unknown role {role!r} (one of {sorted(FROM_ROLES)})")
     if not isinstance(text, str):
         raise SampleError(f"{where}: the text must be a string, got {type(text).__name__}")
+    if AUDIO in text:
+        raise UnsupportedSample(f"{where}: has an {AUDIO} placeholder; {SUPPORTED} (no audio): drop the audio "
+                                "from the entry or leave the entry out")
     loss = item.get("loss", True)
     if not isinstance(loss, bool):
         raise SampleError(f"{where}: \"loss\" must be true or false, got {loss!r}")
     return Turn(FROM_ROLES[role], text, loss)
 
 
+def _swift_pairs(raw, key: str) -> list[dict]:
+    """ms-swift's ShareGPT form `[{"human": q, "assistant": a}, ...]` as messages."""
+    out = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, dict) or not isinstance(pair.get("human"), str) or \
+                not isinstance(pair.get("assistant"), str):
+            raise SampleError(f"sample {key!r}: conversation[{i}]: expected {{\"human\": text, \"assistant\": "
+                              f"text}}, got {json_preview(pair)}")
+        out += [{"role": "user", "content": pair["human"]}, {"role": "assistant", "content": pair["assistant"]}]
+    return out
+
+
+def json_preview(value, limit: int = 80) -> str:
+    import json
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def conversation_field(meta: dict) -> str | None:
+    """Which field holds the conversation: LLaVA/LLaMA-Factory `conversations`, `messages`, ms-swift's ShareGPT
+    `conversation` (human/assistant pairs); None for a caption sample."""
+    return next((f for f in ("conversations", "messages", "conversation") if f in meta), None)
+
+
 def conversation_of(sample: dict) -> list[Turn] | None:
-    """The sample's validated turns, or None for a caption sample (no `conversations`/`messages`)."""
+    """The sample's validated turns, or None for a caption sample (no conversation field). A top-level `system`
+    string (LLaMA-Factory's system column, ms-swift's ShareGPT `system`) is the system turn. Audio (an `audios`
+    field, an <audio> placeholder or part) raises UnsupportedSample."""
     meta, key = sample.get("meta") or {}, sample.get("key", "?")
-    field = "conversations" if "conversations" in meta else "messages" if "messages" in meta else None
+    field = conversation_field(meta)
     if field is None:
         return None
+    for name in ("audios", "audio"):
+        if meta.get(name):
+            raise UnsupportedSample(f"sample {key!r}: has {name!r} ({json_preview(meta[name], 60)}); {SUPPORTED} "
+                                    "(no audio): drop the audio from the entry or leave the entry out")
     raw = meta[field]
     if not isinstance(raw, list) or not raw:
         raise SampleError(f"sample {key!r}: {field} must be a non-empty list")
+    if field == "conversation":
+        raw, field = _swift_pairs(raw, key), "messages"
     turns = [_turn(item, i, field, key) for i, item in enumerate(raw)]
     check_order(turns, f"sample {key!r}: {field}")
-    return turns
+    system = meta.get("system")
+    if system is None or system == "":  # LLaMA-Factory: an empty system column means the template's default
+        return turns
+    if not isinstance(system, str):
+        raise SampleError(f"sample {key!r}: 'system' must be a string, got {type(system).__name__}")
+    if turns[0].role == "system":
+        raise SampleError(f"sample {key!r}: has both a 'system' field and a system turn in {field}; keep one")
+    return [Turn("system", system)] + turns
 
 
 def check_order(turns: list[Turn], where: str) -> None:
@@ -130,41 +186,106 @@ def _sentinel(i: int) -> str:
     return f"VTTTURN{i:04d}X"  # survives templates that trim or case-fold nothing
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An assistant turn in the rendered text: `span` = [start, end) characters the model must generate there:
+    from the end of the generation prompt (what the template writes for `add_generation_prompt` before this turn;
+    so a separating space the template puts before the answer is the answer's) through the end-of-turn token."""
+    turn: int
+    span: Span
+    learned: bool
+
+
 def render(tokenizer, turns: list[Turn], template: str, placeholder: str, add_generation_prompt: bool = False
-           ) -> tuple[str, list[Span], list[Span]]:
-    """(text, data spans, loss spans). Each message is rendered through `template` as a sentinel, then put back
-    verbatim: its text is data, except the video placeholder (-> `placeholder`, markup); a learned assistant
-    turn's loss span covers its text and the end-of-turn token the template writes right after it."""
+           ) -> tuple[str, list[Span], list[Answer]]:
+    """(text, data spans, answers). Each message is rendered through `template` as a sentinel, then put back
+    verbatim: its text is data, except the video placeholder (-> `placeholder`, markup). An assistant turn ends with
+    the end-of-turn token the template writes after it (whitespace between allowed), else the tokenizer's eos is
+    written there: a model must learn to stop. Cost: one template render per distinct turn layout (cached)."""
     shell = _shell(tokenizer, turns, template, add_generation_prompt)
-    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True)
-    out, data, loss, pos = [], [], [], 0
-    length = 0
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len, reverse=True)
+    out, data, answers, pos, length = [], [], [], 0, 0
     for i, t in enumerate(turns):
         at = shell.find(_sentinel(i), pos)
         if at < 0:
             raise ValueError(f"the chat template does not render message {i} verbatim; vtt cannot mark its tokens")
+        prompt_end = _prompt_end(tokenizer, turns, i, template, shell, pos, at) if t.role == "assistant" else at
         out.append(shell[pos:at])
-        length += at - pos
-        start = length
+        start, length = length + prompt_end - pos, length + at - pos
         for piece, is_data in _split_placeholder(t.text, placeholder):
             out.append(piece)
             if is_data and piece:
                 data.append((length, length + len(piece)))
             length += len(piece)
         pos = at + len(_sentinel(i))
-        if t.role == "assistant" and t.loss:
-            tail = next((s for s in specials if s and shell.startswith(s, pos)), "")
-            loss.append((start, length + len(tail)))
+        if t.role == "assistant":
+            rest = shell[pos:]
+            gap = len(rest) - len(rest.lstrip())
+            tail = next((rest[:gap + len(s)] for s in specials if s and rest.startswith(s, gap)), None)
+            if tail is None:  # the template ends the turn with no token (llava-hf's inference templates)
+                tail = tokenizer.eos_token or ""
+                out.append(tail)
+            else:
+                out.append(tail)
+                pos += len(tail)
+            length += len(tail)
+            answers.append(Answer(i, (start, length), t.loss))
     out.append(shell[pos:])
-    return "".join(out), data, loss
+    return "".join(out), data, answers
+
+
+def _prompt_end(tokenizer, turns: list[Turn], i: int, template: str, shell: str, pos: int, at: int) -> int:
+    """Where in `shell` the prompt before assistant turn i ends: at the generation prompt's end (the template over
+    turns[:i] with add_generation_prompt, where that is a prefix of the whole rendering), but never before the
+    whitespace that leads into the message (a template with no generation prompt, or one whose history depends on
+    what follows: the role header stays prompt, the separating space goes with the answer)."""
+    between = shell[pos:at]
+    lead = at - (len(between) - len(between.rstrip()))
+    prompt = _shell(tokenizer, turns[:i], template, True)
+    return max(lead, len(prompt)) if pos <= len(prompt) <= at and shell.startswith(prompt) else lead
+
+
+def encode(tokenizer, text: str, data: list[Span], answers: list[Answer], add_special_tokens: bool
+           ) -> tuple[list[int], list[int], list[int]]:
+    """(ids, labels, first token index of each answer). The text is tokenised in segments cut at every answer's
+    bounds, so no token straddles a prompt and an answer: an answer's first token (a byte-level "Ġ", a
+    SentencePiece "▁") is the answer's, and the prompt before answer k is exactly what generation starts from.
+    A tokenizer that writes its own word-start marker gets a segment's one leading space as that marker.
+    Labels are the learned answers' ids, -100 elsewhere. Cost: linear in the text."""
+    from vtt.trainer.text import encode_offsets, marks_word_starts
+    cuts = sorted({0, len(text)} | {x for a in answers for x in a.span})
+    learned = {a.span[0] for a in answers if a.learned}
+    starts_at = {a.span[0]: k for k, a in enumerate(answers)}
+    marker = marks_word_starts(tokenizer)
+    ids, labels, starts = [], [], [0] * len(answers)
+    for a, b in zip(cuts, cuts[1:]):
+        if a in starts_at:
+            starts[starts_at[a]] = len(ids)
+        at = a + 1 if marker and a > 0 and text.startswith(" ", a) else a
+        seg_data = [(max(s, at) - at, min(e, b) - at) for s, e in data if s < b and at < e]
+        seg, _ = encode_offsets(tokenizer, text[at:b], seg_data, add_special_tokens=add_special_tokens and a == 0)
+        ids += seg
+        labels += seg if a in learned else [-100] * len(seg)
+    return ids, labels, starts
 
 
 _CONTENT_FORM: dict[str, bool] = {}  # template -> whether it takes content parts (learned on first use)
+_SHELLS: dict[tuple, str] = {}  # (special tokens, template, roles, generation prompt) -> shell; bounded below
 
 
 def _shell(tokenizer, turns: list[Turn], template: str, add_generation_prompt: bool) -> str:
-    """The template rendered over sentinels: string contents, or content parts for templates that iterate
-    `{"type": "text"}` parts (the llava-hf ones); the first that keeps every sentinel."""
+    """The template rendered over sentinels, which depends on the roles only: cached per layout."""
+    key = (str(tokenizer.special_tokens_map), template, tuple(t.role for t in turns), add_generation_prompt)
+    if key not in _SHELLS:
+        if len(_SHELLS) > 4096:
+            _SHELLS.clear()
+        _SHELLS[key] = _render_shell(tokenizer, turns, template, add_generation_prompt)
+    return _SHELLS[key]
+
+
+def _render_shell(tokenizer, turns: list[Turn], template: str, add_generation_prompt: bool) -> str:
+    """String contents, or content parts for templates that iterate `{"type": "text"}` parts (the llava-hf
+    ones); the first that keeps every sentinel."""
     shell = ""
     known = _CONTENT_FORM.get(template)
     for parts in (known, not known) if known is not None else (False, True):
@@ -187,3 +308,15 @@ def _split_placeholder(text: str, placeholder: str) -> list[tuple[str, bool]]:
             before, _, after = text.partition(p)
             return [(before, True), (placeholder, False), (after, True)]
     return [(text, True)]
+
+
+def encode_conversation(tokenizer, turns: list[Turn], template: str, placeholder: str,
+                        add_generation_prompt: bool = False, add_special_tokens: bool | None = None
+                        ) -> tuple[list[int], list[int], list[Answer], list[int]]:
+    """(ids, labels, answers, first token index of each answer) of turns rendered through `template`. The
+    tokenizer's own specials (BOS) are added unless the template wrote them (`add_special_tokens=None`)."""
+    text, data, answers = render(tokenizer, turns, template, placeholder, add_generation_prompt)
+    if add_special_tokens is None:
+        add_special_tokens = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    ids, labels, starts = encode(tokenizer, text, data, answers, add_special_tokens)
+    return ids, labels, answers, starts

@@ -21,7 +21,8 @@ QWEN_CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY_PATCH = 8     # x merge 2 = 16: a 32x32 frame pair is 4 tokens, 64x64 is 16
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+# four layers, as the tiny llava (trainer/presets.py): room to tell questions apart and read the frames
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 2048}
 # mrope_section halves of head_dim 16 split over (t, h, w). The base is 4, not the real 10^6: with 8 frequency
 # pairs, 10^6 leaves the h and w sections rotating by hundredths of a radian across a 4x4 token grid, so the

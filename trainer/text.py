@@ -72,6 +72,14 @@ def render(template: str, sample: dict, what: str) -> str:
     return render_spans(template, sample, what)[0]
 
 
+def marks_word_starts(tokenizer) -> bool:
+    """Whether the tokenizer writes a word-start marker itself at the start of every text it encodes (SentencePiece
+    and its Metaspace / legacy-Llama conversions: "a" -> "▁a"); a separating space before a text it encodes on its
+    own is then that marker, not a character to encode (which would add a lone "▁")."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False).input_ids[:1])
+    return bool(first) and first[0].startswith("▁")
+
+
 def _special_ids(tokenizer) -> set[int]:
     # every added token is matched by its exact string before BPE runs: all of them can be markup
     return set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_encoder.values())

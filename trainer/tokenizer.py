@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # Words that captions (sample data, real sidecars) and the seq2seq demo use, so the tiny models see short sequences.
@@ -30,7 +30,7 @@ bewegt nach links rechts oben unten langsam schnell ein Ball"""
 CORPUS = [line for block in (_EN, _FR, _DE) for line in block.splitlines()]
 
 
-STYLES = ("bytelevel", "metaspace")
+STYLES = ("bytelevel", "metaspace", "llama")
 
 
 def build_tokenizer(special_tokens: list[str], *, vocab_size: int = 512,
@@ -38,8 +38,11 @@ def build_tokenizer(special_tokens: list[str], *, vocab_size: int = 512,
                     corpus: list[str] | None = None, style: str = "bytelevel") -> PreTrainedTokenizerFast:
     """Train a BPE whose first ids are `special_tokens` in order (so configs can hard-code them).
 
-    style 'bytelevel' (GPT-2/Qwen-like, lossless) or 'metaspace' (Llama/SentencePiece-like "▁word" pieces; chars
-    outside the corpus become unk) - the two ways real LLaVA tokenizers mark word boundaries."""
+    style 'bytelevel' (GPT-2/Qwen-like, lossless), 'metaspace' (SentencePiece converted the current way: "▁word"
+    pieces, a "▁" prepended to the first word; chars outside the corpus become unk) or 'llama' (SentencePiece as
+    the legacy Llama/Vicuna tokenizer.json lays it out, which llava-hf's LLaVA checkpoints ship: a normalizer that
+    prepends "▁" to every text and turns spaces into "▁", no pre-tokenizer, a decoder that strips one leading
+    space) - the ways real LLaVA tokenizers mark word boundaries."""
     if style not in STYLES:
         raise ValueError(f"tokenizer style {style!r} is not one of {STYLES}")
     if style == "bytelevel":
@@ -57,6 +60,10 @@ def build_tokenizer(special_tokens: list[str], *, vocab_size: int = 512,
     text = corpus or CORPUS
     # Each corpus line also appears with a leading space: ByteLevel keeps the space inside the word token.
     tok.train_from_iterator(text + [" " + t for t in text], trainer=trainer)
+    if style == "llama":  # trained on words (as SentencePiece splits by whitespace), encoded as legacy Llama
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     if add_bos and bos:
         bos_id = tok.token_to_id(bos)
         tok.post_processor = processors.TemplateProcessing(
