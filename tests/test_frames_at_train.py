@@ -1,7 +1,6 @@
 """Frames chosen at train time (data.num_frames / frame_sampling) on real vtt-prep shards of 8 frames."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def test_random_pick_is_exact_on_resume(shards):
     assert [(s["key"], s["frame_indices"]) for s in first + rest] == [(s["key"], s["frame_indices"]) for s in whole]
     assert all(np.array_equal(a["frames"], b["frames"]) for a, b in zip(first + rest, whole))
     by_epoch = {}
-    for n, s in enumerate(whole):
+    for s in whole:
         by_epoch.setdefault(s["key"], []).append(tuple(s["frame_indices"]))
     assert any(len(set(v)) > 1 for v in by_epoch.values())  # epochs 0 and 1 drew differently
 

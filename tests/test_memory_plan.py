@@ -276,3 +276,49 @@ def test_whole_model_activations_within_15_percent(tiny, kind, lora):
     shape = M.model_shape(mc)
     want = M.estimate(mc, inputs, shape).activations + 4 * shape.vocab * n_labels
     assert two - one == pytest.approx(want, rel=0.15)
+
+
+DS_SCRIPT = """
+import json, os, sys, torch
+import deepspeed
+from vtt.trainer.adapters import ModelConfig, get_adapter
+from vtt.trainer import memory as M
+stage = int(sys.argv[2])
+mc = ModelConfig(kind="seq2seq", model_path=sys.argv[1])
+model = get_adapter(mc).load_model().to(torch.bfloat16)
+cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+       "zero_optimization": {"stage": stage}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+eng, opt, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=cfg)
+ids = torch.tensor([[5, 6, 7, 2]])
+eng.backward(eng(input_ids=ids, labels=ids).loss)
+eng.step()
+nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+inner = getattr(opt, "optimizer", opt)
+states = nb(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+master = nb(p for g in inner.param_groups for p in g["params"])
+est = M.estimate(mc, M.PlanInputs(frames=0, zero_stage=stage, precision="bf16"))
+print(json.dumps({"weights": [nb(eng.module.parameters()), est.weights], "optimizer": [states + master, est.optimizer]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_weights_and_optimizer_states_equal_deepspeeds(tiny, stage):
+    """A real DeepSpeed engine (bf16, ZeRO-0 and ZeRO-2, one CPU process) after one step: its bf16 module and its
+    fp32 master copy + Adam states are exactly the estimate's weights (2P) and optimizer (12T)."""
+    import json
+    import subprocess
+    import sys
+
+    from train_helpers import REPO, train_env
+    from vtt.trainer.dist import free_port
+    env = dict(train_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    if "TORCH_EXTENSIONS_DIR" not in env and (REPO / ".venv").is_dir():  # the shm op built once, per checkout
+        env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".venv" / "torch_extensions")
+    p = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(tiny["seq2seq"]), str(stage)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["weights"][0] == got["weights"][1] and got["optimizer"][0] == got["optimizer"][1], got
