@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # ever be built, its cache stays with the venv so two checkouts do not recompile over each other's.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-all install sysdeps bench clean
+.PHONY: demo test test-all lint install sysdeps bench clean
 
 sysdeps:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
@@ -32,8 +32,11 @@ install: sysdeps $(STAMP)
 demo: install
 	$(BIN)/python scripts/demo.py --out demo-out
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: install
+	$(BIN)/ruff check .
 
 test-all: install
 	$(BIN)/python -m pytest -q

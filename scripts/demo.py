@@ -301,7 +301,7 @@ def heldout_lines(results: dict[str, dict], n: int) -> dict[str, str]:
 
 def write_report(cfg: DemoConfig, lay: Layout, report: dict) -> Path:
     (lay.out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    lines = [f"# vtt demo report\n", f"wall time {report['wall_s']:.0f} s; stages: " +
+    lines = ["# vtt demo report\n", f"wall time {report['wall_s']:.0f} s; stages: " +
              ", ".join(f"{k} {v:.0f} s" for k, v in report["stages"].items()), ""]
     ch = report["chance"]
     for kind, res in report["results"].items():

@@ -300,7 +300,7 @@ def test_node_removed_mid_run_output_is_identical(corpus, reference, tmp_path):
     try:
         nodes = [c.add_node(num_cpus=1, object_store_memory=10**8) for _ in range(2)]
         c.wait_for_nodes()
-        slow = (f'case "$*" in *-version*) ;; *) sleep 0.4 ;; esac')
+        slow = ('case "$*" in *-version*) ;; *) sleep 0.4 ;; esac')
         ffmpeg, ffprobe, log = logging_ffmpeg(tmp_path, before=slow)
         out = tmp_path / "out"
         args = ["extract", str(corpus), str(out), *FLAGS, "--engine", "ray", "--ray-address", c.address,

@@ -296,6 +296,7 @@ def test_damaged_real_clips_give_byte_identical_shards_ledger_and_index(real_vid
     a, b = tmp_path / "a", tmp_path / "b"
     ra = run_extract(cfg(data, a, size="64", workers=2))
     rb = run_extract(cfg(data, b, size="64", workers=1))
+    assert (rb.videos_ok, rb.videos_failed) == (ra.videos_ok, ra.videos_failed)
     assert ra.videos_ok == 2 and ra.videos_failed == 1
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name not in ("report.json",))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "report.json")

@@ -254,7 +254,7 @@ def test_other_families_train_resume_and_export(shards, tmp_path, family):
     args = [*COMMON, "--shards", train, "--output-dir", run, "--max-steps", 4, "--save-every", 2, "--lora",
             "--set", f"run.preset_family={family}", "--gradient-checkpointing"]
     vtt_train(*args)
-    assert json.loads((run / f"preset-qwen_vl" / "config.json").read_text())["model_type"] == family
+    assert json.loads((run / "preset-qwen_vl" / "config.json").read_text())["model_type"] == family
     crashed = tmp_path / "crashed"
     shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("final", "step_00000004"))
     (crashed / "checkpoints" / "latest").write_text("step_00000002")
