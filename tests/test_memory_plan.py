@@ -70,19 +70,23 @@ def test_real_7b_shapes_counted_on_the_meta_device(shaped):
 def saved_per_token(run, tokens: int, shared=()) -> float:
     """Bytes autograd saves for one call, per token, as the slope between two lengths (weights and other
     per-call tensors cancel out); `shared` tensors (a model's RoPE cos/sin, one for all layers) left out."""
-    skip = {t.untyped_storage().data_ptr() for t in shared}
-
     def saved(n):
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in skip:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run(n)
-        return sum(seen.values())
+        return saved_bytes(lambda: run(n), shared)
     return (saved(2 * tokens) - saved(tokens)) / tokens
+
+
+def saved_bytes(run, skip_tensors) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph, `skip_tensors`' left out."""
+    skip = {t.untyped_storage().data_ptr() for t in skip_tensors}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
 
 
 def llama_layer(dtype, mode):
@@ -241,16 +245,9 @@ def whole_model_saved(adapter, model, samples) -> tuple[int, dict, torch.Tensor]
     batch = adapter.collate(samples)
     labels = batch.pop("labels")
     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        summed_token_loss(model(**batch).logits, labels, adapter.causal)
-    return sum(seen.values()), batch, labels
+    got = saved_bytes(lambda: summed_token_loss(model(**batch).logits, labels, adapter.causal),
+                      list(model.parameters()))
+    return got, batch, labels
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen_vl", "seq2seq"])
