@@ -22,11 +22,13 @@ def _load_demo():
 
 demo = _load_demo()
 
+# The QA model needs the demo's 384 training clips: with 256 the four-layer preset fits the training clips
+# before it generalises shape (seed 0, 2026-12-04: 100%, 62%, 50% at 1000 steps; 100%, 50-66%, 84-88% at 2000).
+# The demo's 384 clips at 1000 steps, main, 64 held out: 98%, 94%, 88%.
 QA_STEPS = 1000
-# measured with seed 0 (four-layer preset, 2026-12-04): 100%, 62%, 50%; the demo's 384 clips: 100%, 100%, 94%
-QA_MIN = {"colour": 0.9, "shape": 0.55, "direction": 0.45}
-# The test's configuration: fixed seed, fewer clips and steps than the demo (see configs/demo_*.yaml).
-TEST_CFG = dict(n_train=256, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300, qa_steps=QA_STEPS)
+QA_MIN = {"colour": 0.9, "shape": 0.7, "direction": 0.7}
+# The test's configuration: fixed seed, fewer held-out clips and caption steps than the demo (configs/demo_*.yaml).
+TEST_CFG = dict(n_train=384, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300, qa_steps=QA_STEPS)
 
 
 def test_score_counts_attributes_and_subsets():
