@@ -5,7 +5,7 @@ Formats: a JSON list or JSONL of LLaVA-Video-178K / LLaVA-NeXT / Qwen-VL finetun
 `system` column), ms-swift entries (`messages`, or its ShareGPT `system` + `conversation` of human/assistant pairs,
 `videos`), and CSV/TSV (by extension) with a video column and a caption column (MSR-VTT / WebVid). Entries with
 audio or several videos fail as `annotation_unsupported` (vtt trains one video and text per sample). An entry's
-metadata is its own fields (conversations/messages as they are, rendered by vtt.trainer.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
+metadata is its own fields (conversations/messages as they are, parsed by vtt.shards.conversation) plus `video_id` (the entry's `id`, else `<file stem>-<row>`)
 and `description` (the caption; for a conversation its first answer).
 
 Each entry is a `Video` whose identity (`source`) is `<video path>#<video_id>` and whose `entry` fingerprint is
@@ -169,8 +169,7 @@ def _entry_video_path(entry: dict) -> tuple[str | None, str | None]:
 
 def _entry_meta(entry, where: str) -> tuple[str | None, dict | None, str | tuple[str, str] | None]:
     """(video path relative to DATA, metadata, problem: text, or (error class, text)) of one parsed entry."""
-    from vtt.trainer.conversation import SUPPORTED, UnsupportedSample, conversation_of  # torch-free
-    from vtt.trainer.text import SampleError
+    from vtt.shards.conversation import SUPPORTED, SampleError, UnsupportedSample, conversation_of
     if not isinstance(entry, dict):
         return None, None, f"expected an object, got {type(entry).__name__}"
     if "vtt" in entry:

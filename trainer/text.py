@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 import string
 
+from vtt.shards.conversation import SampleError  # noqa: F401 - the one class, defined with the sample schema
+
 # A data span: [start, end) characters of the rendered text that came from a sample field.
 Span = tuple[int, int]
 _FORMATTER = string.Formatter()
-
-
-class SampleError(ValueError):
-    """A sample the model cannot take; the message names the sample key and the problem."""
 
 
 def template_fields(template: str, what: str = "template") -> list[str]:
