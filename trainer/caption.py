@@ -112,19 +112,21 @@ def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_siz
     from vtt.shards.storage import StorageError, parse_options
     try:
         options = parse_options(storage_options)
-        failures = check_inputs(inputs, options)
+        missing = check_inputs(inputs, options)
         model_dir(model)
     except (ValueError, click.UsageError) as e:  # StorageError too: one line naming the URL, before the model loads
         click.echo(f"vtt-caption: error: {e.message if isinstance(e, click.UsageError) else e}", err=True)
         sys.exit(2 if isinstance(e, (StorageError, click.UsageError)) or "storage-option" in str(e) else 1)
-    for inp, why in failures:
-        click.echo(f"vtt-caption: error: {inp}: {why}", err=True)
-    good = [i for i in inputs if i not in dict(failures)]
-    if good:
-        def report(inp: str, why: str) -> None:
-            failures.append((inp, why))
-            click.echo(f"vtt-caption: error: {inp}: {why}", err=True)
+    failures = []
 
+    def report(inp: str, why: str) -> None:
+        failures.append((inp, why))
+        click.echo(f"vtt-caption: error: {inp}: {why}", err=True)
+
+    for inp, why in missing:
+        report(inp, why)
+    good = [i for i in inputs if i not in dict(missing)]
+    if good:
         for key, text in caption(model, good, kind, keys, limit, num_frames, max_new_tokens, device, options,
                                  batch_size=batch_size, on_error=report):
             click.echo(json.dumps({"key": key, "caption": text}) if as_json else f"{key}\t{text}")

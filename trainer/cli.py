@@ -120,7 +120,7 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
               "model/data/optim/deepspeed/run/tracking (see configs/llava.yaml).")
 @click.option("--deepspeed", "ds_file", type=click.Path(dir_okay=False), help="External DeepSpeed JSON; "
               "\"auto\" values are filled from the settings. Default: generated from the settings.")
-@click.option("--zero-stage", type=click.IntRange(0, 3), help="ZeRO stage [default: 2].")
+@click.option("--zero-stage", type=click.IntRange(0, 3), help="ZeRO stage [default: one process 0 (fp32) or 1 (bf16), several processes 2].")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="[default: bf16]; fp32 only when asked.")
 @click.option("--micro-batch", callback=lambda c, p, v: v if v in (None, "auto") else int(v) if v.isdigit() else
               _bad(p, v), help="Micro batch per GPU, or auto: the fastest that fits the device (with "

@@ -86,7 +86,7 @@ class DeepSpeedSettings:
 
     None means: the external JSON's value when it has a concrete one, else the DEFAULT_* constant."""
     config_file: str | None = None  # external DeepSpeed JSON (may hold "auto")
-    zero_stage: int | None = None  # 0..3, default 2
+    zero_stage: int | None = None  # 0..3; None: ds_config.default_stage (1 process: 0 fp32 / 1 bf16; else 2)
     precision: str | None = None  # bf16 | fp32, default bf16; fp32 only when asked for
     micro_batch_size: int | str | None = None  # per GPU, default 4; "auto": the fastest that fits (memory.py)
     grad_accum: int | None = None  # default 1
