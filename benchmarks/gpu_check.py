@@ -224,7 +224,8 @@ def resolved(args: list[str]) -> tuple[list[str], float | None, str]:
 
 def count_tokens(model_path: Path, shards: Path, n: int = 64) -> tuple[float, float]:
     """Mean source and target tokens per sample of the seq2seq run (for the encoder/decoder FLOP split)."""
-    from vtt.trainer.adapters import ModelConfig, get_adapter
+    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer.model_config import ModelConfig
     from vtt.trainer.data import DataConfig, build_loader
     ad = get_adapter(ModelConfig(kind="seq2seq", model_path=str(model_path), src_lang="eng_Latn",
                                  tgt_lang="fra_Latn", target_template="{description_fr}"))

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 from vtt.shards.storage import StorageError, Store, _problem, _tag, op_timeout, retry
 
-from .discover import VIDEO_EXTS, missing_sidecar, parse_sidecar
+from .sidecar import VIDEO_EXTS, missing_sidecar, parse_sidecar
 
 
 @dataclass(frozen=True)

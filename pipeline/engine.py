@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
+from .engine_ray import RayEngine
 from .pool import ordered_map
 
 ENGINES = ("local", "ray")
@@ -49,17 +50,5 @@ class LocalEngine:
 def make_engine(cfg) -> Engine:
     """The engine `cfg.engine` names (PrepConfig validated it); nothing is started yet."""
     if cfg.engine == "ray":
-        from .engine_ray import RayEngine
         return RayEngine(cfg)
     return LocalEngine()
-
-
-def lost_outcome(task, error: BaseException):
-    """The failure record of a video whose task Ray gave up on (its worker or node died on every try, e.g.
-    killed for memory): data like any failure, retried by the next run (no fingerprint is recorded)."""
-    from .task import Outcome
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    out = Outcome(task.source, task.key)
-    out.error = {"class": "worker_lost", "reason": f"{task.path}: {type(error).__name__}: {first}"[:500],
-                 "stderr_tail": str(error)[-2000:]}
-    return out

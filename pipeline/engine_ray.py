@@ -16,8 +16,8 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
-from .engine import lost_outcome
 from .pool import REORDER_ITEMS_PER_WORKER, REORDER_MAX_BYTES, ordered_window
+from .task import lost_outcome
 
 MAX_RETRIES = 3                 # Ray's default, stated: a task whose worker or node dies is run again
 PREFLIGHT_TIMEOUT_S = 120.0     # every node answers the check task within this (a fresh node starts a worker)

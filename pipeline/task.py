@@ -50,6 +50,16 @@ class Outcome:
         return Fingerprint(self.stat[0], self.stat[1], self.sha256, self.etag)
 
 
+def lost_outcome(task, error: BaseException):
+    """The failure record of a video whose task Ray gave up on (its worker or node died on every try, e.g.
+    killed for memory): data like any failure, retried by the next run (no fingerprint is recorded)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    out = Outcome(task.source, task.key)
+    out.error = {"class": "worker_lost", "reason": f"{task.path}: {type(error).__name__}: {first}"[:500],
+                 "stderr_tail": str(error)[-2000:]}
+    return out
+
+
 def _agree(a: float, b: float, tol_abs: float, tol_rel: float) -> bool:
     return abs(a - b) <= max(tol_abs, tol_rel * max(abs(a), abs(b)))
 

@@ -1,15 +1,22 @@
-"""trainer/adapters.py: collate/label masking, video token counts against the real model classes, training
+"""The adapters (trainer/adapter_*.py, the registry in adapters.py): collate/label masking, video token counts against the real model classes, training
 steps, export -> reload, generate, LoRA merge, freezing options and clear errors. Tiny presets, CPU."""
 import dataclasses
 import math
+import re
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from typing_extensions import get_protocol_members
 
+from vtt.shards.conversation import SampleError
 from vtt.trainer.adapter_llava import PROJECTOR_PARTS
-from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter
+from vtt.trainer.adapter_api import ModelAdapter
+from vtt.trainer.adapters import ADAPTERS, get_adapter
+from vtt.trainer.model_config import KINDS, ModelConfig
 from vtt.trainer.presets import LLAVA_FAMILIES, build_tiny
 
 
@@ -293,3 +300,33 @@ def test_model_config_validation():
     with pytest.raises(ValueError, match="named fields"):
         ModelConfig(model_path="x", target_template="{}")
     assert dataclasses.replace(ModelConfig(model_path="x"), lora=True).lora
+
+
+REPO = Path(__file__).resolve().parents[1]
+MEMBERS = get_protocol_members(ModelAdapter)
+
+
+def test_every_kind_has_one_registered_adapter_with_every_member(llava_path, s2s_path, root):
+    assert sorted(ADAPTERS) == sorted(KINDS)
+    paths = {"llava": llava_path, "seq2seq": s2s_path, "qwen_vl": str(build_tiny("qwen_vl", root / "qwen"))}
+    for kind, path in paths.items():
+        ad = get_adapter(ModelConfig(kind=kind, model_path=path))
+        assert type(ad) is ADAPTERS[kind] and isinstance(ad, ModelAdapter), kind
+        assert not isinstance(types.SimpleNamespace(**{m: getattr(ad, m) for m in MEMBERS - {"setup"}}),
+                              ModelAdapter)  # the check sees a missing member
+
+
+def test_callers_use_only_the_protocol():
+    """Every `adapter.<member>` the loop, evaluation, export, the planner, the tools and the benchmarks use is a
+    ModelAdapter member (documented there), and none probes an adapter with hasattr/getattr."""
+    callers = [p for d in ("trainer", "benchmarks", "scripts") for p in sorted((REPO / d).rglob("*.py"))
+               if not p.name.startswith(("adapter_", "adapters"))]
+    used, probes = {}, []
+    for p in callers:
+        text = p.read_text()
+        for m in re.finditer(r"\badapter(?:_class\([^)]*\))?\.(\w+)", text):
+            used.setdefault(m.group(1), p.name)
+        probes += [p.name for _ in re.finditer(r"(?:has|get)attr\((?:self\.)?(?:s\.)?adapter\b", text)]
+    assert {"collate", "causal", "load_model", "generate_items", "setup_model"} <= set(used)  # the scan works
+    assert not {m: f for m, f in used.items() if m not in MEMBERS}
+    assert not probes

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter
+from vtt.shards.conversation import SampleError
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.conversation import conversation_of
 from vtt.trainer.presets import build_tiny
 

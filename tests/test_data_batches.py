@@ -5,7 +5,10 @@ from collections import Counter
 import pytest
 from test_data import keys_of, take, write_shards
 
-from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter, render
+from vtt.shards.conversation import SampleError
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
+from vtt.trainer.text import render
 from vtt.trainer.data import CorruptSampleError, DataConfig, build_loader
 from vtt.trainer.presets import build_tiny
 

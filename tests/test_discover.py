@@ -4,7 +4,8 @@ import json
 import pytest
 
 from vtt.pipeline.config import ConfigError, PrepConfig, parse_bytes, parse_size
-from vtt.pipeline.discover import discover, find_videos, validate_sidecar
+from vtt.pipeline.discover import discover, find_videos
+from vtt.pipeline.sidecar import validate_sidecar
 
 
 def _put(root, rel, sidecar=None, raw=None):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vtt.trainer.adapters import ModelConfig, get_adapter
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.gen_eval import EvalConfig, evaluate_model, normalise, scores
 from vtt.trainer.presets import build_tiny
 

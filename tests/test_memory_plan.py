@@ -10,7 +10,8 @@ import torch
 import transformers as tf
 
 from vtt.trainer import memory as M
-from vtt.trainer.adapters import ModelConfig, get_adapter
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.presets import build_shaped, build_tiny
 from vtt.trainer.presets_qwen import build_shaped_qwen
 
@@ -278,7 +279,8 @@ def test_whole_model_activations_within_15_percent(tiny, kind, lora):
 DS_SCRIPT = """
 import json, os, sys, torch
 import deepspeed
-from vtt.trainer.adapters import ModelConfig, get_adapter
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer import memory as M
 stage = int(sys.argv[2])
 mc = ModelConfig(kind="seq2seq", model_path=sys.argv[1])

@@ -79,7 +79,8 @@ def test_unknown_kind_and_family(tmp_path):
 def test_full_size_shapes_match_the_real_models(shape, billions, tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
-    from vtt.trainer.adapters import ModelConfig, get_adapter
+    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer.model_config import ModelConfig
     from vtt.trainer.presets import SHAPE_KINDS, build_shaped
     path = build_shaped(shape, tmp_path)
     assert not list(path.glob("*.safetensors"))  # config only: weights are made where they are used
@@ -94,7 +95,8 @@ def test_full_size_shapes_match_the_real_models(shape, billions, tmp_path):
 
 
 def test_random_init_ignores_the_saved_weights(tiny):
-    from vtt.trainer.adapters import ModelConfig, get_adapter
+    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer.model_config import ModelConfig
     saved = get_adapter(ModelConfig(kind="seq2seq", model_path=str(tiny["seq2seq"]))).load_model()
     torch.manual_seed(1)
     fresh = get_adapter(ModelConfig(kind="seq2seq", model_path=str(tiny["seq2seq"]), random_init=True)).load_model()

@@ -13,7 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_prep_shards, metrics, vtt_train  # noqa: E402
 
-from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter  # noqa: E402
+from vtt.shards.conversation import SampleError  # noqa: E402
+from vtt.trainer.adapters import get_adapter  # noqa: E402
+from vtt.trainer.model_config import ModelConfig  # noqa: E402
 from vtt.trainer.conversation import Turn  # noqa: E402
 from vtt.trainer.data import DataConfig, build_loader  # noqa: E402
 from vtt.trainer.presets import build_tiny  # noqa: E402

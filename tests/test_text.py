@@ -12,7 +12,9 @@ from PIL import Image
 
 from vtt.shards.format import frame_field, sha256_file, shard_name
 from vtt.shards.index import ShardEntry, ShardIndex, write_index
-from vtt.trainer.adapters import ModelConfig, SampleError, get_adapter
+from vtt.shards.conversation import SampleError
+from vtt.trainer.adapters import get_adapter
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.presets import build_tiny
 from vtt.trainer.text import encode, render_spans
 

@@ -104,7 +104,8 @@ def model_states(run: Path, step: int) -> dict:
 def test_lora_checkpoint_holds_only_trainable_tensors_and_resumes_exactly(shards, tmp_path):
     """LoRA: the model-states file holds the adapters + projector only (the frozen base reloads from the model
     path at resume), it is far smaller than a full run's, and a resume repeats the uninterrupted losses."""
-    from vtt.trainer.adapters import ModelConfig, get_adapter
+    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer.model_config import ModelConfig
     lora, full = tmp_path / "lora", tmp_path / "full"
     vtt_train(*LLAVA, "--shards", shards, "--output-dir", lora, "--lora", "--set", "model.lora_r=4")
     vtt_train(*LLAVA, "--shards", shards, "--output-dir", full)

@@ -316,7 +316,7 @@ def test_index_that_disagrees_with_tars(tmp_path, tiny_models, world1):
 
 
 def test_model_that_does_not_match_the_data(tmp_path, tiny_models, world1):
-    from vtt.trainer.adapters import SampleError
+    from vtt.shards.conversation import SampleError
     shards = make_train_shards(tmp_path / "shards", n=8, per_shard=4)
     with pytest.raises(SampleError, match=r"needs field 'description_fr', which the sample lacks"):
         prepare(tmp_path, tiny_models, "seq2seq", shards, model={"target_template": "{description_fr}"})

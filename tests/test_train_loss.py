@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import PY, REPO, make_train_shards, train_env  # noqa: E402
 
-from vtt.trainer.adapters import ModelConfig, get_adapter  # noqa: E402
+from vtt.trainer.adapters import get_adapter  # noqa: E402
+from vtt.trainer.model_config import ModelConfig  # noqa: E402
 from vtt.trainer.dist import free_port  # noqa: E402
 from vtt.trainer.loss import label_count, summed_token_loss  # noqa: E402
 from vtt.trainer.presets import build_tiny  # noqa: E402

@@ -8,16 +8,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vtt.trainer.adapters import (DEFAULT_PROMPTS, ModelConfig, SampleError, apply_lora, common_load,
-                                  enable_gradient_checkpointing, load_tokenizer, model_device, pad_left, pad_right,
-                                  read_json, render, save_checkpoint, set_trainable, unwrap)
+from vtt.shards.conversation import SampleError
+from vtt.trainer.batching import greedy_generate, pad_right
 from vtt.trainer.conversation import (FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, encode_conversation,
                                       fit_turns)
-from vtt.trainer.text import encode, marks_word_starts, render_spans
+from vtt.trainer.model_config import ModelConfig
+from vtt.trainer.model_io import load_pretrained, load_tokenizer, read_json, save_checkpoint
+from vtt.trainer.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
+from vtt.trainer.text import encode, marks_word_starts, render, render_spans
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
 PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
 LLM_PARTS = ["language_model", "lm_head"]
+# Each family's own chat format (as in the llava-hf chat templates); <video> becomes the model's video tokens.
+DEFAULT_PROMPTS = {
+    "llava_next_video": "USER: <video>\nDescribe this video. ASSISTANT:",
+    "video_llava": "USER: <video>\nDescribe this video. ASSISTANT:",
+    "llava": "USER: <video>\nDescribe this video. ASSISTANT:",
+    "llava_onevision": "<|im_start|>user <video>\nDescribe this video.<|im_end|><|im_start|>assistant\n",
+}
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json", "chat_template.jinja")
 # Used when a checkpoint has no processor JSON: CLIP's statistics, which all llava-hf checkpoints use.
@@ -85,9 +94,11 @@ def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 class LlavaAdapter:
+    """vtt.trainer.adapter_api.ModelAdapter for the LLaVA families (video_layout)."""
     needs_frames = True
     cast_buffers = False  # RoPE inv_freq must stay fp32
     causal = True  # token t's logits predict label t+1 (vtt.trainer.loss)
+    setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig
@@ -107,8 +118,10 @@ class LlavaAdapter:
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
-        cfg = self.cfg
-        return setup_model(common_load(AutoModelForImageTextToText, cfg), cfg)
+        return self.setup(load_pretrained(AutoModelForImageTextToText, self.cfg))
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        return setup_model(model, self.cfg)
 
     # -- samples -----------------------------------------------------------------------------------------------
     def check_sample(self, sample: dict) -> None:
@@ -252,23 +265,11 @@ class LlavaAdapter:
                  "ids": ids[:k], "at": ids.index(self.layout.token_id)}
                 for a, k in zip(answers, starts) if a.turn > video_at]  # not answers given before the video
 
-    @torch.no_grad()
     def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers for (sample, eval item) pairs in one batch (left-padded, frames as in training)."""
         pix, t = self._pixels([s for s, _ in pairs])
         prompts = [self._expand(item["ids"], item["at"], t) for _, item in pairs]
-        dev = model_device(model)
-        module = unwrap(model)
-        was_training = module.training
-        module.eval()
-        kwargs = {k: v.to(dev, dtype=next(module.parameters()).dtype) for k, v in self._pixel_kwargs(pix).items()}
-        out = module.generate(input_ids=pad_left(prompts, self.tokenizer.pad_token_id).to(dev),
-                              attention_mask=pad_left([[1] * len(p) for p in prompts], 0).to(dev),
-                              max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        module.train(was_training)
-        width = max(len(p) for p in prompts)
-        return [x.strip() for x in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return greedy_generate(model, self.tokenizer, prompts, max_new_tokens, self._pixel_kwargs(pix))
 
     def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
         """Greedy captions for samples (the caption prompt, whatever else the sample carries)."""

@@ -14,11 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vtt.trainer.adapters import (ModelConfig, SampleError, apply_lora, common_load, enable_gradient_checkpointing,
-                                  load_tokenizer, model_device, pad_left, pad_right, render, save_checkpoint,
-                                  set_trainable, unwrap)
+from vtt.shards.conversation import SampleError
+from vtt.trainer.batching import greedy_generate, pad_left, pad_right
+from vtt.trainer.config import ConfigError
 from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, encode_conversation, fit_turns
+from vtt.trainer.model_config import ModelConfig
+from vtt.trainer.model_io import load_pretrained, load_tokenizer, save_checkpoint
+from vtt.trainer.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
 from vtt.trainer.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
+from vtt.trainer.text import render
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json", "chat_template.jinja")
@@ -54,24 +58,24 @@ def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 class QwenAdapter:
+    """vtt.trainer.adapter_api.ModelAdapter for Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
     needs_frames = True
     cast_buffers = False  # RoPE inv_freq stays fp32
     causal = True
+    setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig
         self.cfg = cfg
         self.config = AutoConfig.from_pretrained(cfg.model_path)
         self.family = self.config.model_type
-        if self.family not in QWEN_FAMILIES:
-            from vtt.trainer.config import ConfigError  # one line and exit 1 from vtt-train, before training
+        if self.family not in QWEN_FAMILIES:  # a ConfigError: one line and exit 1 from vtt-train, before training
             raise ConfigError(f"{cfg.model_path}: model_type {self.family!r} is not a Qwen-VL family vtt trains "
                              f"(one of {QWEN_FAMILIES}); use --model llava or --model seq2seq for other models")
         self.hidden_size = self.config.text_config.hidden_size
         self.max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
         self.tokenizer = load_tokenizer(cfg.model_path)
         if not self.tokenizer.chat_template:
-            from vtt.trainer.config import ConfigError
             raise ConfigError(f"{cfg.model_path}: the tokenizer has no chat template; Qwen-VL prompts are rendered "
                              "through it (chat_template.jinja or tokenizer_config.json)")
         self.spec = VideoSpec.from_checkpoint(cfg.model_path, self.family)
@@ -85,7 +89,7 @@ class QwenAdapter:
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
-        return self.setup(common_load(AutoModelForImageTextToText, self.cfg))
+        return self.setup(load_pretrained(AutoModelForImageTextToText, self.cfg))
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         return setup_model(model, self.cfg)
@@ -199,25 +203,13 @@ class QwenAdapter:
         return [{"turn": a.turn, "question": turns[a.turn - 1].text, "reference": turns[a.turn].text,
                  "ids": ids[:k], "at": at} for a, k in answers if a.turn > video_at]
 
-    @torch.no_grad()
     def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers for (sample, eval item) pairs in one left-padded batch."""
         videos = [self._video(s) for s, _ in pairs]
         prompts = [it["ids"][:it["at"]] + self._video_ids(v) + it["ids"][it["at"] + 1:]
                    for (_, it), v in zip(pairs, videos)]
-        module, dev = unwrap(model), model_device(model)
-        was_training = module.training
-        module.eval()
-        dtype = next(module.parameters()).dtype
-        kw = {k: v.to(dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
-              for k, v in self._vision_kwargs(videos, prompts, left=True).items()}
-        out = module.generate(input_ids=pad_left(prompts, self.tokenizer.pad_token_id).to(dev),
-                              attention_mask=pad_left([[1] * len(p) for p in prompts], 0).to(dev),
-                              max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=self.tokenizer.pad_token_id, **kw)
-        module.train(was_training)
-        width = max(len(p) for p in prompts)
-        return [x.strip() for x in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return greedy_generate(model, self.tokenizer, prompts, max_new_tokens,
+                               self._vision_kwargs(videos, prompts, left=True))
 
     def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
         """Greedy captions (the caption prompt, whatever else the sample carries)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from vtt.trainer.adapters import (ModelConfig, apply_lora, common_load, enable_gradient_checkpointing,
-                                  load_tokenizer, model_device, pad_right, render, save_checkpoint, unwrap)
-from vtt.trainer.text import encode, render_spans
+from vtt.trainer.batching import greedy_generate, pad_right
+from vtt.trainer.model_config import ModelConfig
+from vtt.trainer.model_io import load_pretrained, load_tokenizer, save_checkpoint
+from vtt.trainer.model_setup import apply_lora, enable_gradient_checkpointing
+from vtt.trainer.text import encode, render, render_spans
 
 # Files some tokenizers keep beside tokenizer.json (NLLB's sentencepiece model) - copied on export if present.
 EXTRA_FILES = ("sentencepiece.bpe.model",)
@@ -22,10 +24,12 @@ def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 class Seq2SeqAdapter:
+    """vtt.trainer.adapter_api.ModelAdapter for encoder-decoder text models (NLLB/M2M100, T5, BART)."""
     needs_frames = False
     # M2M100's sinusoidal position table is an fp32 buffer: under DeepSpeed bf16 it must be cast with the weights.
     cast_buffers = True
     causal = False  # labels are aligned with the logits (vtt.trainer.loss)
+    setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig
@@ -54,7 +58,10 @@ class Seq2SeqAdapter:
 
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM
-        return setup_model(common_load(AutoModelForSeq2SeqLM, self.cfg), self.cfg)
+        return self.setup(load_pretrained(AutoModelForSeq2SeqLM, self.cfg))
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        return setup_model(model, self.cfg)
 
     def _encode(self, rendered: tuple[str, list], lang: int | None, limit: int) -> list[int]:
         """NLLB layout: [lang] tokens </s>; without a language, the tokenizer's own specials (+ </s>).
@@ -118,16 +125,8 @@ class Seq2SeqAdapter:
     def generate_items(self, model, pairs: list[tuple[dict, dict]], max_new_tokens: int = 32) -> list[str]:
         return self.generate(model, [s for s, _ in pairs], max_new_tokens)
 
-    @torch.no_grad()
     def generate(self, model, samples: list[dict], max_new_tokens: int = 32) -> list[str]:
-        src = [self._source(s) for s in samples]
-        dev = model_device(model)
-        module = unwrap(model)
-        was_training = module.training
-        module.eval()
-        kwargs = {"forced_bos_token_id": self.tgt_id} if self.tgt_id is not None else {}
-        out = module.generate(input_ids=pad_right(src, self.tokenizer.pad_token_id).to(dev),
-                              attention_mask=pad_right([[1] * len(x) for x in src], 0).to(dev),
-                              max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-        module.train(was_training)
-        return [x.strip() for x in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        """Greedy target texts for the samples' source texts (forced target language when tgt_lang is set)."""
+        options = {"forced_bos_token_id": self.tgt_id} if self.tgt_id is not None else {}
+        return greedy_generate(model, self.tokenizer, [self._source(s) for s in samples], max_new_tokens,
+                               encoder_decoder=True, **options)

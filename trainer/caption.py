@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from vtt.trainer.export import FINAL_DIR, MODEL_INFO_FILE
+from vtt.trainer.model_config import ModelConfig
 
 
 def model_dir(path: str | Path) -> Path:
@@ -39,7 +40,6 @@ def load_info(mdir: Path, kind: str | None) -> dict:
 
 def model_config(mdir: Path, info: dict, kind: str | None):
     """The training ModelConfig pointed at the export: LoRA is merged there, freezing is moot."""
-    from vtt.trainer.adapters import ModelConfig
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     m = {k: v for k, v in info["model"].items() if k in fields}
     m.update(model_path=str(mdir), lora=False, freeze_vision=False, freeze_llm=False, projector_only=False,
@@ -172,7 +172,7 @@ def one_line(inp: str, e: Exception) -> str:
 def input_errors() -> tuple[type[BaseException], ...]:
     from vtt.pipeline.frames import ExtractError
     from vtt.shards.format import ShardFormatError
-    from vtt.trainer.adapters import SampleError
+    from vtt.shards.conversation import SampleError
     return ExtractError, ShardFormatError, SampleError, click.UsageError, OSError
 
 

@@ -27,6 +27,7 @@ import torch
 
 from vtt.shards.format import TMP_PREFIX, atomic_write_bytes
 from vtt.trainer.faults import crash_point
+from vtt.trainer.model_io import checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ def incomplete_reason(path: Path) -> str | None:
 def frozen_source(model_path: str) -> dict:
     """Where the frozen weights a checkpoint leaves out reload from: the model folder (a hub id resolves to its
     cache snapshot, named by commit) and its weight files' sizes and mtimes. Cost: one stat per file."""
-    from vtt.trainer.adapters import checkpoint_file
     folder = Path(model_path)
     if not folder.is_dir():
         config = checkpoint_file(model_path, "config.json")

@@ -311,7 +311,7 @@ def remove_run_folder(run_dir: Path) -> None:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     from vtt.shards.format import ShardFormatError
-    from vtt.trainer.adapters import SampleError
+    from vtt.shards.conversation import SampleError
     from vtt.trainer.checkpoint import CheckpointError
     from vtt.trainer.config import ConfigError
     from vtt.trainer.data import CorruptSampleError

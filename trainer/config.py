@@ -1,6 +1,6 @@
 """TrainConfig: every vtt-train setting in one typed tree, loaded from YAML and overridden by flags.
 
-Sections: model (ModelConfig, adapters.py), data (DataConfig, data.py), optim, deepspeed, run, tracking.
+Sections: model (ModelConfig, model_config.py), data (DataConfig, data.py), optim, deepspeed, run, tracking.
 Precedence: dataclass defaults < --config YAML < flags (`--set section.field=value` reaches any field).
 Unknown sections or keys stop with the list of valid names.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from vtt.trainer.adapters import ModelConfig
+from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.data import DataConfig
 
 PRECISIONS = ("bf16", "fp32")

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from vtt.shards.conversation import SampleError
 from vtt.shards.format import ShardFormatError, decode_frame, frame_fields, frame_index, split_member
-from vtt.trainer.adapters import SampleError
 from vtt.trainer.data_plan import Plan
 from vtt.trainer.data_source import RESTART_HINT, SnapshotError, Source
 

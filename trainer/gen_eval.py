@@ -175,7 +175,7 @@ def check_paths(cfg: EvalConfig) -> None:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     from vtt.shards.format import ShardFormatError
-    from vtt.trainer.adapters import SampleError
+    from vtt.shards.conversation import SampleError
     from vtt.trainer.data import CorruptSampleError
     return ShardFormatError, SampleError, CorruptSampleError, click.UsageError, OSError
 

@@ -21,6 +21,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from vtt.trainer.model_io import unwrap
+
 IGNORE = -100  # label value of prompt, padding and source tokens
 # Families whose forward computes logits as exactly `self.lm_head(hidden)` and nothing else (checked in
 # transformers 5.x: M2M100/NLLB, Llama-family LLaVA, Qwen2/2.5/3-VL).
@@ -122,7 +124,6 @@ def liger_available(device: torch.device) -> bool:
 
 
 def _model_of(engine):
-    from vtt.trainer.adapters import unwrap
     model = unwrap(engine)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

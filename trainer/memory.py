@@ -44,6 +44,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtt.trainer.adapter_llava import video_layout
+from vtt.trainer.adapters import adapter_class
+from vtt.trainer.model_io import checkpoint_file
+from vtt.trainer.qwen_video import VideoSpec
+
 GIB = 1024 ** 3
 DEFAULT_HEADROOM = 0.10  # fraction of device memory left free when fitting (context, fragmentation)
 DEFAULT_TEXT_TOKENS = 128  # prompt + answer tokens per sample when nothing better is known
@@ -134,8 +139,6 @@ def meta_model(model_cfg) -> torch.nn.Module:
     freezing applied (requires_grad as in training). No weights, no tokenizer needed."""
     import transformers
     from transformers import AutoConfig
-
-    from vtt.trainer.adapters import checkpoint_file
     if checkpoint_file(model_cfg.model_path, "config.json") is None:
         raise PlanError(f"{model_cfg.model_path}: no config.json to plan from")
     config = AutoConfig.from_pretrained(model_cfg.model_path)
@@ -146,17 +149,7 @@ def meta_model(model_cfg) -> torch.nn.Module:
             model = getattr(transformers, auto).from_config(config)
         except ValueError as e:
             raise PlanError(f"{model_cfg.model_path}: {e}") from None
-        return setup_for(model_cfg.kind)(model, cfg)
-
-
-def setup_for(kind: str):
-    if kind == "llava":
-        from vtt.trainer.adapter_llava import setup_model
-    elif kind == "qwen_vl":
-        from vtt.trainer.adapter_qwen import setup_model
-    else:
-        from vtt.trainer.adapter_seq2seq import setup_model
-    return setup_model
+        return adapter_class(model_cfg.kind).setup_model(model, cfg)
 
 
 def _trains(model, part: str) -> str:
@@ -299,11 +292,9 @@ def video_tokens(model_cfg, frames: int, frame_size: tuple[int, int]) -> tuple[i
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model_cfg.model_path)
     if model_cfg.kind == "llava":
-        from vtt.trainer.adapter_llava import video_layout
         layout = video_layout(config)
         grid = layout.image_size // config.vision_config.patch_size
         return layout.num_tokens(frames), frames * (grid * grid + 1)
-    from vtt.trainer.qwen_video import VideoSpec
     spec = VideoSpec.from_checkpoint(model_cfg.model_path, config.model_type)
     n = spec.num_tokens(frames, *frame_size)
     return n, n * spec.merge_size ** 2  # the tower sees every patch before the 2x2 merge

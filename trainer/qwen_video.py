@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vtt.trainer.adapters import read_json
+from vtt.trainer.model_io import read_json
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
