@@ -330,3 +330,22 @@ def test_callers_use_only_the_protocol():
     assert {"collate", "causal", "load_model", "generate_items", "setup_model"} <= set(used)  # the scan works
     assert not {m: f for m, f in used.items() if m not in MEMBERS}
     assert not probes
+
+
+@pytest.mark.parametrize("kind", ["llava", "seq2seq"])
+def test_generate_answers_in_a_batch_as_alone_and_keeps_the_mode(kind, llava_path, s2s_path):
+    """batching.greedy_generate: left padding (decoder-only) and right-padded sources (encoder-decoder) change no
+    answer, the prompt is cut from a decoder's output, and a training model is back in training mode after."""
+    if kind == "llava":
+        ad = llava(llava_path, prompt="USER: <video>\nWhat is {title}? ASSISTANT:")
+    else:
+        ad = s2s(s2s_path)
+    samples = video_samples(n=3, frames=(4,))
+    for i, s in enumerate(samples):
+        s["meta"]["title"] = " ".join(["the clip"] * (1 + 3 * i))  # prompts of different lengths: padding
+    model = ad.load_model().train()
+    together = ad.generate(model, samples, max_new_tokens=6)
+    assert model.training
+    alone = [ad.generate(model, [s], max_new_tokens=6)[0] for s in samples]
+    assert together == alone, (together, alone)
+    assert kind == "seq2seq" or len(set(together)) > 1, together  # the tiny NLLB answers every source alike
