@@ -1,5 +1,6 @@
 """What trains: freezing by parameter name, LoRA (peft) and gradient checkpointing on a loaded model; each
 adapter's `setup_model` combines them by its own rules. Works on any device, the meta device too (the planner).
+peft is imported inside apply_lora: heavy, and only LoRA runs need it.
 """
 from __future__ import annotations
 
