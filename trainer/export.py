@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from vtt.trainer.adapter_api import ModelAdapter
 from vtt.trainer.config import TrainConfig
 from vtt.trainer.dist import DistEnv
 from vtt.trainer.plan import Plan
@@ -13,7 +14,7 @@ FINAL_DIR = "final"
 MODEL_INFO_FILE = "vtt_model.json"  # beside the exported weights: how to caption with them (caption.py)
 
 
-def export_model(engine, adapter, plan: Plan, env: DistEnv, out_dir: Path) -> Path:
+def export_model(engine, adapter: ModelAdapter, plan: Plan, env: DistEnv, out_dir: Path) -> Path:
     """Collective. save_pretrained safetensors + tokenizer/processor files; ZeRO-3 gathers full weights first."""
     import deepspeed.comm as dist
     state_dict = None

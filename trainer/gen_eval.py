@@ -19,6 +19,8 @@ from typing import Iterator
 
 import click
 
+from vtt.trainer.adapter_api import ModelAdapter
+
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
@@ -69,7 +71,7 @@ def _samples(cfg: EvalConfig, decode_frames: bool, data=None) -> Iterator[dict]:
         yield sample
 
 
-def _batches(adapter, samples: Iterator[dict], size: int) -> Iterator[list[tuple[dict, dict]]]:
+def _batches(adapter: ModelAdapter, samples: Iterator[dict], size: int) -> Iterator[list[tuple[dict, dict]]]:
     batch = []
     for s in samples:
         for item in adapter.eval_items(s):
@@ -81,7 +83,8 @@ def _batches(adapter, samples: Iterator[dict], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def evaluate_model(adapter, net, cfg: EvalConfig, data=None, write: bool = True, progress: bool = True) -> dict:
+def evaluate_model(adapter: ModelAdapter, net, cfg: EvalConfig, data=None, write: bool = True,
+                   progress: bool = True) -> dict:
     """Answer, write predictions.jsonl as it goes, return (and write) metrics.json. Cost: one generate call per
     `batch_size` answers; memory: one batch of samples plus the answer strings. `data`: a training DataConfig
     whose eval split to answer instead of cfg.shards; write=False: compute only (ZeRO-3's other ranks)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vtt.trainer.adapter_api import ModelAdapter
 from vtt.trainer.adapters import get_adapter
 from vtt.trainer.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.config import BEST_METRICS, TrainConfig
@@ -148,7 +149,7 @@ def step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv, device) -
     return local.item(), [vals[0], *vals[2:]], vals[1] > 0
 
 
-def train_step(engine, it, plan: Plan, device, dtype, adapter, env: DistEnv, step: int,
+def train_step(engine, it, plan: Plan, device, dtype, adapter: ModelAdapter, env: DistEnv, step: int,
                last_ckpt: Path | None) -> StepStats:
     """Collective. One optimizer step = grad_accum micro batches, the loss a per-token mean over all its micro
     batches and ranks. Gradients are those of that same mean (loss.py), so
@@ -249,7 +250,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     return result
 
 
-def run_loop(engine, plan: Plan, adapter, env: DistEnv, device, ckpt: CheckpointManager, tracker: Tracker,
+def run_loop(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, ckpt: CheckpointManager, tracker: Tracker,
              start_step: int, position: dict | None, last_ckpt: Path | None) -> TrainResult:
     from tqdm import tqdm
     cfg, run = plan.cfg, plan.cfg.run
@@ -323,8 +324,8 @@ class Best:
         return True
 
 
-def _eval_all(engine, plan: Plan, adapter, env: DistEnv, device, dtype, tracker, step: int, result: TrainResult,
-              best: Best) -> bool:
+def _eval_all(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, dtype, tracker, step: int,
+              result: TrainResult, best: Best) -> bool:
     """Eval loss (+ generation metrics with run.eval_generate); True when run.keep_best's metric improved."""
     metrics = {"eval_loss": eval_and_log(engine, plan, adapter, env, device, dtype, tracker, step)}
     result.eval_losses[step] = metrics["eval_loss"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtt.trainer import ds_config as dsc
+from vtt.trainer.adapter_api import ModelAdapter
 from vtt.trainer.config import TrainConfig, config_diff, dump_yaml, load_saved, preset_dir
 from vtt.trainer.data import build_loader, eval_batches, steps_per_epoch
 from vtt.trainer.dist import DistEnv
@@ -36,14 +37,14 @@ def ensure_preset(cfg: TrainConfig) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def data_config_for(cfg: TrainConfig, adapter) -> TrainConfig:
+def data_config_for(cfg: TrainConfig, adapter: ModelAdapter) -> TrainConfig:
     """Text-only models skip JPEG decoding entirely."""
     if not adapter.needs_frames and cfg.data.decode_frames:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode_frames=False))
     return cfg
 
 
-def check_first_sample(cfg: TrainConfig, adapter) -> None:
+def check_first_sample(cfg: TrainConfig, adapter: ModelAdapter) -> None:
     """The model must fit the data: run the adapter's checks and collate on the first training sample."""
     data = dataclasses.replace(cfg.data, shuffle_buffer=0, num_workers=0, eval_shards=None, eval_fraction=0.0)
     loader = build_loader(data, list, micro_batch=1, rank=0, world_size=1, split="train")
@@ -74,7 +75,7 @@ class Plan:
     micro_per_epoch: int
 
 
-def prepare(cfg: TrainConfig, env: DistEnv, adapter) -> Plan:
+def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> Plan:
     """All checks that need no process group; raises before training on any problem."""
     from deepspeed.accelerator import get_accelerator
     tracking_preflight(cfg.tracking)
