@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from vtt.shards.conversation import (AUDIO, FROM_ROLES, PLACEHOLDERS, SUPPORTED, SampleError, Turn,  # noqa: F401
                                       UnsupportedSample, check_order, conversation_field, conversation_of,
                                       json_preview)
-from vtt.trainer.text import Span
+from vtt.trainer.text import Span, encode_offsets, marks_word_starts
 
 # The llava-hf formats: Vicuna-style for LLaVA-NeXT-Video / Video-LLaVA / LLaVA-1.5, ChatML for OneVision (Qwen2).
 _VICUNA = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} "
@@ -140,7 +140,6 @@ def encode(tokenizer, text: str, data: list[Span], answers: list[Answer], add_sp
     SentencePiece "▁") is the answer's, and the prompt before answer k is exactly what generation starts from.
     A tokenizer that writes its own word-start marker gets a segment's one leading space as that marker.
     Labels are the learned answers' ids, -100 elsewhere. Cost: linear in the text."""
-    from vtt.trainer.text import encode_offsets, marks_word_starts
     cuts = sorted({0, len(text)} | {x for a in answers for x in a.span})
     learned = {a.span[0] for a in answers if a.learned}
     starts_at = {a.span[0]: k for k, a in enumerate(answers)}
