@@ -138,7 +138,7 @@ def flags_of(cls: type, names: tuple[str, ...] | None = None) -> list[Flag]:
     """The Flags in `cls`'s field metadata (only `names`, in that order, when given)."""
     found = {f.name: f.metadata["flag"] for f in dataclasses.fields(cls) if "flag" in f.metadata}
     for name, flag in found.items():
-        flag.field = name
+        flag.field = name  # setting() made the Flag before the field had a name
     return [found[n] for n in names] if names is not None else list(found.values())
 
 
