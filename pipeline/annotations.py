@@ -34,7 +34,7 @@ from vtt.shards.format import ShardFormatError, make_key
 from vtt.shards.ledger import Fingerprint
 from vtt.shards.storage import StorageError, Store, is_url
 
-from .config import ConfigError
+from vtt.shards.settings import ConfigError
 from .discover import Video
 
 _CSV_EXTS = {".csv": ",", ".tsv": "\t"}

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from vtt.shards.format import ShardFormatError
+from vtt.shards.settings import click_options, flags_of, values_of
 
-from .config import (EXTRACTION_SETTINGS, RETENTION_HOURS, SHARD_MAX_SAMPLES, CompactConfig, ConfigError, PrepConfig,
-                     local_folder, shown)
+from .config import EXTRACTION_SETTINGS, CompactConfig, ConfigError, KeepURL, PrepConfig, local_folder, storage_dict
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES = f"""\b
@@ -37,21 +37,8 @@ class LocalFolder(click.Path):
         return super().convert(value, param, ctx)
 
 
-class KeepURL:
-    """Mixed into a click.Path type: a URL (s3://bucket/videos, any fsspec scheme) is kept as a string, since
-    Path would fold its '//'; anything else is converted as the path type does."""
-
-    def convert(self, value, param, ctx):
-        from vtt.shards.storage import is_url
-        return str(value) if is_url(value) else super().convert(value, param, ctx)
-
-
 class DataFolder(KeepURL, LocalFolder):
     """A data or shards folder: a local folder, or a URL kept as a string."""
-
-
-class AnnotationFile(KeepURL, click.Path):
-    """An annotation file: a local path, or a URL kept as a string."""
 
 
 def _fail(message: str, code: int = EXIT_USAGE):
@@ -59,54 +46,13 @@ def _fail(message: str, code: int = EXIT_USAGE):
     sys.exit(code)
 
 
-def default_of(name: str):
-    """PrepConfig's default for a setting: the one place defaults live."""
-    return PrepConfig.__dataclass_fields__[name].default
+def rerun_note(field: str) -> str:
+    """An extraction setting left out is the shards folder's on a rerun (PrepConfig.given), said in --help."""
+    return "; a rerun: as the shards were made" if field in EXTRACTION_SETTINGS else ""
 
 
-def setting(flag: str, **kw):
-    """An extraction setting's option: no click default (PrepConfig holds the defaults, shown in --help), so
-    a flag the user left out stays unset and a rerun takes it from the shards folder (PrepConfig.given)."""
-    name = flag[2:].replace("-", "_")
-    default = default_of(name)
-    text = "none" if default is None else shown(name, default).partition(" ")[2]
-    kw["help"] = f"{kw.get('help', '')}  [default: {text}; a rerun: as the shards were made]".lstrip()
-    return click.option(flag, default=None, **kw)
-
-
-def shard_limits(command):
-    """--shard-size and --shard-max-samples, the same for extract and compact."""
-    command = click.option("--shard-max-samples", type=int, default=SHARD_MAX_SAMPLES, show_default=True,
-                           help="Max samples per shard.")(command)
-    return click.option("--shard-size", default="1GB", show_default=True,
-                        help="Max bytes per shard (1GB, 500MB, 64MiB).")(command)
-
-
-def storage_options(command):
-    """--storage-option, the same for every command that takes a URL folder."""
-    return click.option(
-        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-        help="fsspec storage option for a URL folder (repeatable), e.g. endpoint_url=http://host:9000, "
-             "key=..., secret=..., client_kwargs.region_name=eu-west-1; credentials and endpoint also "
-             "come from AWS_* variables (AWS_ENDPOINT_URL), profiles and instance roles.")(command)
-
-
-def break_lock(command):
-    """--break-lock, the same for extract and compact."""
-    return click.option(
-        "--break-lock", is_flag=True,
-        help="A URL shards folder only: take over the lock of a run that died (its heartbeat is older than "
-             "2 minutes). A live run's lock is never taken. Local folders need no such flag: their lock "
-             "goes away with its process.")(command)
-
-
-def retention(command):
-    """--retention-hours, the same for extract and compact."""
-    return click.option("--retention-hours", type=float, default=RETENTION_HOURS, show_default=True,
-                        help="Shards replaced by a rewrite, compact or rebuild stay on disk (listed as retired "
-                             "in the ledger, not in index.json) for trainers still reading an older index; "
-                             "a later extract/compact deletes those retired longer ago than this. "
-                             "0 deletes them at once.")(command)
+# --storage-option for the commands that only read a folder: PrepConfig's flag, declared once
+storage_options = click_options(flags_of(PrepConfig, ("storage_options",)), PrepConfig)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,48 +64,7 @@ def main():
 @main.command(epilog=EXIT_CODES)
 @click.argument("data_dir", type=DataFolder())
 @click.argument("out_dir", type=DataFolder())
-@setting("--num-frames", type=int, help="Frames per video, uniformly spaced over its real duration.")
-@setting("--fps", type=float, help="Fixed-rate mode: frames per second (overrides --num-frames).")
-@setting("--max-frames", type=int, help="Cap on frames in --fps mode.")
-@setting("--size", help="Frame size: N (square) or WxH.")
-@setting("--resize", type=click.Choice(["crop", "pad", "stretch"]))
-@setting("--image-format", type=click.Choice(["jpg", "png"]))
-@setting("--jpeg-quality", type=click.IntRange(1, 100))
-@setting("--short-clip", type=click.Choice(["repeat", "fail"]),
-         help="Clips with fewer frames than requested: repeat frames (with a warning) or fail.")
-@setting("--pick", type=click.Choice(["fast", "on_screen"]),
-         help="on_screen: the frame displayed at each target time. fast: that frame or the next one "
-              "(within one frame), whichever lets the decoder skip non-reference frames (~1.5x less decoding).")
-@shard_limits
-@click.option("--workers", type=int, default=None, help="Worker processes [default: all cores].")
-@click.option("--timeout", type=float, default=default_of("timeout"), show_default=True, help="Seconds per ffmpeg/ffprobe call.")
-@click.option("--video-timeout", type=float, default=default_of("video_timeout"), show_default=True,
-              help="Seconds for all of one video's ffmpeg/ffprobe calls together; past it the video fails "
-                   "with error class video_timeout.")
-@click.option("--ffmpeg", default=None, help="ffmpeg binary [default: $VTT_FFMPEG or ffmpeg on PATH].")
-@click.option("--ffprobe", default=None, help="ffprobe binary [default: $VTT_FFPROBE or ffprobe on PATH].")
-@click.option("--allow-missing-sidecar", is_flag=True, help="Accept videos without sidecar (id from the path).")
-@click.option("--annotations", multiple=True, type=AnnotationFile(dir_okay=False, path_type=Path),
-              help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a local file or a URL such as "
-                   "s3://bucket/ann.jsonl): one sample per entry instead of sidecars; video paths relative "
-                   "to DATA_DIR (a local folder or a URL).")
-@storage_options
-@break_lock
-@click.option("--video-column", default=default_of("video_column"), show_default=True, help="CSV/TSV annotations: the video column.")
-@click.option("--caption-column", default=default_of("caption_column"), show_default=True,
-              help="CSV/TSV annotations: the caption column (the sample's description).")
-@click.option("--rebuild", is_flag=True, help="Re-extract everything (needed when settings changed); the old "
-              "shards stay valid until the new set is complete.")
-@click.option("--retry-failed", is_flag=True, help="Retry earlier failures even when neither file, sidecar, "
-              "settings, ffmpeg nor a larger timeout gives a reason to.")
-@retention
-@click.option("--dry-run", is_flag=True, help="Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default=default_of("engine"), show_default=True,
-              help="Where the per-video work runs: worker processes here, or Ray tasks on a Ray cluster "
-                   "(pip install -e .[ray]); the shards are the same bytes either way.")
-@click.option("--ray-address", default=None, help="--engine ray: auto (the cluster `ray start` runs here), "
-              "HOST:6379 or ray://HOST:10001 [default: start a local Ray with --workers CPUs].")
+@click_options(flags_of(PrepConfig), PrepConfig, note=rerun_note)
 def extract(**kwargs):
     """Extract frames from the videos under DATA_DIR into WebDataset shards in OUT_DIR.
 
@@ -179,7 +84,7 @@ def extract(**kwargs):
     is given, which re-extracts every video with the new settings.
     """
     from .run import LockBusy, run_extract
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = values_of(flags_of(PrepConfig), kwargs) | {k: kwargs[k] for k in ("data_dir", "out_dir")}
     try:
         cfg = PrepConfig(**kwargs, given=frozenset(k for k in EXTRACTION_SETTINGS if k in kwargs))
         report = run_extract(cfg)
@@ -197,13 +102,7 @@ def extract(**kwargs):
 
 @main.command()
 @click.argument("shards", type=DataFolder())
-@shard_limits
-@retention
-@storage_options
-@break_lock
-@click.option("--min-fill", type=float, default=0.5, show_default=True,
-              help="Merge the shards holding less than this fraction of both limits.")
-@click.option("--dry-run", is_flag=True, help="Print which shards would merge; touch nothing.")
+@click_options(flags_of(CompactConfig), CompactConfig)
 def compact(shards, **kwargs):
     """Merge the small shards that incremental runs leave behind into full ones.
 
@@ -214,7 +113,7 @@ def compact(shards, **kwargs):
     from .compact import compact_shards
     from .run import LockBusy
     try:
-        result = compact_shards(CompactConfig(out_dir=shards, **kwargs))
+        result = compact_shards(CompactConfig(out_dir=shards, **values_of(flags_of(CompactConfig), kwargs)))
     except LockBusy as e:
         _fail(str(e), EXIT_LOCKED)
     except (ConfigError, ShardFormatError) as e:
@@ -230,7 +129,6 @@ def status(shards, storage_options):
 
     Exit 0 when index and tars agree, 1 if they disagree, 2 when the folder cannot be reached or holds
     no index.json."""
-    from .config import storage_dict
     from .verify import status_text
     try:
         text, ok = status_text(shards, storage_dict(storage_options))
@@ -251,7 +149,6 @@ def verify(shards, storage_options):
     Exit 0 when everything matches, 1 on any problem (each one printed), 2 when the folder cannot be reached
     or is not a shards folder (missing, a file, no index.json).
     """
-    from .config import storage_dict
     from .verify import verify_shards
     try:
         result = verify_shards(shards, storage_dict(storage_options))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from vtt.shards.folder import OutFolder
 from vtt.shards.ledger import Ledger, read_ledger, write_ledger
 
-from .config import CompactConfig
+from .config import CompactConfig, preflight_compact
 from .faults import crash_point
 from .ledger import reconcile, sync_index
 from .retire import purge, retire
@@ -49,6 +49,7 @@ def small_shards(ledger: Ledger, cfg: CompactConfig) -> list[str]:
 
 
 def compact_shards(cfg: CompactConfig) -> CompactResult:
+    preflight_compact(cfg)  # the folder reachable and a shards folder: a ConfigError before any work
     if cfg.dry_run:
         ledger = read_ledger(cfg.out_folder()) or Ledger()
         small = small_shards(ledger, cfg)

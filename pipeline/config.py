@@ -1,22 +1,34 @@
-"""PrepConfig: every `vtt-prep extract` setting, validated once; flags map onto it 1:1."""
+"""PrepConfig (extract) and CompactConfig: every vtt-prep setting, its flag and default, validated without I/O;
+`preflight` checks what they need of the file system and the network."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
+from vtt.shards.settings import ConfigError, setting
 from vtt.shards.storage import is_url
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the setting."""
+class KeepURL:
+    """Mixed into a click.Path type: a URL (s3://bucket/videos, any fsspec scheme) is kept as a string, since
+    Path would fold its '//'; anything else is converted as the path type does."""
+
+    def convert(self, value, param, ctx):
+        return str(value) if is_url(value) else super().convert(value, param, ctx)
+
+
+class AnnotationFile(KeepURL, click.Path):
+    """An annotation file: a local path, or a URL kept as a string."""
 
 
 def local_folder(value, what: str) -> Path:
@@ -157,40 +169,111 @@ def settings_conflict(folder: dict, wanted: dict) -> str:
             f"flags out to keep the folder's settings, or add --rebuild to re-extract every video with the new ones")
 
 
+def _bytes_text(n: int) -> str:
+    """10**9 -> '1GB' (the largest decimal unit that divides it), as --shard-size is typed."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return shown("size", size).partition(" ")[2]
+
+
+# The flags both extract and compact take: one declaration each (a function, as a dataclass field is one
+# class's own).
+def shard_size_setting():
+    return setting(SHARD_SIZE, "--shard-size", "Max bytes per shard (1GB, 500MB, 64MiB).", type=str,
+                   show=_bytes_text)
+
+
+def shard_max_samples_setting():
+    return setting(SHARD_MAX_SAMPLES, "--shard-max-samples", "Max samples per shard.")
+
+
+def retention_setting():
+    return setting(RETENTION_HOURS, "--retention-hours",
+                   "Shards replaced by a rewrite, compact or rebuild stay on disk (listed as retired in the ledger, "
+                   "not in index.json) for trainers still reading an older index; a later extract/compact deletes "
+                   "those retired longer ago than this. 0 deletes them at once.")
+
+
+def storage_options_setting():
+    # `--storage-option key=value` pairs: fsspec options for every URL folder of the run
+    return setting((), "--storage-option", dest="storage_options", multiple=True, metavar="KEY=VALUE",
+                   help="fsspec storage option for a URL folder (repeatable), e.g. endpoint_url=http://host:9000, "
+                        "key=..., secret=..., client_kwargs.region_name=eu-west-1; credentials and endpoint also "
+                        "come from AWS_* variables (AWS_ENDPOINT_URL), profiles and instance roles.")
+
+
+def break_lock_setting():
+    return setting(False, "--break-lock",
+                   "A URL shards folder only: take over the lock of a run that died (its heartbeat is older than "
+                   "2 minutes). A live run's lock is never taken. Local folders need no such flag: their lock "
+                   "goes away with its process.", is_flag=True)
+
+
+def dry_run_setting(what: str):
+    return setting(False, "--dry-run", what, is_flag=True)
+
+
 @dataclass(frozen=True)
 class PrepConfig:
+    """Every `vtt-prep extract` setting, validated without I/O (preflight() checks what needs the world).
+    Each field with a flag declares it here: name, help and the default `vtt-prep extract --help` shows."""
     data_dir: Path                              # or a URL string (s3://bucket/videos, any fsspec scheme)
     out_dir: Path                               # or a URL string (s3://bucket/shards)
-    num_frames: int = 8
-    fps: float | None = None
-    max_frames: int = 64
-    size: tuple[int, int] = (336, 336)          # (width, height)
-    resize: str = "crop"
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
-    short_clip: str = "repeat"
-    pick: str = "fast"
-    shard_size: int = SHARD_SIZE                # bytes per tar, cut before a sample would exceed it
-    shard_max_samples: int = SHARD_MAX_SAMPLES
-    workers: int = field(default_factory=lambda: usable_cpus())
-    timeout: float = 120.0                      # seconds per ffmpeg/ffprobe call
-    video_timeout: float = 600.0                # seconds for all of one video's calls together
-    ffmpeg: str = field(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg")
-    ffprobe: str = field(default_factory=lambda: os.environ.get("VTT_FFPROBE") or "ffprobe")
-    allow_missing_sidecar: bool = False
-    annotations: tuple = ()                     # annotation files (JSON list, JSONL, CSV/TSV): entries, not sidecars
-    video_column: str = "video"                 # CSV/TSV: the column with the video path (relative to data_dir)
-    caption_column: str = "caption"             # CSV/TSV: the column with the caption (-> description)
-    rebuild: bool = False
-    retry_failed: bool = False                  # retry earlier failures even if nothing changed
-    retention_hours: float = RETENTION_HOURS
-    dry_run: bool = False
-    quiet: bool = False
-    # `--storage-option key=value` pairs: fsspec options for every URL folder of the run
-    storage_options: tuple[str, ...] = ()
-    engine: str = "local"                       # where the per-video tasks run: local processes or "ray"
-    ray_address: str | None = None              # --engine ray: auto, HOST:PORT, ray://HOST:10001; none: a local Ray
-    break_lock: bool = False                    # take over a URL folder's lock whose heartbeat went stale
+    num_frames: int = setting(8, "--num-frames", "Frames per video, uniformly spaced over its real duration.")
+    fps: float | None = setting(None, "--fps", "Fixed-rate mode: frames per second (overrides --num-frames).",
+                                default_text="none")
+    max_frames: int = setting(64, "--max-frames", "Cap on frames in --fps mode.")
+    size: tuple[int, int] = setting((336, 336), "--size", "Frame size: N (square) or WxH.", type=str,
+                                    show=_size_text)  # (width, height)
+    resize: str = setting("crop", "--resize", type=click.Choice(["crop", "pad", "stretch"]))
+    image_format: str = setting("jpg", "--image-format", type=click.Choice(["jpg", "png"]))
+    jpeg_quality: int = setting(90, "--jpeg-quality", type=click.IntRange(1, 100))
+    short_clip: str = setting("repeat", "--short-clip", "Clips with fewer frames than requested: repeat frames "
+                              "(with a warning) or fail.", type=click.Choice(["repeat", "fail"]))
+    pick: str = setting("fast", "--pick", "on_screen: the frame displayed at each target time. fast: that frame or "
+                        "the next one (within one frame), whichever lets the decoder skip non-reference frames "
+                        "(~1.5x less decoding).", type=click.Choice(["fast", "on_screen"]))
+    shard_size: int = shard_size_setting()      # bytes per tar, cut before a sample would exceed it
+    shard_max_samples: int = shard_max_samples_setting()
+    workers: int = setting(default_factory=usable_cpus, name="--workers", help="Worker processes.",
+                           default_text="all cores")
+    timeout: float = setting(120.0, "--timeout", "Seconds per ffmpeg/ffprobe call.")
+    video_timeout: float = setting(600.0, "--video-timeout", "Seconds for all of one video's ffmpeg/ffprobe calls "
+                                   "together; past it the video fails with error class video_timeout.")
+    ffmpeg: str = setting(default_factory=lambda: os.environ.get("VTT_FFMPEG") or "ffmpeg", name="--ffmpeg",
+                          help="ffmpeg binary.", default_text="$VTT_FFMPEG or ffmpeg on PATH")
+    ffprobe: str = setting(default_factory=lambda: os.environ.get("VTT_FFPROBE") or "ffprobe", name="--ffprobe",
+                           help="ffprobe binary.", default_text="$VTT_FFPROBE or ffprobe on PATH")
+    allow_missing_sidecar: bool = setting(False, "--allow-missing-sidecar",
+                                          "Accept videos without sidecar (id from the path).", is_flag=True)
+    # annotation files (JSON list, JSONL, CSV/TSV): entries, not sidecars
+    annotations: tuple = setting((), "--annotations", multiple=True, type=AnnotationFile(dir_okay=False,
+                                 path_type=Path), help="Annotation file (JSON list, JSONL, CSV/TSV; repeatable; a "
+                                 "local file or a URL such as s3://bucket/ann.jsonl): one sample per entry instead "
+                                 "of sidecars; video paths relative to DATA_DIR (a local folder or a URL).")
+    storage_options: tuple[str, ...] = storage_options_setting()
+    break_lock: bool = break_lock_setting()     # take over a URL folder's lock whose heartbeat went stale
+    video_column: str = setting("video", "--video-column", "CSV/TSV annotations: the video column.")
+    caption_column: str = setting("caption", "--caption-column",
+                                  "CSV/TSV annotations: the caption column (the sample's description).")
+    rebuild: bool = setting(False, "--rebuild", "Re-extract everything (needed when settings changed); the old "
+                            "shards stay valid until the new set is complete.", is_flag=True)
+    retry_failed: bool = setting(False, "--retry-failed", "Retry earlier failures even when neither file, sidecar, "
+                                 "settings, ffmpeg nor a larger timeout gives a reason to.", is_flag=True)
+    retention_hours: float = retention_setting()
+    dry_run: bool = dry_run_setting("Print the plan (new/changed/deleted/unchanged/failed); touch nothing.")
+    quiet: bool = setting(False, "--quiet", "No progress bar.", short="-q", is_flag=True)
+    engine: str = setting("local", "--engine", "Where the per-video work runs: worker processes here, or Ray tasks "
+                          "on a Ray cluster (pip install -e .[ray]); the shards are the same bytes either way.",
+                          type=click.Choice(["local", "ray"]))
+    ray_address: str | None = setting(None, "--ray-address", "--engine ray: auto (the cluster `ray start` runs "
+                                      "here), HOST:6379 or ray://HOST:10001.",
+                                      default_text="start a local Ray with --workers CPUs")
     # the EXTRACTION_SETTINGS the user gave (flags); on a rerun the others come from the shards folder.
     # None: every one is as given (a config built in code means what it says)
     given: frozenset | None = None
@@ -208,12 +291,6 @@ class PrepConfig:
         set_("size", parse_size(self.size))
         set_("shard_size", parse_bytes(self.shard_size))
         set_("annotations", tuple(str(p).rstrip("/") if is_url(p) else Path(p) for p in self.annotations))
-        from .annotations import check_annotation_file
-        for p in self.annotations:
-            if not is_url(p):
-                check_annotation_file(p, {})  # a URL one is checked with the network checks, last
-        if not is_url(self.data_dir) and not self.data_dir.is_dir():
-            raise ConfigError(f"data folder {self.data_dir} does not exist or is not a folder")
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if self.workers < 1:
             raise ConfigError(f"workers {self.workers}: must be >= 1")
@@ -224,8 +301,6 @@ class PrepConfig:
         check_retention(self.retention_hours)
         check_engine(self.engine, self.ray_address)
         self.frame_spec()  # FrameSpec validates the extraction settings; fail here, not in a worker
-        self.check_data_url()  # last: the only checks that talk to the network
-        self.out_folder(check=True)
 
     def storage(self) -> dict:
         return storage_dict(self.storage_options)
@@ -271,13 +346,7 @@ class PrepConfig:
         take = {k: tuple(v) if k == "size" else v for k, v in folder.items()
                 if k in EXTRACTION_SETTINGS and k not in given}
         take = {k: v for k, v in take.items() if getattr(self, k) != v}
-        if not take:
-            return self
-        new = copy.copy(self)
-        for k, v in take.items():
-            object.__setattr__(new, k, v)
-        new.frame_spec()
-        return new
+        return dataclasses.replace(self, **take) if take else self
 
     def output_settings(self) -> dict:
         """The settings that decide sample content (FrameSpec's own list): stored in ledger/index/meta."""
@@ -292,21 +361,19 @@ class PrepConfig:
 class CompactConfig:
     """`vtt-prep compact`: merge the shards below `min_fill` of both limits into full ones."""
     out_dir: Path                               # or a URL string (s3://bucket/shards)
-    shard_size: int = SHARD_SIZE
-    shard_max_samples: int = SHARD_MAX_SAMPLES
-    min_fill: float = 0.5
-    retention_hours: float = RETENTION_HOURS
-    dry_run: bool = False
-    storage_options: tuple[str, ...] = ()       # as PrepConfig's
-    break_lock: bool = False                    # as PrepConfig's
+    shard_size: int = shard_size_setting()
+    shard_max_samples: int = shard_max_samples_setting()
+    retention_hours: float = retention_setting()
+    storage_options: tuple[str, ...] = storage_options_setting()
+    break_lock: bool = break_lock_setting()
+    min_fill: float = setting(0.5, "--min-fill", "Merge the shards holding less than this fraction of both limits.")
+    dry_run: bool = dry_run_setting("Print which shards would merge; touch nothing.")
 
     def __post_init__(self):
         object.__setattr__(self, "out_dir", folder(self.out_dir))
         object.__setattr__(self, "storage_options", tuple(self.storage_options))
         object.__setattr__(self, "shard_size", parse_bytes(self.shard_size))
-        from vtt.shards.ledger import has_ledger
-        if not has_ledger(self.out_folder(check=True)):
-            raise ConfigError(f"{self.out_dir}: no ledger (_ledger/ or ledger.json): not a vtt-prep shards folder")
+        self.storage()  # a malformed pair fails here
         check_shard_limits(self.shard_size, self.shard_max_samples)
         if not 0 < self.min_fill <= 1:
             raise ConfigError(f"min_fill {self.min_fill}: must be in (0, 1]")
@@ -317,3 +384,25 @@ class CompactConfig:
 
     def out_folder(self, check: bool = False):
         return check_out_folder(self.out_dir, self.storage(), check=check)
+
+
+def preflight(cfg: PrepConfig) -> None:
+    """What `cfg` needs of the world, checked before any work (run_extract calls it first): local annotation
+    files and the data folder exist (a stat each), a URL data folder can be listed and URL annotation files
+    are there (a few requests each), the shards folder is a folder or can be made, or its URL reachable.
+    A problem is a ConfigError naming the path. Last: the checks that talk to the network."""
+    from .annotations import check_annotation_file
+    for p in cfg.annotations:
+        if not is_url(p):
+            check_annotation_file(p, {})  # a URL one is checked with the network checks, last
+    if not is_url(cfg.data_dir) and not cfg.data_dir.is_dir():
+        raise ConfigError(f"data folder {cfg.data_dir} does not exist or is not a folder")
+    cfg.check_data_url()
+    cfg.out_folder(check=True)
+
+
+def preflight_compact(cfg: CompactConfig) -> None:
+    """The shards folder can be reached (see check_out_folder) and holds a ledger: a ConfigError otherwise."""
+    from vtt.shards.ledger import has_ledger
+    if not has_ledger(cfg.out_folder(check=True)):
+        raise ConfigError(f"{cfg.out_dir}: no ledger (_ledger/ or ledger.json): not a vtt-prep shards folder")

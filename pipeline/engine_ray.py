@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Callable, Iterable, Iterator
 
-from .config import ConfigError
+from vtt.shards.settings import ConfigError
 from .pool import REORDER_ITEMS_PER_WORKER, REORDER_MAX_BYTES, ordered_window
 from .task import lost_outcome
 

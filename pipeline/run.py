@@ -29,7 +29,7 @@ from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Ledger, VideoRecord, rea
 from vtt.shards.storage import is_url
 from vtt.shards.store import LockHeld
 
-from .config import PrepConfig
+from .config import PrepConfig, preflight
 from .discover import Video, discover
 from .faults import crash_point
 from .ledger import RetryPolicy, Work, make_plan, reconcile, sidecar_fp, sync_index
@@ -339,6 +339,7 @@ def extract_all(run: _Run, work: Work, engine: Engine) -> None:
 def run_extract(cfg: PrepConfig) -> Report:
     """Bring `cfg.out_dir` (a folder or a URL) up to date with `cfg.data_dir`. Raises ConfigError,
     SettingsChanged, LockBusy, ShardFormatError; video failures are in the report (exit_code 3), never raised."""
+    preflight(cfg)  # folders, annotation files, URLs: a ConfigError before any work
     report = Report(str(cfg.data_dir), str(cfg.out_dir), dry_run=cfg.dry_run)
     t0 = time.perf_counter()
     if cfg.dry_run:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from vtt.pipeline.config import ConfigError, PrepConfig, parse_bytes, parse_size
+from vtt.pipeline.config import ConfigError, PrepConfig, parse_bytes, parse_size, preflight
 from vtt.pipeline.discover import discover, find_videos
 from vtt.pipeline.sidecar import validate_sidecar
 
@@ -91,7 +91,7 @@ def test_config_parsing_and_validation(tmp_path):
         with pytest.raises(ConfigError):
             PrepConfig(tmp_path, tmp_path / "out", **bad)
     with pytest.raises(ConfigError, match="does not exist"):
-        PrepConfig(tmp_path / "nope", tmp_path / "out")
+        preflight(PrepConfig(tmp_path / "nope", tmp_path / "out"))
 
 
 def test_env_names_the_binaries(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from clips import make_clip
 from prep_helpers import FPS, SIZE, calls, logging_ffmpeg
 
-from vtt.pipeline.config import ConfigError, PrepConfig
+from vtt.pipeline.config import ConfigError, PrepConfig, preflight
 from vtt.pipeline.run import run_extract
 from vtt.pipeline.verify import verify_shards
 from vtt.shards.format import read_samples
@@ -310,7 +310,7 @@ def test_audio_and_several_videos_fail_as_data_saying_what_vtt_takes(tmp_path):
 def test_unusable_annotation_file_exits_2_in_one_line(tmp_path):
     data = make_data(tmp_path, n=0)
     with pytest.raises(ConfigError, match="does not exist"):
-        cfg(tmp_path, data, tmp_path / "nope.json")
+        preflight(cfg(tmp_path, data, tmp_path / "nope.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
     p = subprocess.run([sys.executable, "-m", "vtt.pipeline.cli", "extract", str(data), str(tmp_path / "s"),

@@ -249,10 +249,11 @@ def test_a_url_folder_stays_a_url_instead_of_becoming_a_local_folder(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DATA"]
 
 
-def test_a_url_shards_folder_is_checked_by_the_config_too(tmp_path):
-    from vtt.pipeline.config import ConfigError, PrepConfig
+def test_a_url_shards_folder_is_checked_by_the_preflight_too(tmp_path):
+    from vtt.pipeline.config import ConfigError, PrepConfig, preflight
+    cfg = PrepConfig(data_dir=tmp_path, out_dir="nosuchfs://b/p/")  # no I/O in the config itself
     with pytest.raises(ConfigError, match="nosuchfs://b/p: no filesystem for nosuchfs://"):
-        PrepConfig(data_dir=tmp_path, out_dir="nosuchfs://b/p/")
+        preflight(cfg)
 
 
 def test_from_folder_takes_only_the_settings_not_given(tmp_path):

@@ -83,7 +83,7 @@ def test_compact_killed_then_rerun_loses_nothing(grown, point):
 
 def test_compact_refuses_a_folder_without_ledger(tmp_path):
     with pytest.raises(ConfigError, match="no ledger"):
-        CompactConfig(tmp_path)
+        compact_shards(CompactConfig(tmp_path))
     with pytest.raises(ConfigError, match="min_fill"):
         (tmp_path / "ledger.json").write_text("{}")
         CompactConfig(tmp_path, min_fill=0)

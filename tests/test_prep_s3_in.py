@@ -266,5 +266,5 @@ def test_annotations_with_a_url_data_folder_and_file_equal_the_local_run(server,
     assert reports[0].videos_unchanged == 3 and not calls(log)
     assert [g.split("?")[0].rsplit("/", 1)[-1] for g in gets if "/vtt-in/" in g] == ["train.jsonl"], gets
     with pytest.raises(ConfigError, match="annotation file s3://vtt-in/annotated/nope.jsonl does not exist"):
-        cfg(url, tmp_path / "never", annotations=("s3://vtt-in/annotated/nope.jsonl",))
+        run_extract(cfg(url, tmp_path / "never", annotations=("s3://vtt-in/annotated/nope.jsonl",)))
     assert not (tmp_path / "never").exists()

@@ -11,48 +11,9 @@ from pathlib import Path
 
 import click
 
-# Flags -> (section, field). Every flag left out (None) keeps the YAML/default value.
-FLAG_FIELDS = {
-    "kind": ("model", "kind"), "model_path": ("model", "model_path"), "lora": ("model", "lora"),
-    "num_frames": ("data", "num_frames"), "frame_sampling": ("data", "frame_sampling"),
-    "video_tokens": ("data", "video_tokens"), "device_memory": ("deepspeed", "device_memory_gb"),
-    "gradient_checkpointing": ("model", "gradient_checkpointing"),
-    "mask_history": ("model", "mask_history"), "max_length": ("model", "max_length"),
-    "shards": ("data", "shards"), "eval_shards": ("data", "eval_shards"),
-    "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
-    "data_seed": ("data", "seed"), "on_corrupt": ("data", "on_corrupt"),
-    "interleave_shards": ("data", "interleave_shards"), "data_resume": ("data", "resume"),
-    "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
-    "grad_clip": ("optim", "grad_clip"),
-    "ds_file": ("deepspeed", "config_file"), "zero_stage": ("deepspeed", "zero_stage"),
-    "precision": ("deepspeed", "precision"), "micro_batch": ("deepspeed", "micro_batch_size"),
-    "grad_accum": ("deepspeed", "grad_accum"), "offload_optimizer": ("deepspeed", "offload_optimizer"),
-    "output_dir": ("run", "output_dir"), "max_steps": ("run", "max_steps"), "epochs": ("run", "epochs"),
-    "save_every": ("run", "save_every"), "keep_last": ("run", "keep_last"), "eval_every": ("run", "eval_every"),
-    "log_every": ("run", "log_every"), "seed": ("run", "seed"), "resume": ("run", "resume"),
-    "preset": ("run", "preset"), "export": ("run", "export"), "eval_generate": ("run", "eval_generate"),
-    "keep_best": ("run", "keep_best"),
-    "wandb_project": ("tracking", "wandb_project"), "wandb_mode": ("tracking", "wandb_mode"),
-}
+from vtt.shards.settings import ConfigError, make_options
+
 LAUNCH_FLAGS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
-
-
-def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
-    from vtt.trainer.config import merge, parse_set
-    tree: dict = {}
-    for name, value in flags.items():
-        if value is not None and name in FLAG_FIELDS:
-            section, key = FLAG_FIELDS[name]
-            tree.setdefault(section, {})[key] = value
-    if flags.get("storage_options"):  # --storage-option key=value, repeatable
-        from vtt.shards.storage import parse_options
-        tree.setdefault("data", {})["storage_options"] = parse_options(flags["storage_options"])
-    run = tree.get("run", {})
-    if "max_steps" in run and "epochs" not in run:  # a flag replaces the YAML's length, whichever kind
-        run["epochs"] = None
-    elif "epochs" in run and "max_steps" not in run:
-        run["max_steps"] = None
-    return merge(tree, parse_set(sets))  # --set wins: it is the most specific
 
 
 def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, hostfile: str | None,
@@ -103,73 +64,25 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
 """
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", "kind", type=click.Choice(["llava", "seq2seq", "qwen_vl"]), help="Model kind.")
-@click.option("--model-path", help="Hub id (from the local cache) or checkpoint folder.")
-@click.option("--preset", type=click.Choice(["tiny"]), help="Build a random tiny model into RUN/preset-<model> "
-              "and train it (overrides --model-path).")
-@click.option("--shards", help="Shards folder written by vtt-prep (index.json + tars): a path or a URL "
-              "(s3://bucket/prefix needs the s3 extra; gs:// etc. with their fsspec filesystem installed).")
-@click.option("--eval-shards", help="Held-out shards folder (path or URL) for the eval loss.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec storage option for URL folders, repeatable (endpoint_url=..., profile=..., anon=true, "
-              "client_kwargs.region_name=...); credentials otherwise come from AWS_* variables, profiles, roles.")
-@click.option("--eval-fraction", type=float, help="Or: hold out this fraction of keys of --shards.")
-@click.option("--output-dir", "-o", help="Run folder (configs, logs, checkpoints, final model).")
+class TrainCommand(click.Command):
+    """vtt-train's command: the options of the config fields (vtt.trainer.config.FLAGS) are made when first
+    asked for, as reading their fields' types and defaults imports the model and data sections (torch, ~2 s):
+    `import vtt.trainer.cli` stays light. They go after --config, in the table's order."""
+
+    def get_params(self, ctx):
+        if not getattr(self, "_fields_added", False):
+            from vtt.trainer.config import FLAGS, TrainConfig
+            at = next(i for i, p in enumerate(self.params) if p.name == "config_file") + 1
+            self.params[at:at] = make_options(list(FLAGS), TrainConfig)
+            self._fields_added = True
+        return super().get_params(ctx)
+
+
+@click.command(cls=TrainCommand, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with the sections "
               "model/data/optim/deepspeed/run/tracking (see configs/llava.yaml).")
-@click.option("--deepspeed", "ds_file", type=click.Path(dir_okay=False), help="External DeepSpeed JSON; "
-              "\"auto\" values are filled from the settings. Default: generated from the settings.")
-@click.option("--zero-stage", type=click.IntRange(0, 3), help="ZeRO stage [default: one process 0 (fp32) or 1 (bf16), several processes 2].")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="[default: bf16]; fp32 only when asked.")
-@click.option("--micro-batch", callback=lambda c, p, v: v if v in (None, "auto") else int(v) if v.isdigit() else
-              _bad(p, v), help="Micro batch per GPU, or auto: the fastest that fits the device (with "
-              "--set model.gradient_checkpointing=auto also choosing checkpointing) [default: 4].")
-@click.option("--device-memory", type=float, metavar="GB", help="Device memory to plan for where torch.cuda "
-              "cannot tell (CPU runs, --plan for another machine).")
 @click.option("--plan", "plan", is_flag=True, help="Print the estimated peak memory per device (weights, "
               "gradients, optimizer, activations with and without checkpointing, video tokens) and exit.")
-@click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 1].")
-@click.option("--offload-optimizer/--no-offload-optimizer", default=None, help="ZeRO-Offload optimizer to CPU.")
-@click.option("--lr", type=float, help="Peak learning rate [default: 1e-4].")
-@click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 3% of the steps].")
-@click.option("--weight-decay", type=float)
-@click.option("--grad-clip", type=float, help="Max grad norm, 0 = off [default: 1.0].")
-@click.option("--max-steps", type=int, help="Optimizer steps [default: --epochs 1 from the index counts].")
-@click.option("--epochs", type=float)
-@click.option("--save-every", type=int, help="Checkpoint every N steps [default: 500]; also one at the end (--set run.save_final=false: none).")
-@click.option("--keep-last", type=int, help="Checkpoints kept [default: 2]; 0 = all.")
-@click.option("--eval-every", type=int, help="Eval loss every N steps (needs --eval-shards/--eval-fraction).")
-@click.option("--eval-generate/--no-eval-generate", default=None, help="At each eval also answer the eval set "
-              "(as vtt-eval: exact match, BLEU, chrF into metrics.jsonl and RUN/eval/step_N/).")
-@click.option("--keep-best", type=click.Choice(["eval_loss", "exact_match", "bleu", "chrf"]),
-              help="Keep the best checkpoint by this eval metric beside the last --keep-last (checkpoints/best.json).")
-@click.option("--log-every", type=int, help="metrics.jsonl line every N steps [default: 10].")
-@click.option("--seed", type=int, help="Model/dropout seed [default: 0].")
-@click.option("--data-seed", type=int, help="Shard/sample order seed [default: 0].")
-@click.option("--resume", is_flag=False, flag_value="latest", default=None,
-              help="Resume from RUN's latest checkpoint (bare flag) or from a checkpoint folder.")
-@click.option("--lora/--no-lora", default=None, help="LoRA (peft) on the language model.")
-@click.option("--num-frames", type=int, help="Frames per sample read from the shards' stored ones, when they "
-              "hold more [default: all].")
-@click.option("--frame-sampling", type=click.Choice(["uniform", "random"]), help="With --num-frames: evenly "
-              "spaced, or drawn per epoch from (data seed, epoch, sample key) [default: uniform].")
-@click.option("--video-tokens", type=int, help="Video-token budget per sample: caps --num-frames to the most "
-              "frames whose video tokens fit.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--mask-history/--no-mask-history", default=None,
-              help="Conversations: loss on the last assistant turn only [default: every assistant turn].")
-@click.option("--max-length", type=int, help="Tokens per sample, video included; longer ones are dropped and "
-              "counted, or cut (--set model.overflow=truncate_history) [default: the model's positions].")
-@click.option("--num-workers", type=int, help="DataLoader workers per rank [default: 0].")
-@click.option("--on-corrupt", type=click.Choice(["skip", "stop"]), help="Corrupt samples [default: skip].")
-@click.option("--interleave-shards", type=int, help="Shards each data stream reads at once [default: 4].")
-@click.option("--data-resume", type=click.Choice(["exact", "next_epoch"]),
-              help="Resume whose epoch cannot continue exactly: refuse, or start the next epoch [default: exact].")
-@click.option("--export/--no-export", default=None, help="Write RUN/final [default: on].")
-@click.option("--wandb-project", help="W&B project (global rank 0 logs).")
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]),
-              help="[default: online with --wandb-project, else disabled].")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE", help="Set any config field.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--num-gpus", type=int, help="Start N processes per node with the deepspeed launcher.")
@@ -185,23 +98,22 @@ def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, m
         cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
         click.echo("vtt-train: " + shlex.join(cmd), err=True)
         sys.exit(subprocess.call(cmd))
-    from vtt.trainer.config import ConfigError, dump_yaml, load_config
+    from vtt.trainer.config import dump_yaml, load_config, overrides_from_flags, preflight
     try:
         cfg = load_config(config_file, overrides_from_flags(flags, sets))
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    if not (plan or print_config):
-        check_paths(cfg)  # before the planner builds anything: a wrong path costs nothing
+    try:  # before the planner builds anything: a wrong path costs nothing
+        preflight(cfg, paths=not (plan or print_config))
+    except ConfigError as e:
+        click.echo(f"vtt-train: error: {e}", err=True)
+        sys.exit(2)
     if plan or needs_auto(cfg):
         cfg = resolve_plan(cfg, plan)
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return
     run(cfg, local_rank, created=not Path(cfg.run.output_dir).exists())
-
-
-def _bad(param, value):
-    raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param=param)
 
 
 def needs_auto(cfg) -> bool:
@@ -211,7 +123,6 @@ def needs_auto(cfg) -> bool:
 
 def resolve_plan(cfg, show: bool):
     """`auto` settings made concrete from the memory estimate; --plan prints it and exits 0."""
-    from vtt.trainer.config import ConfigError
     from vtt.trainer.memory import PlanError, plan_text, resolve_auto
     from vtt.trainer.plan import ensure_preset
     try:
@@ -238,39 +149,6 @@ def enable_faulthandler() -> None:
         faulthandler.enable()
     except (ValueError, OSError, AttributeError):
         pass
-
-
-def check_paths(cfg) -> None:
-    """The paths on the command line, before anything is imported, built or written (a second, not the model's
-    load): the run folder can be made, and every shards folder (path or URL) has a readable index.json (one
-    small read each). One line naming the path and the problem, exit status 2."""
-    from vtt.shards.format import ShardFormatError
-    from vtt.shards.index import read_index
-    try:
-        check_run_folder(Path(cfg.run.output_dir))
-        for folder in dict.fromkeys(f for f in (cfg.data.shards, cfg.data.eval_shards) if f):
-            read_index(folder, cfg.data.storage_options)  # StorageError (a URL) is a ShardFormatError
-    except (ShardFormatError, NotADirectoryError, PermissionError) as e:
-        click.echo(f"vtt-train: error: {e}", err=True)
-        sys.exit(2)
-
-
-def check_run_folder(out: Path) -> None:
-    """--output-dir must be a folder (new, or an earlier run's) that this user can write, or be makeable."""
-    if out.exists():
-        if not out.is_dir():
-            raise NotADirectoryError(f"{out}: is a file; --output-dir must be a folder (a new one or an earlier "
-                                     "run's)")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(f"{out}: run folder is not writable")
-        return
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{out}: cannot make the run folder there, {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{out}: cannot make the run folder there, {parent} is not writable")
 
 
 def run(cfg, local_rank: int | None, created: bool = False) -> None:
@@ -313,7 +191,6 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from vtt.shards.format import ShardFormatError
     from vtt.shards.conversation import SampleError
     from vtt.trainer.checkpoint import CheckpointError
-    from vtt.trainer.config import ConfigError
     from vtt.trainer.data import CorruptSampleError
     from vtt.trainer.loop import NonFiniteLossError
     from vtt.trainer.tracking import TrackingError
@@ -344,5 +221,12 @@ def finish(code: int) -> None:
     os._exit(code)
 
 
+def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
+    """vtt.trainer.config.overrides_from_flags (here for the callers that parse vtt-train's flags themselves)."""
+    from vtt.trainer.config import overrides_from_flags as overrides
+    return overrides(flags, sets)
+
+
 if __name__ == "__main__":
     main()
+

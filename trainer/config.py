@@ -11,14 +11,18 @@ import json
 import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import yaml
 
+from vtt.shards.format import ShardFormatError
+from vtt.shards.index import read_index
+from vtt.shards.settings import ConfigError, Flag, RawValue, coerce, values_of
+from vtt.shards.storage import parse_options
 from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.data import DataConfig
 
@@ -30,10 +34,6 @@ DEFAULT_ZERO_STAGE = 2
 DEFAULT_PRECISION = "bf16"
 DEFAULT_MICRO_BATCH = 4
 DEFAULT_GRAD_ACCUM = 1
-
-
-class ConfigError(ValueError):
-    """A setting that is unknown, mistyped or contradicts another one."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,6 @@ class DeepSpeedSettings:
                 continue
             if v is not None and v < 1:
                 raise ConfigError(f"deepspeed.{name} must be >= 1, got {v}")
-        if self.config_file and not Path(self.config_file).is_file():
-            raise ConfigError(f"deepspeed.config_file {self.config_file}: no such file")
         if self.timeout_minutes < 1:
             raise ConfigError("deepspeed.timeout_minutes must be >= 1")
 
@@ -248,6 +246,103 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "run": Ru
                              "deepspeed": DeepSpeedSettings, "tracking": TrackingConfig}
 
 
+def _default(cls: type, name: str):
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+# vtt-train's flags, one row per field it sets (the fields live in their sections' dataclasses, some in other
+# modules, so the rows are a table here): name, help and choices; the default shown in --help is the
+# dataclass's (or, where it is None, the words for what None means), values converted as YAML and --set are.
+FLAGS: tuple[Flag, ...] = (
+    Flag("--model", "Model kind.", dest="kind", field="model.kind",
+         type=click.Choice(["llava", "seq2seq", "qwen_vl"])),
+    Flag("--model-path", "Hub id (from the local cache) or checkpoint folder.", field="model.model_path"),
+    Flag("--preset", "Build a random tiny model into RUN/preset-<model> and train it (overrides --model-path).",
+         field="run.preset", type=click.Choice(list(PRESETS))),
+    Flag("--shards", "Shards folder written by vtt-prep (index.json + tars): a path or a URL (s3://bucket/prefix "
+         "needs the s3 extra; gs:// etc. with their fsspec filesystem installed).", field="data.shards"),
+    Flag("--eval-shards", "Held-out shards folder (path or URL) for the eval loss.", field="data.eval_shards"),
+    Flag("--storage-option", "fsspec storage option for URL folders, repeatable (endpoint_url=..., profile=..., "
+         "anon=true, client_kwargs.region_name=...); credentials otherwise come from AWS_* variables, profiles, "
+         "roles.", dest="storage_options", field="data.storage_options", multiple=True, metavar="KEY=VALUE",
+         convert=parse_options),
+    Flag("--eval-fraction", "Or: hold out this fraction of keys of --shards.", field="data.eval_fraction"),
+    Flag("--output-dir", "Run folder (configs, logs, checkpoints, final model).", short="-o",
+         field="run.output_dir"),
+    Flag("--deepspeed", 'External DeepSpeed JSON; "auto" values are filled from the settings.', dest="ds_file",
+         field="deepspeed.config_file", type=click.Path(dir_okay=False), default_text="generated from the settings"),
+    Flag("--zero-stage", "ZeRO stage.", field="deepspeed.zero_stage", type=click.IntRange(0, 3),
+         default_text=f"one process 0 (fp32) or 1 (bf16), several processes {DEFAULT_ZERO_STAGE}"),
+    Flag("--precision", "fp32 only when asked.", field="deepspeed.precision", type=click.Choice(list(PRECISIONS)),
+         default_text=DEFAULT_PRECISION),
+    Flag("--micro-batch", "Micro batch per GPU, or auto: the fastest that fits the device (with --set "
+         "model.gradient_checkpointing=auto also choosing checkpointing).", field="deepspeed.micro_batch_size",
+         metavar="N|auto", default_text=str(DEFAULT_MICRO_BATCH)),
+    Flag("--device-memory", "Device memory to plan for where torch.cuda cannot tell (CPU runs, --plan for another "
+         "machine).", field="deepspeed.device_memory_gb", metavar="GB"),
+    Flag("--grad-accum", "Gradient accumulation steps.", field="deepspeed.grad_accum",
+         default_text=str(DEFAULT_GRAD_ACCUM)),
+    Flag("--offload-optimizer/--no-offload-optimizer", "ZeRO-Offload optimizer to CPU.",
+         field="deepspeed.offload_optimizer"),
+    Flag("--lr", "Peak learning rate.", field="optim.lr"),
+    Flag("--warmup-steps", "Linear warmup steps.", field="optim.warmup_steps",
+         default_text=f"{_default(OptimConfig, 'warmup_ratio'):.0%} of the steps"),
+    Flag("--weight-decay", field="optim.weight_decay"),
+    Flag("--grad-clip", "Max grad norm, 0 = off.", field="optim.grad_clip"),
+    Flag("--max-steps", "Optimizer steps.", field="run.max_steps", default_text="--epochs 1 from the index counts"),
+    Flag("--epochs", field="run.epochs"),
+    Flag("--save-every", "Checkpoint every N steps; also one at the end (--set run.save_final=false: none).",
+         field="run.save_every"),
+    Flag("--keep-last", "Checkpoints kept; 0 = all.", field="run.keep_last"),
+    Flag("--eval-every", "Eval loss every N steps (needs --eval-shards/--eval-fraction).", field="run.eval_every"),
+    Flag("--eval-generate/--no-eval-generate", "At each eval also answer the eval set (as vtt-eval: exact match, "
+         "BLEU, chrF into metrics.jsonl and RUN/eval/step_N/).", field="run.eval_generate"),
+    Flag("--keep-best", "Keep the best checkpoint by this eval metric beside the last --keep-last "
+         "(checkpoints/best.json).", field="run.keep_best", type=click.Choice(list(BEST_METRICS))),
+    Flag("--log-every", "metrics.jsonl line every N steps.", field="run.log_every"),
+    Flag("--seed", "Model/dropout seed.", field="run.seed"),
+    Flag("--data-seed", "Shard/sample order seed.", field="data.seed"),
+    Flag("--resume", "Resume from RUN's latest checkpoint (bare flag) or from a checkpoint folder.",
+         field="run.resume", is_flag=False, flag_value="latest"),
+    Flag("--lora/--no-lora", "LoRA (peft) on the language model.", field="model.lora"),
+    Flag("--num-frames", "Frames per sample read from the shards' stored ones, when they hold more.",
+         field="data.num_frames", default_text="all"),
+    Flag("--frame-sampling", "With --num-frames: evenly spaced, or drawn per epoch from (data seed, epoch, sample "
+         "key).", field="data.frame_sampling", type=click.Choice(["uniform", "random"])),
+    Flag("--video-tokens", "Video-token budget per sample: caps --num-frames to the most frames whose video tokens "
+         "fit.", field="data.video_tokens"),
+    Flag("--gradient-checkpointing/--no-gradient-checkpointing", field="model.gradient_checkpointing"),
+    Flag("--mask-history/--no-mask-history", "Conversations: loss on the last assistant turn only.",
+         field="model.mask_history", default_text="every assistant turn"),
+    Flag("--max-length", "Tokens per sample, video included; longer ones are dropped and counted, or cut (--set "
+         "model.overflow=truncate_history).", field="model.max_length", default_text="the model's positions"),
+    Flag("--num-workers", "DataLoader workers per rank.", field="data.num_workers"),
+    Flag("--on-corrupt", "Corrupt samples.", field="data.on_corrupt", type=click.Choice(["skip", "stop"])),
+    Flag("--interleave-shards", "Shards each data stream reads at once.", field="data.interleave_shards"),
+    Flag("--data-resume", "Resume whose epoch cannot continue exactly: refuse, or start the next epoch.",
+         field="data.resume", type=click.Choice(["exact", "next_epoch"])),
+    Flag("--export/--no-export", "Write RUN/final.", field="run.export"),
+    Flag("--wandb-project", "W&B project (global rank 0 logs).", field="tracking.wandb_project"),
+    Flag("--wandb-mode", field="tracking.wandb_mode", type=click.Choice(list(WANDB_MODES)),
+         default_text="online with --wandb-project, else disabled"),
+)
+
+
+def overrides_from_flags(flags: dict, sets: tuple[str, ...] | list[str] = ()) -> dict:
+    """The nested overrides of the flags given (None: left out, keeps the YAML's or the default) and the
+    `--set section.field=value` strings (the most specific: they win)."""
+    tree: dict = {}
+    for path, value in values_of(list(FLAGS), flags).items():
+        section, key = path.split(".")
+        tree.setdefault(section, {})[key] = value
+    run = tree.get("run", {})
+    if "max_steps" in run and "epochs" not in run:  # a flag replaces the YAML's length, whichever kind
+        run["epochs"] = None
+    elif "epochs" in run and "max_steps" not in run:
+        run["max_steps"] = None
+    return merge(tree, parse_set(sets))
+
+
 def preset_dir(output_dir: str | Path, kind: str) -> Path:
     return Path(output_dir) / f"preset-{kind}"
 
@@ -261,52 +356,6 @@ def to_plain(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------ building from nested dicts
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one YAML/flag value against a dataclass field type (str, int, float, bool, tuples,
-    optionals, dicts); a mismatch names the key."""
-    if isinstance(value, RawValue):
-        value = _from_raw(value, tp, where)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (list, dict) or tp in (dict, list, Any):
-        want = origin or tp
-        if want is not Any and not isinstance(value, want):
-            raise ConfigError(f"{where}: expected a {want.__name__}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, str):
-        return value
-    if tp in (int, float, str):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
 
 def check_keys(cls: type, values: dict, name: str) -> None:
     if not isinstance(values, dict):
@@ -322,7 +371,7 @@ def build_section(cls: type, values: dict, name: str):
     """Instantiate one section dataclass from a dict, rejecting unknown keys by name."""
     check_keys(cls, values, name)
     hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+    kwargs = {k: coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -375,11 +424,6 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
-class RawValue(str):
-    """A --set value as typed: a string field keeps it verbatim (templates like `{description_fr}` are not
-    YAML mappings); any other field parses it as YAML (`true`, `3`, `[0.9, 0.95]`, `null`)."""
-
-
 def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
     """`section.field=value` strings -> nested dict of RawValue (typed when the section is built)."""
     tree: dict = {}
@@ -390,20 +434,6 @@ def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
             raise ConfigError(f"--set {a!r}: expected section.field=value, e.g. model.lora=true")
         tree.setdefault(parts[0], {})[parts[1]] = RawValue(raw)
     return tree
-
-
-def _from_raw(value: RawValue, tp: Any, where: str) -> Any:
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    if value.strip() in ("", "null", "~", "None") and type(None) in args:
-        return None
-    if str in args and bool in args and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"  # bool | str fields ("auto" or a boolean)
-    if str in args:
-        return str(value)
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: {value!r} is not valid YAML: {e}") from e
 
 
 def load_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -431,3 +461,39 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return diffs
+
+
+def preflight(cfg: TrainConfig, paths: bool = True) -> None:
+    """What the settings need of the world, before anything is imported, built or written (a second, not the
+    model's load): an external DeepSpeed JSON exists; with `paths`, the run folder can be made and every
+    shards folder (path or URL) has a readable index.json (one small read each). A ConfigError naming the
+    path and the problem otherwise."""
+    ds = cfg.deepspeed.config_file
+    if ds and not Path(ds).is_file():
+        raise ConfigError(f"deepspeed.config_file {ds}: no such file")
+    if not paths:
+        return
+    try:
+        check_run_folder(Path(cfg.run.output_dir))
+        for folder in dict.fromkeys(f for f in (cfg.data.shards, cfg.data.eval_shards) if f):
+            read_index(folder, cfg.data.storage_options)  # StorageError (a URL) is a ShardFormatError
+    except (ShardFormatError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_run_folder(out: Path) -> None:
+    """--output-dir must be a folder (new, or an earlier run's) that this user can write, or be makeable."""
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"{out}: is a file; --output-dir must be a folder (a new one or an earlier "
+                                     "run's)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out}: run folder is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{out}: cannot make the run folder there, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot make the run folder there, {parent} is not writable")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vtt.shards.settings import ConfigError
 from vtt.trainer.config import (DEFAULT_GRAD_ACCUM, DEFAULT_MICRO_BATCH, DEFAULT_PRECISION, DEFAULT_ZERO_STAGE,
-                                ConfigError, DeepSpeedSettings, OptimConfig)
+                                DeepSpeedSettings, OptimConfig)
 
 AUTO = "auto"
 QUIET_STEPS_PER_PRINT = 10**9  # vtt logs itself; DeepSpeed's own per-step prints only add noise
