@@ -22,6 +22,7 @@ FLAG_FIELDS = {
     "eval_fraction": ("data", "eval_fraction"), "num_workers": ("data", "num_workers"),
     "data_seed": ("data", "seed"), "on_corrupt": ("data", "on_corrupt"),
     "interleave_shards": ("data", "interleave_shards"), "data_resume": ("data", "resume"),
+    "packing": ("data", "packing"),
     "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "grad_clip": ("optim", "grad_clip"),
     "ds_file": ("deepspeed", "config_file"), "zero_stage": ("deepspeed", "zero_stage"),
@@ -161,6 +162,8 @@ folder that cannot be used, or a shards URL that cannot be reached (checked befo
               help="Conversations: loss on the last assistant turn only [default: every assistant turn].")
 @click.option("--max-length", type=int, help="Tokens per sample, video included; longer ones are dropped and "
               "counted, or cut (--set model.overflow=truncate_history) [default: the model's positions].")
+@click.option("--packing/--no-packing", default=None, help="Padding-free: a micro batch's samples in one row, "
+              "attention kept inside each sample (llava, qwen_vl) [default: off].")
 @click.option("--num-workers", type=int, help="DataLoader workers per rank [default: 0].")
 @click.option("--on-corrupt", type=click.Choice(["skip", "stop"]), help="Corrupt samples [default: skip].")
 @click.option("--interleave-shards", type=int, help="Shards each data stream reads at once [default: 4].")

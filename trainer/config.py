@@ -26,6 +26,7 @@ PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
 PRESETS = ("tiny",)
+PACKED_KINDS = ("llava", "qwen_vl")  # data.packing: decoder-only language models (vtt.trainer.packing)
 DEFAULT_ZERO_STAGE = 2
 DEFAULT_PRECISION = "bf16"
 DEFAULT_MICRO_BATCH = 4
@@ -222,6 +223,9 @@ class TrainConfig:
         if self.run.eval_every and not self.data.has_eval:
             raise ConfigError("run.eval_every needs an eval set: data.eval_shards (--eval-shards) or "
                               "data.eval_fraction (--eval-fraction)")
+        if self.data.packing and self.model.kind not in PACKED_KINDS:
+            raise ConfigError(f"data.packing (--packing) packs decoder models ({', '.join(PACKED_KINDS)}); "
+                              f"model.kind={self.model.kind} is an encoder-decoder: leave packing off")
         ds = self.deepspeed
         if ds.offload_param and ds.zero_stage not in (None, 3):
             raise ConfigError("deepspeed.offload_param needs zero_stage 3")

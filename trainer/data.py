@@ -39,6 +39,7 @@ Use:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pickle
 import traceback
@@ -83,6 +84,9 @@ class DataConfig:
     num_frames: int | None = None
     frame_sampling: str = "uniform"
     video_tokens: int | None = None  # per-sample video-token budget: caps num_frames (vtt.trainer.memory)
+    # padding-free packing (vtt.trainer.packing): the collate gets packed=True and puts a micro batch's samples
+    # in one row with per-sample position ids; still `micro_batch` whole samples per batch (exact resume)
+    packing: bool = False
     # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
     # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
     storage_options: dict = field(default_factory=dict)
@@ -216,7 +220,8 @@ class Loader:
                  world_size: int, split: str, start: StreamPosition | dict | None):
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad micro_batch={micro_batch} rank={rank} world_size={world_size}")
-        self.cfg, self.collate_fn, self.split = cfg, collate_fn, split
+        self.cfg, self.split = cfg, split
+        self.collate_fn = functools.partial(collate_fn, packed=True) if cfg.packing else collate_fn
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.src = resolve_source(cfg, split)  # every epoch after a resumed one reads this
         self.where = _folder(cfg, split)
