@@ -1,17 +1,24 @@
 """Padding-free packing (trainer/packing.py, data.packing): a packed row computes what separate samples compute
 (attention stays inside each sample, positions and Qwen's M-RoPE restart per sample), its loss is the unpacked
 per-token loss, and the loader hands packed micro batches with no padding at all. Tiny presets, CPU, fp32."""
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vtt.trainer.adapters import ModelConfig, get_adapter
-from vtt.trainer.loss import forward_loss, label_count
-from vtt.trainer.packing import batch_samples, pack, real_tokens, sample_lengths
-from vtt.trainer.presets import build_tiny
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import REPO, make_train_shards, metrics, vtt_train  # noqa: E402
+
+from vtt.trainer.adapters import ModelConfig, get_adapter  # noqa: E402
+from vtt.trainer.checkpoint import tag_for  # noqa: E402
+from vtt.trainer.loss import forward_loss, label_count  # noqa: E402
+from vtt.trainer.packing import batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
+from vtt.trainer.presets import build_tiny  # noqa: E402
 
 FAMILIES = [("llava", "llava_next_video"), ("llava", "video_llava"), ("qwen_vl", "qwen2_5_vl"),
             ("qwen_vl", "qwen2_vl"), ("qwen_vl", "qwen3_vl")]
@@ -109,10 +116,8 @@ def test_packing_is_refused_for_seq2seq(tmp_path):
 
 def test_mixed_corpus_batches_are_at_least_95_percent_real_tokens_packed(tmp_path):
     """benchmarks/bench_packing.py on a small mixed corpus (2-32 frames, 1-6 exchanges) through the real loader."""
-    import json
-    from pathlib import Path
     out = tmp_path / "rows.json"
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_packing.py"
+    bench = REPO / "benchmarks" / "bench_packing.py"
     subprocess.run([sys.executable, str(bench), "--samples", "24", "--micro", "6", "--json", str(out)],
                    check=True, capture_output=True, timeout=300)
     rows = {(r["model"], r["packed"]): r for r in json.loads(out.read_text())}
@@ -120,3 +125,35 @@ def test_mixed_corpus_batches_are_at_least_95_percent_real_tokens_packed(tmp_pat
         on, off = rows[model, True], rows[model, False]
         assert on["real_fraction"] >= 0.95 and on["real_tokens"] == off["real_tokens"] > 0
         assert off["real_fraction"] < 0.9  # mixed lengths: the padded batches waste a lot
+
+
+RUN = ["--preset", "tiny", "--micro-batch", "3", "--grad-accum", "2", "--log-every", "1",
+             "--lr", "2e-3", "--warmup-steps", "1", "--no-export", "--keep-last", "0", "--max-steps", 4,
+             "--save-every", 2, "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("kind", ["llava", pytest.param("qwen_vl", marks=pytest.mark.slow)])
+def test_packed_training_matches_unpacked_and_resumes_exactly(tmp_path, kind):
+    """The real DeepSpeed engine, tiny LLaVA / Qwen2.5-VL, micro 3 x accumulation 2: packed steps and the final
+    eval give the unpacked losses (one clip length, so the unpacked batches hold pad tokens only), and a packed
+    run resumed from its step-2 checkpoint repeats its own steps 3-4."""
+    shards = make_train_shards(tmp_path / "shards", n=24, per_shard=6, frames=4)
+    args = ["--model", kind, *RUN, "--shards", shards, "--eval-fraction", 0.25]
+    packed, plain = tmp_path / "packed", tmp_path / "plain"
+    vtt_train(*args, "--output-dir", packed, "--packing")
+    vtt_train(*args, "--output-dir", plain)
+    assert "packing: true" in (packed / "config.yaml").read_text()
+    (got, evals), (want, want_evals) = metrics(packed), metrics(plain)
+    assert evals[-1]["eval_loss"] == pytest.approx(want_evals[-1]["eval_loss"], rel=1e-4)  # eval packs too
+    assert [x["step"] for x in got] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+        # the same samples in fewer tokens (no pad tokens); a packed row still counts its 3 samples, not 1
+        per_token, per_token_plain = (x["samples_per_s"] / x["tokens_per_s"] for x in (a, b))
+        assert per_token_plain * (1 - 1e-9) <= per_token < 1.5 * per_token_plain, (a, b)
+    shutil.rmtree(packed / "checkpoints" / tag_for(4))
+    vtt_train(*args, "--output-dir", packed, "--packing", "--resume")
+    after = metrics(packed)[0]
+    assert "resumed from" in (packed / "train.log").read_text() and [x["step"] for x in after] == [1, 2, 3, 4]
+    for a, b in zip(got[2:], after[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
