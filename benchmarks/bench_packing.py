@@ -6,7 +6,11 @@ mode the fraction of a batch's tokens that are real. A sample's real tokens are 
 its own: its own frames, no padding), so padding counts as waste whether it is pad tokens or the video tokens of
 frames repeated to the batch's longest clip (LLaVA's unpacked batches).
 
-    python benchmarks/bench_packing.py [--samples 96 --micro 8 --models llava,qwen2_5_vl --json OUT]
+    python benchmarks/bench_packing.py [--samples 96 --micro 8 --models llava,qwen2_5_vl --time --json OUT]
+
+`--time` also times forward + backward of each tiny model over the epoch's batches, packed (with the attention a
+packed run picks: vtt's per-sample sdpa here, flash-attention varlen on CUDA where installed) and not (sdpa).
+`--packed-attention sdpa` times transformers' block-diagonal sdpa mask instead (dense: O(row^2)).
 
 Bar (issue 21): packed >= 95% real tokens.
 """
@@ -72,8 +76,9 @@ def mixed_corpus(folder: Path, n: int, seed: int = 0, frames=(2, 32), turns=(1, 
 class Measure:
     """A collate that also counts each sample's own tokens (the sample collated alone) and the batch's."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, keep: bool = False):
         self.adapter, self.real, self.total, self.batches, self.widest = adapter, 0, 0, 0, 0
+        self.kept = [] if keep else None
 
     def __call__(self, samples: list[dict], packed: bool = False) -> dict:
         batch = self.adapter.collate(samples, packed=packed)
@@ -81,24 +86,49 @@ class Measure:
         self.total += int(batch["input_ids"].numel())
         self.batches += 1
         self.widest = max(self.widest, int(batch["input_ids"].shape[-1]))
+        if self.kept is not None:
+            self.kept.append(batch)
         return batch
 
 
-def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool) -> dict:
-    """One epoch of rank 0 of 1 through the loader: real / total tokens."""
+def step_seconds(adapter, batches: list[dict], seed: int = 0) -> float:
+    """Forward + backward of the summed token loss over the batches (fresh tiny model, fp32, this CPU/GPU)."""
+    import time
+
+    import torch
+
+    from vtt.trainer.loss import forward_loss
+    torch.manual_seed(seed)
+    model = adapter.load_model().train()
+    forward_loss(model, batches[0], adapter.causal).backward()  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        forward_loss(model, b, adapter.causal).backward()
+    return time.perf_counter() - t0
+
+
+def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool, timed: bool = False,
+            attention: str | None = None) -> dict:
+    """One epoch of rank 0 of 1 through the loader: real / total tokens (+ the model's time on its batches)."""
     from vtt.trainer.adapters import ModelConfig, get_adapter
     from vtt.trainer.data import DataConfig, build_loader
-    adapter = get_adapter(ModelConfig(kind=kind, model_path=model_path))
-    m = Measure(adapter)
+    from vtt.trainer.packing import attention_for_packing
+    adapter = get_adapter(ModelConfig(kind=kind, model_path=model_path,
+                                      attn_implementation=attention_for_packing(attention) if packed else None))
+    m = Measure(adapter, keep=timed)
     loader = build_loader(DataConfig(str(shards), packing=packed, shuffle_buffer=64), m, micro)
     it = iter(loader)
     for _ in range(len(loader)):
         next(it)
-    return {"packed": packed, "batches": m.batches, "real_tokens": m.real, "batch_tokens": m.total,
-            "real_fraction": m.real / max(m.total, 1), "widest_row": m.widest}
+    out = {"packed": packed, "batches": m.batches, "real_tokens": m.real, "batch_tokens": m.total,
+           "real_fraction": m.real / max(m.total, 1), "widest_row": m.widest}
+    if timed:
+        out["fwd_bwd_s"] = step_seconds(adapter, m.kept)
+    return out
 
 
-def run(samples: int, micro: int, models: list[str], seed: int, work: Path) -> list[dict]:
+def run(samples: int, micro: int, models: list[str], seed: int, work: Path, timed: bool = False,
+        attention: str | None = None) -> list[dict]:
     from vtt.trainer.presets import build_tiny
     shards = work / "shards"
     stats = mixed_corpus(shards, samples, seed)
@@ -107,7 +137,7 @@ def run(samples: int, micro: int, models: list[str], seed: int, work: Path) -> l
         kind, family = ("llava", None) if name == "llava" else ("qwen_vl", name)
         path = str(build_tiny(kind, work / name, family=family))
         for packed in (False, True):
-            r = measure(path, kind, shards, micro, packed)
+            r = measure(path, kind, shards, micro, packed, timed, attention)
             out.append({"model": name, "micro": micro, "samples": samples,
                         "frames": [min(stats["frames"]), max(stats["frames"])],
                         "turns": [min(stats["turns"]), max(stats["turns"])], **r})
@@ -120,15 +150,20 @@ def main(argv=None) -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--models", default="llava,qwen2_5_vl", help="llava, qwen2_vl, qwen2_5_vl, qwen3_vl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time", action="store_true", help="also time forward + backward of the tiny model over "
+                    "the epoch's batches, packed and not (attention: the model's default, sdpa)")
+    ap.add_argument("--packed-attention", help="attn_implementation of the packed runs [default: what "
+                    "--packing picks]")
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(a.samples, a.micro, a.models.split(","), a.seed, Path(tmp))
+        rows = run(a.samples, a.micro, a.models.split(","), a.seed, Path(tmp), a.time, a.packed_attention)
     print(f"{'model':<12} {'packing':<8} {'micro':>5} {'batches':>7} {'real tokens':>11} {'batch tokens':>12} "
-          f"{'real':>6} {'widest row':>10}")
+          f"{'real':>6} {'widest row':>10}" + (f" {'fwd+bwd s':>9}" if a.time else ""))
     for r in rows:
         print(f"{r['model']:<12} {'on' if r['packed'] else 'off':<8} {r['micro']:>5} {r['batches']:>7} "
-              f"{r['real_tokens']:>11} {r['batch_tokens']:>12} {r['real_fraction']:>6.1%} {r['widest_row']:>10}")
+              f"{r['real_tokens']:>11} {r['batch_tokens']:>12} {r['real_fraction']:>6.1%} {r['widest_row']:>10}"
+              + (f" {r['fwd_bwd_s']:>9.2f}" if a.time else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -17,7 +17,7 @@ from train_helpers import REPO, make_train_shards, metrics, vtt_train  # noqa: E
 from vtt.trainer.adapters import ModelConfig, get_adapter  # noqa: E402
 from vtt.trainer.checkpoint import tag_for  # noqa: E402
 from vtt.trainer.loss import forward_loss, label_count  # noqa: E402
-from vtt.trainer.packing import batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
+from vtt.trainer.packing import PACKED_SDPA, batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
 from vtt.trainer.presets import build_tiny  # noqa: E402
 
 FAMILIES = [("llava", "llava_next_video"), ("llava", "video_llava"), ("qwen_vl", "qwen2_5_vl"),
@@ -31,13 +31,15 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("packing")
     built = {}
 
-    def get(kind, family):
-        if family not in built:
-            path = str(build_tiny(kind, root / family, family=family))
+    def get(kind, family, attn=None):
+        if (family, attn) not in built:
+            path = root / family
+            if not path.is_dir():
+                build_tiny(kind, path, family=family)
             torch.manual_seed(0)
-            ad = get_adapter(ModelConfig(kind=kind, model_path=path))
-            built[family] = ad, ad.load_model().eval()
-        return built[family]
+            ad = get_adapter(ModelConfig(kind=kind, model_path=str(path), attn_implementation=attn))
+            built[family, attn] = ad, ad.load_model().eval()
+        return built[family, attn]
     return get
 
 
@@ -65,12 +67,14 @@ def test_pack_restarts_positions_and_ignores_each_first_label():
         pack([[1, 2]], [[1]])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA])
 @pytest.mark.parametrize("kind,family", FAMILIES, ids=[f for _, f in FAMILIES])
 @torch.no_grad()
-def test_packed_forward_equals_separate_forwards(tiny, kind, family):
+def test_packed_forward_equals_separate_forwards(tiny, kind, family, attn):
     """Each sample's logits inside the packed row equal its logits alone (no attention across samples, its own
-    positions); the same row with plain positions (attention crossing samples) does not: the check can fail."""
-    ad, model = tiny(kind, family)
+    positions), with transformers' block-diagonal sdpa mask and with vtt's per-sample sdpa; the same row with
+    plain positions (attention crossing samples) does not: the check can fail."""
+    ad, model = tiny(kind, family, attn)
     ss = samples()
     packed = ad.collate(ss, packed=True)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
@@ -107,8 +111,16 @@ def test_packed_loss_is_the_unpacked_per_token_loss(tiny, kind, family):
     assert batch_samples(packed) == batch_samples(padded) == len(ss)
 
 
-def test_packing_is_refused_for_seq2seq(tmp_path):
+def test_packing_is_refused_for_seq2seq_and_picks_its_attention(tmp_path):
     from vtt.trainer.config import ConfigError, load_config
+    tree = {"model": {"kind": "llava", "model_path": "x"}, "data": {"shards": "s", "packing": True},
+            "run": {"output_dir": str(tmp_path)}}
+    assert load_config(None, tree).model.attn_implementation == PACKED_SDPA  # no CUDA + flash-attn here
+    tree["model"]["attn_implementation"] = "eager"
+    assert load_config(None, tree).model.attn_implementation == "eager"  # a chosen one stays
+    tree["data"]["packing"] = False
+    del tree["model"]["attn_implementation"]
+    assert load_config(None, tree).model.attn_implementation is None
     with pytest.raises(ConfigError, match="data.packing"):
         load_config(None, {"model": {"kind": "seq2seq", "model_path": "x"}, "data": {"shards": "s", "packing": True},
                            "run": {"output_dir": str(tmp_path)}})
@@ -157,3 +169,22 @@ def test_packed_training_matches_unpacked_and_resumes_exactly(tmp_path, kind):
     assert "resumed from" in (packed / "train.log").read_text() and [x["step"] for x in after] == [1, 2, 3, 4]
     for a, b in zip(got[2:], after[2:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
+
+
+def test_plan_shows_the_packed_row(tmp_path):
+    """`--plan --packing`: the row's length (micro batch x tokens per sample) and that no (row x row) mask is made
+    with the attention packing picks; plain sdpa's mask is named with its size."""
+    import re
+
+    from click.testing import CliRunner
+
+    from vtt.trainer.cli import main
+    shards = make_train_shards(tmp_path / "shards", n=4, per_shard=4, frames=4)
+    args = ["--model", "llava", "--preset", "tiny", "--shards", str(shards), "-o", str(tmp_path / "run"),
+            "--micro-batch", "4", "--packing", "--plan"]
+    for extra, mask in (([], "no mask (sdpa_packed)"), (["--set", "model.attn_implementation=sdpa"], "GiB attention mask (sdpa)")):
+        r = CliRunner().invoke(main, args + extra)
+        assert r.exit_code == 0, r.output
+        tokens = int(re.search(r"(\d+) tokens per sample", r.output).group(1))
+        line = next(x for x in r.output.splitlines() if "packing:" in x)
+        assert f"up to {4 * tokens} tokens" in line and mask in line, line

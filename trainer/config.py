@@ -347,7 +347,17 @@ def config_from_dict(tree: dict) -> TrainConfig:
     for required, hint in (("model", "--model/--model-path"), ("data", "--shards"), ("run", "--output-dir")):
         if required not in parts:
             raise ConfigError(f"config section {required!r} is missing ({hint})")
-    return TrainConfig(**parts)
+    return TrainConfig(**packing_attention(parts))
+
+
+def packing_attention(parts: dict) -> dict:
+    """data.packing on a decoder model with no attention chosen: the one that keeps a packed row's samples apart
+    without a (row x row) mask (vtt.trainer.packing.attention_for_packing)."""
+    model, data = parts["model"], parts["data"]
+    if not data.packing or model.kind not in PACKED_KINDS or model.attn_implementation:
+        return parts
+    from vtt.trainer.packing import attention_for_packing
+    return {**parts, "model": dataclasses.replace(model, attn_implementation=attention_for_packing(None))}
 
 
 def apply_preset(tree: dict) -> dict:
