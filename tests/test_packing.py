@@ -82,8 +82,13 @@ def test_packed_forward_equals_separate_forwards(tiny, kind, family, attn):
     assert sample_lengths(packed) == [int(b["input_ids"].shape[1]) for b in alone]
     assert torch.equal(packed["input_ids"][0], torch.cat([b["input_ids"][0] for b in alone]))
     got = model(**packed).logits[0].split(sample_lengths(packed))
+    reference = tiny(kind, family)[1]  # the same weights under plain sdpa: vision towers and padding unchanged
     for one, b in zip(got, alone):
         torch.testing.assert_close(one, model(**b).logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(one, reference(**b).logits[0], rtol=1e-4, atol=1e-4)
+    padded = ad.collate(ss)  # a padded batch (eval, generation) through either attention alike
+    keep = padded["attention_mask"].bool()
+    torch.testing.assert_close(model(**padded).logits[keep], reference(**padded).logits[keep], rtol=1e-4, atol=1e-4)
     crossing = dict(packed, position_ids=None)
     if packed["position_ids"].ndim == 3:  # Qwen: keep each sample's M-RoPE, lose only the text restarts
         n = packed["input_ids"].shape[1]
