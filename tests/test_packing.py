@@ -20,8 +20,8 @@ from vtt.trainer.loss import forward_loss, label_count  # noqa: E402
 from vtt.trainer.packing import PACKED_SDPA, batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
 from vtt.trainer.presets import build_tiny  # noqa: E402
 
-FAMILIES = [("llava", "llava_next_video"), ("llava", "video_llava"), ("qwen_vl", "qwen2_5_vl"),
-            ("qwen_vl", "qwen2_vl"), ("qwen_vl", "qwen3_vl")]
+FAMILIES = [("llava", "llava_next_video"), ("llava", "video_llava"), ("llava", "llava_onevision"),
+            ("qwen_vl", "qwen2_5_vl"), ("qwen_vl", "qwen2_vl"), ("qwen_vl", "qwen3_vl")]
 CONV = [{"from": "human", "value": "<video>\nWhat colour is it?"}, {"from": "gpt", "value": "red, mostly"},
         {"from": "human", "value": "And where does it go?"}, {"from": "gpt", "value": "to the left"}]
 
@@ -73,9 +73,10 @@ def test_pack_restarts_positions_and_ignores_each_first_label():
 def test_packed_forward_equals_separate_forwards(tiny, kind, family, attn):
     """Each sample's logits inside the packed row equal its logits alone (no attention across samples, its own
     positions), with transformers' block-diagonal sdpa mask and with vtt's per-sample sdpa; the same row with
-    plain positions (attention crossing samples) does not: the check can fail."""
+    plain positions (attention crossing samples) does not: the check can fail. OneVision: clips of one length
+    (its packed clips are still padded to the longest: one newline per video needs a (B, T, ...) batch)."""
     ad, model = tiny(kind, family, attn)
-    ss = samples()
+    ss = samples(frames=(3, 3, 3) if family == "llava_onevision" else (2, 5, 4))
     packed = ad.collate(ss, packed=True)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     alone = [ad.collate([s]) for s in ss]
