@@ -82,7 +82,11 @@ class ModelAdapter(Protocol):
         W); Qwen-VL: "pixel_values_videos" as flattened patches, "video_grid_thw" (B, 3), "mm_token_type_ids"
         (B, L), Qwen2.5-VL "second_per_grid_ts" (B,)). Encoder-decoder models: input_ids are the source, labels
         the target (B, Lt) and "decoder_input_ids" (B, Lt) the labels shifted right. CPU tensors; the loop moves
-        them. Runs in data loader workers. Cost: O(tokens + frame pixels) of the batch."""
+        them. Runs in data loader workers. Cost: O(tokens + frame pixels) of the batch.
+        Decoder families also take `packed: bool = False` (data.packing, vtt.trainer.packing): then the samples
+        are one row (B = 1) with no padding and no attention_mask, "position_ids" restarting at 0 per sample
+        (Qwen-VL: (4, 1, N), text positions first, then the sample's own M-RoPE), each sample's first label
+        -100; the loader passes packed=True only to a collate whose signature takes it."""
         ...
 
     def num_tokens(self, batch: dict) -> int:

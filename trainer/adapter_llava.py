@@ -15,6 +15,7 @@ from vtt.trainer.conversation import (FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conv
 from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.model_io import load_pretrained, load_tokenizer, read_json, save_checkpoint
 from vtt.trainer.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
+from vtt.trainer.packing import pack, real_tokens
 from vtt.trainer.text import encode, marks_word_starts, render, render_spans
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
@@ -189,24 +190,41 @@ class LlavaAdapter:
     def _expand(self, prompt: list[int], at: int, t: int) -> list[int]:
         return prompt[:at] + [self.layout.token_id] * self.layout.num_tokens(t) + prompt[at + 1:]
 
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Model kwargs: right-padded ids, mask, labels (-100 except answer + eos), pixel values."""
+    def _packed_pixels(self, samples: list[dict]) -> tuple[torch.Tensor, list[int]]:
+        """Packed rows: each clip keeps its own frames, all in one (1, sum T, 3, H, W) video, which the
+        per-frame families (every one but OneVision) encode frame by frame and merge at the video tokens in order.
+        OneVision appends one newline per video, so its clips stay a (B, T, ...) batch padded to the longest."""
+        if self.layout.per_video:
+            pix, t = self._pixels(samples)
+            return pix, [t] * len(samples)
+        from vtt.trainer.images import to_pixel_values
+        size = (self.layout.image_size, self.layout.image_size)
+        clips = [to_pixel_values(self._frames(s["frames"], 0), size, self.mean, self.std) for s in samples]
+        return torch.cat(clips)[None], [len(c) for c in clips]
+
+    def _sample_ids(self, sample: dict, t: int) -> tuple[list[int], list[int]]:
+        turns = self._turns(sample)
+        if turns is not None:
+            return self._conversation_ids(sample, turns, t)
+        prompt, at = self._prompt_ids(sample)
+        prompt = self._expand(prompt, at, t)
+        answer = self._answer_ids(sample)
+        return prompt + answer, [-100] * len(prompt) + answer
+
+    def collate(self, samples: list[dict], packed: bool = False) -> dict[str, torch.Tensor]:
+        """Model kwargs: right-padded ids, mask, labels (-100 except answer + eos), pixel values; `packed`: one
+        row without padding, position ids per sample, no mask (vtt.trainer.packing)."""
         for s in samples:
             self.check_sample(s)
-        pix, t = self._pixels(samples)
-        ids, labels = [], []
-        for s in samples:
-            turns = self._turns(s)
-            if turns is not None:
-                x, y = self._conversation_ids(s, turns, t)
-                ids.append(x)
-                labels.append(y)
-                continue
-            prompt, at = self._prompt_ids(s)
-            prompt = self._expand(prompt, at, t)
-            answer = self._answer_ids(s)
-            ids.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
+        if packed:
+            pix, ts = self._packed_pixels(samples)
+        else:
+            pix, t = self._pixels(samples)
+            ts = [t] * len(samples)
+        pairs = [self._sample_ids(s, t) for s, t in zip(samples, ts)]
+        ids, labels = [x for x, _ in pairs], [y for _, y in pairs]
+        if packed:
+            return {**pack(ids, labels), **self._pixel_kwargs(pix)}
         input_ids = pad_right(ids, self.tokenizer.pad_token_id)
         attention = pad_right([[1] * len(x) for x in ids], 0)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": pad_right(labels, -100),
@@ -235,7 +253,7 @@ class LlavaAdapter:
                 labels[:at] + [-100] * n + labels[at + 1:])
 
     def num_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
+        return real_tokens(batch)
 
     # -- output ------------------------------------------------------------------------------------------------
     def export(self, model, out_dir, state_dict=None):

@@ -21,6 +21,7 @@ from vtt.trainer.conversation import PLACEHOLDERS, Turn, conversation_of, encode
 from vtt.trainer.model_config import ModelConfig
 from vtt.trainer.model_io import load_pretrained, load_tokenizer, save_checkpoint
 from vtt.trainer.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
+from vtt.trainer.packing import pack, real_tokens
 from vtt.trainer.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
 from vtt.trainer.text import render
 
@@ -30,6 +31,8 @@ DEFAULT_PROMPT = "<video>\nDescribe this video."
 VISION_PART = "visual."
 MERGER_PART = "visual.merger"
 FALLBACK_FPS = 24.0  # what the Qwen processors assume when a video's fps is unknown
+# the class whose get_rope_index makes a family's M-RoPE positions (packed rows: per sample)
+ROPE_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}
 
 
 def frame_times(sample: dict, n: int) -> list[float]:
@@ -174,18 +177,47 @@ class QwenAdapter:
         out["mm_token_type_ids"] = (pad_left if left else pad_right)(types, 0)
         return out
 
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-padded ids, mask, labels (-100 but answers + end-of-turn), video inputs, mm_token_type_ids."""
+    def collate(self, samples: list[dict], packed: bool = False) -> dict[str, torch.Tensor]:
+        """Right-padded ids, mask, labels (-100 but answers + end-of-turn), video inputs, mm_token_type_ids;
+        `packed`: one row without padding and per-sample M-RoPE positions (vtt.trainer.packing)."""
         videos = [self._video(s) for s in samples]
         pairs = [self._sample_ids(s, v) for s, v in zip(samples, videos)]
-        ids = [x for x, _ in pairs]
+        ids, labels = [x for x, _ in pairs], [y for _, y in pairs]
+        if packed:
+            return self._packed(videos, ids, labels)
         return {"input_ids": pad_right(ids, self.tokenizer.pad_token_id),
                 "attention_mask": pad_right([[1] * len(x) for x in ids], 0),
-                "labels": pad_right([y for _, y in pairs], -100),
+                "labels": pad_right(labels, -100),
                 **self._vision_kwargs(videos, ids, left=False)}
 
+    def _packed(self, videos: list[dict], ids: list[list[int]], labels: list[list[int]]) -> dict:
+        """One row; position_ids (4, 1, N): the text positions restarting per sample (transformers builds the
+        block-diagonal mask from them), then the model's own M-RoPE positions of each sample."""
+        vision = self._vision_kwargs(videos, ids, left=False)
+        mask = pad_right([[1] * len(x) for x in ids], 0).bool()
+        extra = {"second_per_grid_ts": vision["second_per_grid_ts"]} if "second_per_grid_ts" in vision else {}
+        rope, _ = self._rope_model().get_rope_index(
+            pad_right(ids, self.tokenizer.pad_token_id), mm_token_type_ids=vision["mm_token_type_ids"],
+            video_grid_thw=vision["video_grid_thw"], attention_mask=mask.long(), **extra)
+        out = pack(ids, labels)
+        out["position_ids"] = torch.cat([out["position_ids"][None], rope[:, mask][:, None]])
+        vision["mm_token_type_ids"] = vision["mm_token_type_ids"][mask][None]
+        return {**out, **vision}
+
+    def _rope_model(self) -> torch.nn.Module:
+        """The family's model class without weights or layers: its get_rope_index reads only the config, so the
+        positions are the model's own (made lazily: the loader's workers get the adapter without it)."""
+        if getattr(self, "_rope", None) is None:
+            import transformers
+            cls = getattr(transformers, ROPE_MODELS[self.family])
+            stub = cls.__new__(cls)
+            torch.nn.Module.__init__(stub)
+            stub.config = self.config
+            self._rope = stub
+        return self._rope
+
     def num_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
+        return real_tokens(batch)
 
     # -- output ------------------------------------------------------------------------------------------------
     def export(self, model, out_dir, state_dict=None):

@@ -30,6 +30,7 @@ PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
 PRESETS = ("tiny",)
+PACKED_KINDS = ("llava", "qwen_vl")  # data.packing: decoder-only language models (vtt.trainer.packing)
 DEFAULT_ZERO_STAGE = 2
 DEFAULT_PRECISION = "bf16"
 DEFAULT_MICRO_BATCH = 4
@@ -220,6 +221,9 @@ class TrainConfig:
         if self.run.eval_every and not self.data.has_eval:
             raise ConfigError("run.eval_every needs an eval set: data.eval_shards (--eval-shards) or "
                               "data.eval_fraction (--eval-fraction)")
+        if self.data.packing and self.model.kind not in PACKED_KINDS:
+            raise ConfigError(f"data.packing (--packing) packs decoder models ({', '.join(PACKED_KINDS)}); "
+                              f"model.kind={self.model.kind} is an encoder-decoder: leave packing off")
         ds = self.deepspeed
         if ds.offload_param and ds.zero_stage not in (None, 3):
             raise ConfigError("deepspeed.offload_param needs zero_stage 3")
@@ -316,6 +320,8 @@ FLAGS: tuple[Flag, ...] = (
          field="model.mask_history", default_text="every assistant turn"),
     Flag("--max-length", "Tokens per sample, video included; longer ones are dropped and counted, or cut (--set "
          "model.overflow=truncate_history).", field="model.max_length", default_text="the model's positions"),
+    Flag("--packing/--no-packing", "Padding-free: a micro batch's samples in one row, attention kept inside each "
+         "sample (llava, qwen_vl).", field="data.packing"),
     Flag("--num-workers", "DataLoader workers per rank.", field="data.num_workers"),
     Flag("--on-corrupt", "Corrupt samples.", field="data.on_corrupt", type=click.Choice(["skip", "stop"])),
     Flag("--interleave-shards", "Shards each data stream reads at once.", field="data.interleave_shards"),
@@ -392,7 +398,17 @@ def config_from_dict(tree: dict) -> TrainConfig:
     for required, hint in (("model", "--model/--model-path"), ("data", "--shards"), ("run", "--output-dir")):
         if required not in parts:
             raise ConfigError(f"config section {required!r} is missing ({hint})")
-    return TrainConfig(**parts)
+    return TrainConfig(**packing_attention(parts))
+
+
+def packing_attention(parts: dict) -> dict:
+    """data.packing on a decoder model with no attention chosen: the one that keeps a packed row's samples apart
+    without a (row x row) mask (vtt.trainer.packing.attention_for_packing)."""
+    model, data = parts["model"], parts["data"]
+    if not data.packing or model.kind not in PACKED_KINDS or model.attn_implementation:
+        return parts
+    from vtt.trainer.packing import attention_for_packing
+    return {**parts, "model": dataclasses.replace(model, attn_implementation=attention_for_packing(None))}
 
 
 def apply_preset(tree: dict) -> dict:

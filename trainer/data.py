@@ -39,6 +39,8 @@ Use:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import pickle
 import traceback
@@ -83,6 +85,9 @@ class DataConfig:
     num_frames: int | None = None
     frame_sampling: str = "uniform"
     video_tokens: int | None = None  # per-sample video-token budget: caps num_frames (vtt.trainer.memory)
+    # padding-free packing (vtt.trainer.packing): the collate gets packed=True and puts a micro batch's samples
+    # in one row with per-sample position ids; still `micro_batch` whole samples per batch (exact resume)
+    packing: bool = False
     # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
     # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
     storage_options: dict = field(default_factory=dict)
@@ -216,7 +221,8 @@ class Loader:
                  world_size: int, split: str, start: StreamPosition | dict | None):
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad micro_batch={micro_batch} rank={rank} world_size={world_size}")
-        self.cfg, self.collate_fn, self.split = cfg, collate_fn, split
+        self.cfg, self.split = cfg, split
+        self.collate_fn = packing_collate(collate_fn) if cfg.packing else collate_fn
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.src = resolve_source(cfg, split)  # every epoch after a resumed one reads this
         self.where = _folder(cfg, split)
@@ -346,6 +352,16 @@ class Loader:
                               s["micro_batch"], s["seed"], s["num_samples"], s["shuffle_buffer"],
                               s["interleave_shards"], s["eval_fraction"], self._src.snap.to_dict(),
                               self._src.counts).to_dict()
+
+
+def packing_collate(collate_fn: Callable) -> Callable:
+    """data.packing: the adapter's collate called with packed=True; a collate without that keyword (a sample
+    collector such as `list`: vtt-caption, vtt-eval, the first-sample check) gets the samples as they are."""
+    try:
+        inspect.signature(collate_fn).bind([], packed=True)
+    except (TypeError, ValueError):  # no such keyword / a builtin without a signature
+        return collate_fn
+    return functools.partial(collate_fn, packed=True)
 
 
 def build_loader(cfg: DataConfig, collate_fn: Callable, micro_batch: int, rank: int = 0,

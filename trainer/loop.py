@@ -26,6 +26,7 @@ from vtt.trainer.engine import build_engine, clip_gradients, engine_dtype, to_de
 from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale
+from vtt.trainer.packing import batch_samples
 from vtt.trainer.plan import Plan, data_config_for, ensure_preset, prepare, write_run_files
 from vtt.trainer.tracking import Tracker
 
@@ -162,7 +163,7 @@ def train_step(engine, it, plan: Plan, device, dtype, adapter: ModelAdapter, env
     losses, samples, tokens = [], 0, 0
     for micro, batch in enumerate(batches):
         tokens += adapter.num_tokens(batch)
-        samples += int(batch["input_ids"].shape[0])
+        samples += batch_samples(batch)
         loss = forward_loss(engine, to_device(batch, device, dtype), adapter.causal)
         engine.backward(loss * scale, scale_wrt_gas=False)
         losses.append(loss.detach().float())

@@ -541,6 +541,8 @@ def plan_text(res: Resolution) -> str:
                    f"{res.stored_frames or '?'}) -> {e.video_tokens} video tokens, {e.tokens} tokens per sample")
     else:
         out.append(f"  tokens per sample: {e.tokens}")
+    if cfg.data.packing:
+        out.append(_packing_line(cfg, e))
     rows = [("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
             ("optimizer step (fp32 grads)", e.step), ("comm buffers", e.buffers),
             ("activations, no checkpointing", e.activations), ("activations, checkpointing", e.activations_ckpt),
@@ -555,6 +557,17 @@ def plan_text(res: Resolution) -> str:
                    f"{ds.memory_headroom:.0%} headroom ({gib(limit)} usable)")
         out += _trade_table(res, limit)
     return "\n".join(out)
+
+
+def _packing_line(cfg, e: Estimate) -> str:
+    """data.packing: a micro batch is one row of its samples' tokens; the estimate is its longest case (every
+    sample at the planned frames). Not in the estimate: plain sdpa/eager build a (row x row) bool block-diagonal
+    mask from the restarting positions (transformers' masking_utils); vtt's per-sample sdpa and flash-attention's
+    varlen path build none (vtt.trainer.packing)."""
+    row = e.micro_batch * e.tokens
+    attn = cfg.model.attn_implementation or "sdpa"
+    mask = f"a {gib(row * row)} attention mask ({attn})" if attn in ("sdpa", "eager") else f"no mask ({attn})"
+    return f"  packing: one row of up to {row} tokens per micro batch (no padding), {mask}"
 
 
 def _trade_table(res: Resolution, limit: float) -> list[str]:
