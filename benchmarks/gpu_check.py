@@ -12,6 +12,8 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
   llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
   llava_auto, qwen25_auto  the LoRA runs with `--micro-batch auto --set model.gradient_checkpointing=auto`: the
                memory planner picks the fastest setting that fits this card (its choice is logged)
+  <run>_packed (opt-in, llava/qwen runs: e.g. --runs llava_auto_packed) the run with --packing: a micro batch's
+               samples in one row, flash-attention varlen where flash-attn is installed, else vtt's sdpa_packed
 and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; then, per run,
 benchmarks/bench_step.py with the same flags: vtt-train's step against a plain PyTorch loop on the same batches and
 model (the ratio plain / vtt; >= 0.9 is the target), and the peak memory against the memory planner's estimate
@@ -156,6 +158,9 @@ def run_args(name: str, models: dict, shards: Path, out: Path, steps: int,
               "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16", "--warmup-steps", "2",
               "--set", "run.progress_bar=false"]
     common += ["--zero-stage", str(zero_stage)] if zero_stage is not None else []
+    if name.endswith("_packed"):  # the same run padding-free (flash-attention varlen where installed)
+        args = run_args(name.removesuffix("_packed"), models, shards, out, steps, zero_stage)
+        return [*args, "--packing", "--output-dir", str(out / f"run-{name}")]
     if name.endswith("_auto"):  # the LoRA recipe with the planner's micro batch and checkpointing
         args = run_args(name.replace("_auto", "_lora"), models, shards, out, steps, zero_stage)
         args = [a for a in args if a != "--gradient-checkpointing"]
