@@ -188,7 +188,7 @@ def extract(**kwargs):
     except (ConfigError, ShardFormatError) as e:
         _fail(str(e))
     if cfg.dry_run:
-        from .report import Plan
+        from .rerun_plan import RerunPlan as Plan
         click.echo(Plan(**report.plan).text())
         return
     click.echo(report.summary())

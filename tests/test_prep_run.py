@@ -13,7 +13,7 @@ from clips import read_counter
 from prep_helpers import (FPS, add_video, calls, cfg, content, copy_corpus, live_shards, logging_ffmpeg,
                           make_corpus, read_back, snapshot, state_files)
 
-from vtt.pipeline.ledger import SettingsChanged
+from vtt.pipeline.rerun_plan import SettingsChanged
 from vtt.pipeline.report import EXIT_FAILED_VIDEOS
 from vtt.pipeline.run import LockBusy, run_extract
 from vtt.pipeline.verify import verify_shards
@@ -247,13 +247,14 @@ def test_writer_accounts_bytes_exactly_and_is_deterministic(tmp_path):
     urls = []
     for folder in (tmp_path / "x", tmp_path / "y"):
         folder.mkdir()
-        entries = []
-        w = ShardWriter(folder, 7, 10**9, 100, on_close=lambda e, k: entries.append((e, k)))
-        urls = [w.add(k, m) for k, m in samples]
-        w.close()
-        (entry, keys), = entries
+        w = ShardWriter(folder, 7, 10**9, 100)
+        urls = []
+        for k, m in samples:
+            assert w.close_if_full(m) is None  # all four fit in one shard
+            urls.append(w.add(k, m))
+        entry = w.close()
         total = sum(sample_bytes(m) for _, m in samples) + 1024
-        assert entry.filesize == -(-total // 10240) * 10240 and keys == [k for k, _ in samples]
+        assert entry.filesize == -(-total // 10240) * 10240 and entry.nsamples == len(samples)
         assert [(k, m) for k, m in read_samples(folder / entry.url)] == samples
     assert urls == ["shard-000007.tar"] * 4 and not list((tmp_path / "x").glob(".tmp-*"))
     assert (tmp_path / "x" / urls[0]).read_bytes() == (tmp_path / "y" / urls[0]).read_bytes()

@@ -21,7 +21,7 @@ from vtt.trainer.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.config import BEST_METRICS, TrainConfig
 from vtt.trainer.data import agree_data, build_loader, pin_data
 from vtt.trainer.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
-from vtt.trainer.engine import build_engine, clip_gradients, engine_dtype, to_device
+from vtt.trainer.ds_engine import build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale
