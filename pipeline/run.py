@@ -11,11 +11,11 @@
   commit    each finished shard: the ledger's next commit file, then index.json (commit.py)
 The run loop (`write_and_commit`) commits every shard the writer finishes before it writes the next
 sample, so the ledger commit (create-if-absent of its next commit file) stays the only commit point and
-kill -9 anywhere leaves the old or the new state (at most one published, uncommitted shard: a leftover
-the next run's repair removes). Before the extraction, the shards holding changed or deleted videos are
-rewritten (survivors copied to new shard numbers, a sample whose sidecar alone changed rebuilt from its
-old frames, the old shards retired) in one commit; --rebuild stages every new shard and switches to the
-new set in one commit at the end. Every write goes through the shards folder's OutFolder
+kill -9 anywhere leaves the old or the new state (a published shard no commit lists is a leftover the next
+run's repair removes; the extraction leaves at most one). Before the extraction, the shards holding
+changed or deleted videos are rewritten (survivors copied to new shard numbers, a sample whose sidecar
+alone changed rebuilt from its old frames, the old shards retired) in one commit (`rewrite_shards`, last
+in this file); --rebuild stages every new shard and switches to the new set in one commit at the end. Every write goes through the shards folder's OutFolder
 (shards/folder.py), so OUT may be a local folder or a URL (s3://bucket/shards) with the same protocol.
 Cost: repair one listing of OUT; plan O(videos) stats (a URL data folder: its listing); ffmpeg and shard
 writes only for what changed; a commit O(records it changed + shards).
@@ -165,108 +165,7 @@ def _dry_run(cfg: PrepConfig, report: Report, t0: float) -> Report:
     return report
 
 
-# -- the run's ledger state and the commit stage --------------------------------------------------------
-
-class _Run:
-    """State of one extract run: the ledger being built, what waits for a commit, and the report."""
-
-    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report, rebuild: bool = False,
-                 out: OutFolder | None = None):
-        self.cfg, self.ledger, self.report = cfg, ledger, report
-        self.out = out or cfg.out_folder()           # every write of the run goes through it
-        self.settings, self.settings_hash = cfg.output_settings(), cfg.settings_hash()
-        self.pending: dict[str, VideoRecord] = {}    # ok records whose shard is not committed yet
-        self.failures: dict[str, VideoRecord] = {}
-        self.rebuild = rebuild                       # new shards are staged, committed all at once
-        self.staged: list = []                       # rebuild: closed shards, not in the ledger yet
-        self.to_delete: list[str] = []               # old shards to unlink once the commit is done
-
-    def commit(self) -> None:
-        """The commit point: the ledger's next commit file (what changed since the last, the failures
-        recorded meanwhile included), then the index derived from it. Cost: O(records changed + shards)."""
-        with timed(self.report, "commit"):
-            self.ledger.settings, self.ledger.settings_hash = self.settings, self.settings_hash
-            self.ledger.records.update(self.failures)
-            self.failures = {}
-            commit_ledger(self.out, self.ledger)  # a no-op run writes nothing
-
-    def commit_shard(self, entry: ShardEntry) -> None:
-        """A shard the writer finished goes live with its samples' records, in one commit; under --rebuild
-        it is staged instead (switch() commits the whole new set). Cost: O(pending records) = one shard's."""
-        self.report.shards_written.append(entry.url)
-        if self.rebuild:  # until switch() the old set stays the live one
-            self.staged.append(entry)
-            return
-        done = {s: r for s, r in self.pending.items() if r.shard == entry.url}
-        self.ledger.shards[entry.url] = entry
-        self.ledger.records.update(done)
-        for s in done:
-            del self.pending[s]
-        self.commit()
-
-    def switch(self) -> None:
-        """--rebuild's one commit: the staged set replaces every old shard (retired, not deleted)."""
-        self.report.samples_removed += len(self.ledger.ok_records())
-        self.retire(sorted(self.ledger.shards))
-        self.ledger.records = dict(self.pending)
-        self.ledger.shards.update({e.url: e for e in self.staged})
-        self.pending, self.staged, self.rebuild = {}, [], False
-        self.commit()
-        crash_point("rewrite-committed")
-        self.delete_retired()
-
-    def retire(self, urls: list[str]) -> None:
-        """Take `urls` out of the live set in the next commit (kept as retired unless retention is 0)."""
-        self.to_delete += retire(self.ledger, urls, self.cfg.retention_hours)
-        self.report.shards_removed += urls
-        self.report.shards_retired += [u for u in urls if u in self.ledger.retired]
-
-    def delete_retired(self) -> None:
-        """After a commit: delete what retention 0 says goes at once (a crash before: leftovers)."""
-        for url in self.to_delete:
-            self.out.delete(url)
-        self.to_delete = []
-
-    def fail(self, v: Video, error: dict, outcome: Outcome | None = None, version: str | None = None) -> None:
-        """Record a failure with what decided it (fingerprints, ffmpeg, limits): retried only when one
-        of those changes. Without `version` (ffmpeg never ran for it) it is retried every run. It goes
-        into the next commit."""
-        error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
-        video = outcome.fingerprint() if outcome is not None and outcome.sha256 else None
-        sidecar = None
-        if video is not None and (v.sidecar_path is not None or v.entry is not None):
-            try:
-                sidecar = sidecar_fp(v)
-            except OSError:  # gone meanwhile: a record without it is retried next run
-                pass
-        limits = {"timeout": self.cfg.timeout, "video_timeout": self.cfg.video_timeout}
-        self.failures[v.source] = VideoRecord(
-            source=v.source, status=STATUS_FAILED, video_id=v.video_id, key=v.key, video=video,
-            sidecar=sidecar, settings_hash=self.settings_hash, ffmpeg_version=version if video else None,
-            error=error, limits=limits if video else None)
-        self.report.failed.append({"source": v.source, **error})
-        self.report.videos_failed += 1
-
-
-def finish(run: _Run, work: Work) -> None:
-    """The run's last commit: the failures recorded since the last one, earlier failures not retried
-    listed in the report, --rebuild's switch, and the new stats of touched-but-unchanged files."""
-    _keep_failures(run.ledger, run.report)
-    if run.rebuild:
-        run.switch()
-    work.apply_refreshed(run.ledger)
-    run.commit()
-
-
-def _keep_failures(ledger: Ledger, report: Report) -> None:
-    """Earlier failures that were not retried stay failed: listed in the report (and exit 3)."""
-    for source in report.plan["failed_unchanged"]:
-        rec = ledger.records[source]
-        report.failed.append({"source": source, **rec.error, "unchanged": True})
-        report.videos_failed_unchanged += 1
-
-
-# -- write -> commit ------------------------------------------------------------------------------------
+# -- extract: Work -> Samples --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Sample:
@@ -277,35 +176,6 @@ class Sample:
     members: Members
     record: Callable[..., VideoRecord]
 
-
-def write_and_commit(run: _Run, samples: Iterable[Sample], stage: str) -> None:
-    """write -> commit: `samples` into new shards in the order given; every shard the writer finishes is
-    committed (`run.commit_shard`) before the next sample is written, the last one at the end.
-
-    Cost: the samples' bytes written once; a commit O(one shard's records + shards)."""
-    writer = ShardWriter(run.out, run.ledger.next_shard_number(), run.cfg.shard_size, run.cfg.shard_max_samples)
-    try:
-        with timed(run.report, stage):
-            for s in samples:
-                with timed(run.report, "write"):
-                    done = writer.close_if_full(s.members)
-                if done is not None:
-                    run.commit_shard(done)
-                with timed(run.report, "write"):
-                    url = writer.add(s.key, s.members)
-                run.pending[s.source] = s.record(shard=url)
-            done = writer.close()
-            if done is not None:
-                run.commit_shard(done)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if hasattr(samples, "close"):  # a stage generator: its engine and progress bar are released now
-            samples.close()
-
-
-# -- extract: samples to write --------------------------------------------------------------------------
 
 def package_samples(run: _Run, work: Work) -> Iterator[Sample]:
     """New entries of unchanged videos (work.from_frames), built from a donor sample's frames, no ffmpeg:
@@ -438,6 +308,136 @@ def _note_warnings(report: Report, source: str, members) -> None:
     parse of the sample's small JSON member."""
     meta = json.loads(next(d for n, d in members if n.endswith(".json")))
     report.sample_warnings(source, meta["vtt"]["warnings"])
+
+
+# -- write -> commit ------------------------------------------------------------------------------------
+
+def write_and_commit(run: _Run, samples: Iterable[Sample], stage: str) -> None:
+    """write -> commit: `samples` into new shards in the order given; every shard the writer finishes is
+    committed (`run.commit_shard`) before the next sample is written, the last one at the end.
+
+    Cost: the samples' bytes written once; a commit O(one shard's records + shards)."""
+    writer = ShardWriter(run.out, run.ledger.next_shard_number(), run.cfg.shard_size, run.cfg.shard_max_samples)
+    try:
+        with timed(run.report, stage):
+            for s in samples:
+                with timed(run.report, "write"):
+                    done = writer.close_if_full(s.members)
+                if done is not None:
+                    run.commit_shard(done)
+                with timed(run.report, "write"):
+                    url = writer.add(s.key, s.members)
+                run.pending[s.source] = s.record(shard=url)
+            done = writer.close()
+            if done is not None:
+                run.commit_shard(done)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if hasattr(samples, "close"):  # a stage generator: its engine and progress bar are released now
+            samples.close()
+
+
+# -- the run's ledger state and the commit stage --------------------------------------------------------
+
+class _Run:
+    """State of one extract run: the ledger being built, what waits for a commit, and the report."""
+
+    def __init__(self, cfg: PrepConfig, ledger: Ledger, report: Report, rebuild: bool = False,
+                 out: OutFolder | None = None):
+        self.cfg, self.ledger, self.report = cfg, ledger, report
+        self.out = out or cfg.out_folder()           # every write of the run goes through it
+        self.settings, self.settings_hash = cfg.output_settings(), cfg.settings_hash()
+        self.pending: dict[str, VideoRecord] = {}    # ok records whose shard is not committed yet
+        self.failures: dict[str, VideoRecord] = {}
+        self.rebuild = rebuild                       # new shards are staged, committed all at once
+        self.staged: list = []                       # rebuild: closed shards, not in the ledger yet
+        self.to_delete: list[str] = []               # old shards to unlink once the commit is done
+
+    def commit(self) -> None:
+        """The commit point: the ledger's next commit file (what changed since the last, the failures
+        recorded meanwhile included), then the index derived from it. Cost: O(records changed + shards)."""
+        with timed(self.report, "commit"):
+            self.ledger.settings, self.ledger.settings_hash = self.settings, self.settings_hash
+            self.ledger.records.update(self.failures)
+            self.failures = {}
+            commit_ledger(self.out, self.ledger)  # a no-op run writes nothing
+
+    def commit_shard(self, entry: ShardEntry) -> None:
+        """A shard the writer finished goes live with its samples' records, in one commit; under --rebuild
+        it is staged instead (switch() commits the whole new set). Cost: O(pending records) = one shard's."""
+        self.report.shards_written.append(entry.url)
+        if self.rebuild:  # until switch() the old set stays the live one
+            self.staged.append(entry)
+            return
+        done = {s: r for s, r in self.pending.items() if r.shard == entry.url}
+        self.ledger.shards[entry.url] = entry
+        self.ledger.records.update(done)
+        for s in done:
+            del self.pending[s]
+        self.commit()
+
+    def switch(self) -> None:
+        """--rebuild's one commit: the staged set replaces every old shard (retired, not deleted)."""
+        self.report.samples_removed += len(self.ledger.ok_records())
+        self.retire(sorted(self.ledger.shards))
+        self.ledger.records = dict(self.pending)
+        self.ledger.shards.update({e.url: e for e in self.staged})
+        self.pending, self.staged, self.rebuild = {}, [], False
+        self.commit()
+        crash_point("rewrite-committed")
+        self.delete_retired()
+
+    def retire(self, urls: list[str]) -> None:
+        """Take `urls` out of the live set in the next commit (kept as retired unless retention is 0)."""
+        self.to_delete += retire(self.ledger, urls, self.cfg.retention_hours)
+        self.report.shards_removed += urls
+        self.report.shards_retired += [u for u in urls if u in self.ledger.retired]
+
+    def delete_retired(self) -> None:
+        """After a commit: delete what retention 0 says goes at once (a crash before: leftovers)."""
+        for url in self.to_delete:
+            self.out.delete(url)
+        self.to_delete = []
+
+    def fail(self, v: Video, error: dict, outcome: Outcome | None = None, version: str | None = None) -> None:
+        """Record a failure with what decided it (fingerprints, ffmpeg, limits): retried only when one
+        of those changes. Without `version` (ffmpeg never ran for it) it is retried every run. It goes
+        into the next commit."""
+        error = {"class": error["class"], "reason": error["reason"], "stderr_tail": error.get("stderr_tail", "")}
+        video = outcome.fingerprint() if outcome is not None and outcome.sha256 else None
+        sidecar = None
+        if video is not None and (v.sidecar_path is not None or v.entry is not None):
+            try:
+                sidecar = sidecar_fp(v)
+            except OSError:  # gone meanwhile: a record without it is retried next run
+                pass
+        limits = {"timeout": self.cfg.timeout, "video_timeout": self.cfg.video_timeout}
+        self.failures[v.source] = VideoRecord(
+            source=v.source, status=STATUS_FAILED, video_id=v.video_id, key=v.key, video=video,
+            sidecar=sidecar, settings_hash=self.settings_hash, ffmpeg_version=version if video else None,
+            error=error, limits=limits if video else None)
+        self.report.failed.append({"source": v.source, **error})
+        self.report.videos_failed += 1
+
+
+def finish(run: _Run, work: Work) -> None:
+    """The run's last commit: the failures recorded since the last one, earlier failures not retried
+    listed in the report, --rebuild's switch, and the new stats of touched-but-unchanged files."""
+    _keep_failures(run.ledger, run.report)
+    if run.rebuild:
+        run.switch()
+    work.apply_refreshed(run.ledger)
+    run.commit()
+
+
+def _keep_failures(ledger: Ledger, report: Report) -> None:
+    """Earlier failures that were not retried stay failed: listed in the report (and exit 3)."""
+    for source in report.plan["failed_unchanged"]:
+        rec = ledger.records[source]
+        report.failed.append({"source": source, **rec.error, "unchanged": True})
+        report.videos_failed_unchanged += 1
 
 
 # -- rewrite: the shards holding changed or deleted videos ---------------------------------------------------
