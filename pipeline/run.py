@@ -75,8 +75,8 @@ def run_extract(cfg: PrepConfig) -> Report:
         gc.freeze()  # the discovered videos and the plan live as long as the run, too
         run = _Run(cfg, ledger, report, rebuild=report.plan["rebuild"], out=out)
         if not run.rebuild:
-            # before the rewrite: a donor sample may be on its way out
-            write_and_commit(run, package_samples(run, work), "package")
+            if work.from_frames:  # before the rewrite: a donor sample may be on its way out
+                write_and_commit(run, package_samples(run, work), "package")
             with timed(report, "rewrite"):
                 rewrite_shards(run, work, report.plan["deleted"])
         write_and_commit(run, extract_samples(run, work, engine), "extract")
