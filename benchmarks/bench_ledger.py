@@ -78,7 +78,8 @@ def _build(folder: Path, n: int) -> dict:
 
 def _measure(folder: Path, n: int, commit_records: int, legacy: bool) -> dict:
     from vtt.pipeline.discover import Video
-    from vtt.pipeline.ledger import make_plan, sync_index
+    from vtt.pipeline.commit import sync_index
+    from vtt.pipeline.rerun_plan import make_plan
     from vtt.shards.format import atomic_write_bytes
     from vtt.shards.index import ShardEntry
     from vtt.shards.ledger import Fingerprint, VideoRecord, commit_name, ledger_bytes, read_ledger, write_ledger

@@ -99,7 +99,7 @@ class VttSide:
     name = "vtt"
 
     def __init__(self, s: Setup, device: str):
-        from vtt.trainer.engine import build_engine, engine_dtype
+        from vtt.trainer.ds_engine import build_engine, engine_dtype
         self.s, self.device = s, device
         self.engine = build_engine(s.plan, s.adapter)
         self.engine.train()
@@ -119,7 +119,7 @@ class PlainSide:
     name = "plain"
 
     def __init__(self, s: Setup, device: str):
-        from vtt.trainer.engine import param_groups
+        from vtt.trainer.ds_engine import param_groups
         self.s, self.device = s, device
         torch.manual_seed(s.plan.cfg.run.seed)  # what build_engine does: same LoRA init
         self.model = s.adapter.load_model().to(device).train()
@@ -135,7 +135,7 @@ class PlainSide:
         self.clip = o.grad_clip
 
     def step(self, batches: list[dict]) -> torch.Tensor:
-        from vtt.trainer.engine import to_device
+        from vtt.trainer.ds_engine import to_device
         from vtt.trainer.loss import forward_loss, label_count
         tokens = max(sum(label_count(b, self.s.adapter.causal) for b in batches), 1)
         total = torch.zeros((), device=self.device)

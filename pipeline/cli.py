@@ -93,8 +93,8 @@ def extract(**kwargs):
     except (ConfigError, ShardFormatError) as e:
         _fail(str(e))
     if cfg.dry_run:
-        from .report import Plan
-        click.echo(Plan(**report.plan).text())
+        from .rerun_plan import RerunPlan
+        click.echo(RerunPlan(**report.plan).text())
         return
     click.echo(report.summary())
     sys.exit(report.exit_code)

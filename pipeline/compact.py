@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from vtt.shards.folder import OutFolder
-from vtt.shards.ledger import Ledger, read_ledger, write_ledger
+from vtt.shards.ledger import Ledger, read_ledger
 
+from .commit import commit_ledger
 from .config import CompactConfig, preflight_compact
 from .faults import crash_point
-from .ledger import reconcile, sync_index
+from .repair import reconcile
 from .retire import purge, retire
 from .writer import copy_to_new_shards
 
@@ -75,9 +76,7 @@ def _merge(out: OutFolder, cfg: CompactConfig, ledger: Ledger, small: list[str])
         ledger.records[rec.source] = replace(rec, shard=url)
     to_delete = retire(ledger, small, cfg.retention_hours)
     ledger.shards.update({e.url: e for e in written})
-    write_ledger(out, ledger)
-    crash_point("ledger-written")
-    sync_index(out, ledger)
+    commit_ledger(out, ledger)  # always a change here: the merged shards leave the live list
     crash_point("rewrite-committed")
     for url in to_delete:
         out.delete(url)

@@ -14,33 +14,6 @@ EXIT_FAILED_VIDEOS = 3  # some videos failed; everything else was written
 EXIT_LOCKED = 4         # another vtt-prep run holds the shards folder
 
 
-@dataclass
-class Plan:
-    """What a run will do, by source path; `failed` are earlier failures that are tried again,
-    `failed_unchanged` earlier failures that nothing gives a reason to retry (--retry-failed does)."""
-    new: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    # sidecar problems found now (no ffmpeg needed), whatever the video was before (new, or a sample that
-    # now leaves the shards): listed here only, so every video is in exactly one list
-    invalid: list[str] = field(default_factory=list)
-    failed_unchanged: list[str] = field(default_factory=list)
-    rebuild: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict:
-        return {k: len(getattr(self, k)) for k in ("new", "changed", "deleted", "unchanged", "failed", "invalid",
-                                                   "failed_unchanged")}
-
-    def text(self) -> str:
-        lines = [f"{k:>9}: {v}" for k, v in self.counts().items()]
-        for k in ("new", "changed", "deleted", "failed", "invalid", "failed_unchanged"):
-            lines += [f"  {k} {s}" for s in getattr(self, k)[:50]]
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
-
-
 SAMPLE_WARNINGS_LISTED = 1000   # per-sample warnings listed in report.json; all of them are counted
 
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from vtt.shards.ledger import Ledger, RetiredShard, write_ledger
 
+from .commit import sync_index
 from .faults import crash_point
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -53,7 +54,6 @@ def purge(folder, ledger: Ledger, retention_hours: float, now: datetime | None =
     """Delete the retired shards past retention: commit the ledger without them, then delete the files
     (`folder`: a path or an OutFolder)."""
     from vtt.shards.folder import out_folder
-    from .ledger import sync_index
     out = out_folder(folder)
     urls = due(ledger, retention_hours, now)
     if not urls:

@@ -2,9 +2,10 @@
 
 Every member gets fixed mtime/uid/gid/mode/owner names, so the same samples give the same bytes. A shard
 is written to a local `.tmp-` file (in the folder, or a URL folder's local scratch folder), fsynced and
-published in one atomic step (a rename, or one upload: shards/folder.py); it becomes live only when the
-caller commits the ledger (`on_close`). Shards are never modified: removing samples means copying the
-survivors into a new shard number (`rewrite_shard`).
+published in one atomic step (a rename, or one upload: shards/folder.py); the writer returns each shard it
+finishes, and the shard becomes live only when the caller commits it to the ledger (run.py's commit stage).
+Shards are never modified: removing samples means copying the survivors into new shard numbers
+(`copy_to_new_shards`).
 """
 from __future__ import annotations
 
@@ -60,24 +61,29 @@ class _OpenShard:
 class ShardWriter:
     """Appends samples to shards numbered from `first_number`, cutting by bytes and sample count.
 
-    `on_close(entry, keys)` is called after each shard is published; the caller commits its ledger
-    there. Nothing is opened until the first sample, so a run that writes nothing leaves no tar.
-    `folder` is a path or an OutFolder (a URL's).
+    The caller drives the cut: `close_if_full(members)` before each `add`, `close()` at the end; both
+    return the shard they finished (published, not yet committed), so the caller commits it before the
+    next sample is written. Nothing is opened until the first sample, so a run that writes nothing leaves
+    no tar. `folder` is a path or an OutFolder (a URL's).
     """
 
-    def __init__(self, folder: Path | OutFolder, first_number: int, max_bytes: int, max_samples: int,
-                 on_close: Callable[[ShardEntry, list[str]], None]):
+    def __init__(self, folder: Path | OutFolder, first_number: int, max_bytes: int, max_samples: int):
         self.out, self.next_number = out_folder(folder), first_number
-        self.max_bytes, self.max_samples, self.on_close = max_bytes, max_samples, on_close
+        self.max_bytes, self.max_samples = max_bytes, max_samples
         self._open: _OpenShard | None = None
 
-    def add(self, key: str, members: Members) -> str:
-        """Write one sample; returns the url of the shard it went into."""
-        size = sample_bytes(members)
+    def close_if_full(self, members: Members) -> ShardEntry | None:
+        """The open shard, finished (as `close`) if `members` would take it past the byte or sample limit."""
         cur = self._open
         if cur and (len(cur.keys) >= self.max_samples
-                    or cur.nbytes + size + TAR_TRAILER_MAX > self.max_bytes):
-            self.close()
+                    or cur.nbytes + sample_bytes(members) + TAR_TRAILER_MAX > self.max_bytes):
+            return self.close()
+        return None
+
+    def add(self, key: str, members: Members) -> str:
+        """Write one sample into the open shard (one is started if none); returns that shard's url. The
+        limits are `close_if_full`'s to keep: call it first."""
+        size = sample_bytes(members)
         cur = self._open or self._start()
         for name, data in members:
             cur.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
@@ -97,11 +103,12 @@ class ShardWriter:
         self._open = _OpenShard(number, tmp, f, tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT))
         return self._open
 
-    def close(self) -> None:
-        """Finish the open shard (if any): fsync, publish (rename or upload), then `on_close`."""
+    def close(self) -> ShardEntry | None:
+        """Finish the open shard (if any): fsync, publish (rename or upload); returns its entry for the
+        caller to commit (None when no shard was open)."""
         cur, self._open = self._open, None
         if cur is None:
-            return
+            return None
         cur.tar.close()
         cur.file.flush()
         os.fsync(cur.file.fileno())
@@ -110,7 +117,7 @@ class ShardWriter:
         entry = ShardEntry(name, len(cur.keys), cur.tmp.stat().st_size, sha256_file(cur.tmp))
         self.out.publish(cur.tmp, name)
         crash_point("shard-renamed")
-        self.on_close(entry, cur.keys)
+        return entry
 
     def abort(self) -> None:
         """Drop the open shard's temp file (error path; a crash leaves it for the next run's cleanup)."""
@@ -120,33 +127,30 @@ class ShardWriter:
             cur.tmp.unlink(missing_ok=True)
 
 
-def rewrite_shard(old, change: Callable[[str, Members], tuple[str, Members] | None],
-                  writer: ShardWriter) -> list[tuple[str, str]]:
-    """Copy the samples of `old` (a path or a binary file) through `writer` as `change(key, members)`
-    says: None drops a sample, else (key, members) is written. Returns (old key, new url) per written sample."""
-    moved = []
-    for key, members in read_samples(old):
-        new = change(key, members)
-        if new is not None:
-            moved.append((key, writer.add(new[0], new[1])))
-    return moved
-
-
 def copy_to_new_shards(folder: Path | OutFolder, urls: list[str], change: Callable[[str, Members], tuple[str, Members] | None],
                        first_number: int, shard_size: int, max_samples: int) -> tuple[list[tuple[str, str]], list]:
-    """rewrite_shard over `urls` into new shards numbered from `first_number`: (moved, new entries).
+    """Copy the samples of the shards `urls` into new shards numbered from `first_number`, as `change(key,
+    members)` says: None drops a sample, else (key, members) is written. Returns (moved: (old key, new url)
+    per written sample, new entries).
 
     Nothing is committed here: the new shards stay unlisted (a crash leaves them to the next run's
     cleanup) until the caller switches the ledger to them."""
-    out, written = out_folder(folder), []
-    writer = ShardWriter(out, first_number, shard_size, max_samples,
-                         on_close=lambda entry, keys: written.append(entry))
+    out, written, moved = out_folder(folder), [], []
+    writer = ShardWriter(out, first_number, shard_size, max_samples)
     try:
-        moved = []
         for url in urls:
             with out.open(url) as f:
-                moved += rewrite_shard(f, change, writer)
-        writer.close()
+                for key, members in read_samples(f):  # one sample in memory at a time
+                    new = change(key, members)
+                    if new is None:
+                        continue
+                    done = writer.close_if_full(new[1])
+                    if done is not None:
+                        written.append(done)
+                    moved.append((key, writer.add(*new)))
+        last = writer.close()
+        if last is not None:
+            written.append(last)
     except BaseException:
         writer.abort()
         raise

@@ -205,7 +205,7 @@ def test_crash_between_rename_and_commit_is_undone(corpus, clean, tmp_path):
     edit_ledger(out, roll_back)
     (out / LEDGER_DIR / ".tmp-commit-xyz").write_text("{half")
     (out / f".tmp-{shard_name(99)}").write_bytes(b"\0" * 700)
-    writer = ShardWriter(out, 98, 10**9, 10, on_close=lambda e, k: None)
+    writer = ShardWriter(out, 98, 10**9, 10)
     writer.add("zzz", [("zzz.txt", b"stray")])
     writer.close()  # a complete, renamed shard-000098.tar the ledger never heard of
     r = run_extract(cfg(corpus, out, shard_max_samples=1))

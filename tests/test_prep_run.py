@@ -13,7 +13,7 @@ from clips import read_counter
 from prep_helpers import (FPS, add_video, calls, cfg, content, copy_corpus, live_shards, logging_ffmpeg,
                           make_corpus, read_back, snapshot, state_files)
 
-from vtt.pipeline.ledger import SettingsChanged
+from vtt.pipeline.rerun_plan import SettingsChanged
 from vtt.pipeline.report import EXIT_FAILED_VIDEOS
 from vtt.pipeline.run import LockBusy, run_extract
 from vtt.pipeline.verify import verify_shards
@@ -241,19 +241,38 @@ def test_damaged_or_missing_shard_is_repaired_by_the_next_run(data, tmp_path):
     assert content(out) == clean and verify_shards(out).ok
 
 
+def test_writer_hands_back_each_shard_it_finishes_before_the_next_sample(tmp_path):
+    """The run loop commits a shard between close_if_full and the next add: the finished shard is already
+    published (complete on disk) and the next sample opens the next number."""
+    w = ShardWriter(tmp_path, 7, 10**9, 2)
+    done = []
+    for k in ("a", "b", "c"):
+        m = [(f"{k}.txt", k.encode())]
+        entry = w.close_if_full(m)
+        if entry is not None:
+            done.append(entry)
+            assert [key for key, _ in read_samples(tmp_path / entry.url)] == ["a", "b"]
+            assert not list(tmp_path.glob(".tmp-*"))  # nothing open while the caller commits
+        assert w.add(k, m) == ("shard-000007.tar" if k != "c" else "shard-000008.tar")
+    done.append(w.close())
+    assert [(e.url, e.nsamples) for e in done] == [("shard-000007.tar", 2), ("shard-000008.tar", 1)]
+    assert w.close() is None
+
+
 def test_writer_accounts_bytes_exactly_and_is_deterministic(tmp_path):
     samples = [(k, [(f"{k}.json", b"{}"), (f"{k}.txt", "é".encode() * n), (f"{k}.0000.jpg", b"\xff" * 700 * n)])
                for n, k in enumerate(["a", "b" * 120, "c_d", "ü" * 60], start=1)]
     urls = []
     for folder in (tmp_path / "x", tmp_path / "y"):
         folder.mkdir()
-        entries = []
-        w = ShardWriter(folder, 7, 10**9, 100, on_close=lambda e, k: entries.append((e, k)))
-        urls = [w.add(k, m) for k, m in samples]
-        w.close()
-        (entry, keys), = entries
+        w = ShardWriter(folder, 7, 10**9, 100)
+        urls = []
+        for k, m in samples:
+            assert w.close_if_full(m) is None  # all four fit in one shard
+            urls.append(w.add(k, m))
+        entry = w.close()
         total = sum(sample_bytes(m) for _, m in samples) + 1024
-        assert entry.filesize == -(-total // 10240) * 10240 and keys == [k for k, _ in samples]
+        assert entry.filesize == -(-total // 10240) * 10240 and entry.nsamples == len(samples)
         assert [(k, m) for k, m in read_samples(folder / entry.url)] == samples
     assert urls == ["shard-000007.tar"] * 4 and not list((tmp_path / "x").glob(".tmp-*"))
     assert (tmp_path / "x" / urls[0]).read_bytes() == (tmp_path / "y" / urls[0]).read_bytes()

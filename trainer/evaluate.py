@@ -8,7 +8,7 @@ import torch
 from vtt.trainer.adapter_api import ModelAdapter
 from vtt.trainer.data import build_loader
 from vtt.trainer.dist import DistEnv, all_reduce
-from vtt.trainer.engine import to_device
+from vtt.trainer.ds_engine import to_device
 from vtt.trainer.loss import forward_loss, label_count
 from vtt.trainer.plan import Plan
 

@@ -2,7 +2,7 @@
 
 Order matters: everything that can be wrong with the settings, the shards or the model/data match is checked
 on every rank *before* a process group exists (plan.py: all ranks fail alike, nobody waits on a dead peer); then
-DeepSpeed (dist.py, engine.py), resume, the loop (checkpoints, eval, metrics), the final checkpoint and the export.
+DeepSpeed (dist.py, ds_engine.py), resume, the loop (checkpoints, eval, metrics), the final checkpoint and the export.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from vtt.trainer.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.config import BEST_METRICS, TrainConfig
 from vtt.trainer.data import agree_data, build_loader, pin_data
 from vtt.trainer.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
-from vtt.trainer.engine import build_engine, clip_gradients, engine_dtype, to_device
+from vtt.trainer.ds_engine import build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.export import FINAL_DIR, export_model
 from vtt.trainer.loss import forward_loss, label_count, step_scale

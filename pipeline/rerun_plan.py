@@ -1,7 +1,7 @@
-"""Incremental planning against the ledger, and start-of-run repair of a shards folder.
+"""The plan stage of `vtt-prep extract`: the discovered videos compared with the ledger (RerunPlan + Work).
 
-The ledger (vtt.shards.ledger) is the only truth; `reconcile` makes the folder match it after a crash,
-`make_plan` compares the data folder with it. Fingerprints take the stat fast path and hash only when
+The ledger (vtt.shards.ledger) is the only truth; `make_plan` compares the data folder with it (repair.py
+makes the shards folder match it first). Fingerprints take the stat fast path and hash only when
 stat differs, so a touched-but-unchanged file costs a hash, never an ffmpeg call. Failed videos keep
 their fingerprints too: an unchanged broken file is not tried again (with all its timeouts) on every
 run, only when its file, sidecar, key, the settings, the ffmpeg version or a timeout that stopped it
@@ -18,13 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from vtt.shards.folder import out_folder
-from vtt.shards.format import INDEX_FILE, LEDGER_FILE, ShardFormatError, sha256_file
-from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord, clean_log, write_ledger
-from vtt.shards.store import LEDGER_DIR
+from vtt.shards.format import ShardFormatError, sha256_file
+from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord
 
 from .discover import Video
-from .report import Plan
 
 
 class SettingsChanged(ShardFormatError):
@@ -121,6 +118,33 @@ def prehash(videos: list[Video], ledger: Ledger, workers: int) -> dict[Path, str
 
 
 @dataclass
+class RerunPlan:
+    """What a run will do, by source path (the report's `plan`); `failed` are earlier failures that are tried again,
+    `failed_unchanged` earlier failures that nothing gives a reason to retry (--retry-failed does)."""
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    # sidecar problems found now (no ffmpeg needed), whatever the video was before (new, or a sample that
+    # now leaves the shards): listed here only, so every video is in exactly one list
+    invalid: list[str] = field(default_factory=list)
+    failed_unchanged: list[str] = field(default_factory=list)
+    rebuild: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        return {k: len(getattr(self, k)) for k in ("new", "changed", "deleted", "unchanged", "failed", "invalid",
+                                                   "failed_unchanged")}
+
+    def text(self) -> str:
+        lines = [f"{k:>9}: {v}" for k, v in self.counts().items()]
+        for k in ("new", "changed", "deleted", "failed", "invalid", "failed_unchanged"):
+            lines += [f"  {k} {s}" for s in getattr(self, k)[:50]]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+@dataclass
 class Work:
     """What the run has to do, derived from the plan."""
     extract: list[Video] = field(default_factory=list)       # valid videos to run ffmpeg on, sorted
@@ -205,7 +229,7 @@ def _classify(v: Video, rec: VideoRecord | None, rebuild: bool, work: Work, hash
 
 def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: bool,
               workers: int = 1, policy: RetryPolicy | None = None, settings: dict | None = None
-              ) -> tuple[Plan, Work]:
+              ) -> tuple[RerunPlan, Work]:
     """Compare the data folder with the ledger. Raises SettingsChanged unless `rebuild`, naming each
     setting that differs from the ledger's (`settings`: this run's, whose hash is `settings_hash`).
 
@@ -216,7 +240,7 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
     if has_samples and ledger.settings_hash != settings_hash and not rebuild:
         raise SettingsChanged(settings_conflict(ledger.settings, settings or {}))
     rebuild = rebuild and has_samples
-    plan, work = Plan(rebuild=rebuild), Work()
+    plan, work = RerunPlan(rebuild=rebuild), Work()
     hashes = {} if rebuild else prehash(videos, ledger, workers)
     seen = set()
     for v in videos:
@@ -260,64 +284,3 @@ def _reuse_frames(ledger: Ledger, work: Work, hashes: dict) -> None:
             work.from_frames[v.source] = (v, donor[0])
             taken.add(v.source)
     work.extract = [v for v in work.extract if v.source not in taken]
-
-
-def reconcile(folder, ledger: Ledger | None) -> tuple[Ledger, list[str]]:
-    """Make the shards folder (a path or an OutFolder: local or a URL) match its ledger after whatever
-    happened (crash, kill -9, manual deletes).
-
-    Upgrades a legacy ledger.json to the log (one checkpoint), removes temp files (of shards, in the
-    folder or a URL's local scratch folder, and of the log) and shards the ledger lists neither as
-    live nor as retired (published just before a crash), drops ledger shards that are missing or have
-    the wrong size (their videos are re-extracted) and retired shards someone already deleted, and
-    rewrites index.json from the ledger when it differs. Returns the ledger and what was repaired.
-    Cost: one listing of the folder (local: a scandir; a URL: one request per ~1000 objects) and one of
-    the log; nothing per shard.
-    """
-    out = out_folder(folder)
-    notes = [f"removed temp file {n} (an interrupted run's)" for n in out.clean_scratch()]
-    listed = out.listing()
-    files = {n: size for n, size in listed.items() if n.startswith("shard-") and n.endswith(".tar")}
-    fresh = ledger is None
-    if fresh:
-        if INDEX_FILE in listed:
-            raise ShardFormatError(f"{out}: has {INDEX_FILE} but no ledger ({LEDGER_DIR}/ or {LEDGER_FILE}): "
-                                   f"not a vtt-prep shards folder (or its ledger was deleted); use an empty folder")
-        ledger = Ledger()
-    elif ledger.legacy:
-        write_ledger(out, ledger)
-        notes.append(f"upgraded {LEDGER_FILE} to {LEDGER_DIR}/ (a commit log: each commit writes only what it changes)")
-    notes += clean_log(out, ledger)
-    broken = [u for u, e in ledger.shards.items() if files.get(u) != e.filesize]
-    gone = sorted(u for u in ledger.retired if u not in files)
-    for u in gone:
-        notes.append(f"retired {u} is already gone (deleted by hand?): dropped from the ledger")
-        del ledger.retired[u]
-    if broken:
-        for u in broken:
-            notes.append(f"{u} is missing or has the wrong size: its videos will be extracted again")
-            del ledger.shards[u]
-        for s in [s for s, r in ledger.records.items() if r.shard in broken]:
-            del ledger.records[s]
-    if broken or gone:
-        write_ledger(out, ledger)
-    if not fresh:  # a fresh folder gets its index with its first ledger, never before
-        sync_index(out, ledger)  # before deleting: the index must never list a missing shard
-    for name in sorted(files):
-        if name not in ledger.shards and name not in ledger.retired:
-            out.delete(name)
-            notes.append(f"removed {name}: not in the ledger (written by an interrupted run, or damaged)")
-    return ledger, notes
-
-
-def sync_index(folder, ledger: Ledger) -> None:
-    """index.json = f(ledger); written only when it differs, so a no-op run touches nothing (a URL:
-    one GET to compare)."""
-    out = out_folder(folder)
-    data = ledger.index_bytes()
-    try:
-        same = out.read_bytes(INDEX_FILE) == data
-    except FileNotFoundError:
-        same = False
-    if not same:
-        out.put_bytes(INDEX_FILE, data)
