@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= $(shell $(PY) -c "import shutil; print('cuda' if shutil.which('nvidia-smi') else 'cpu')")
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
-# vtt-train compiles no DeepSpeed op on CPU (trainer/dist.py skips the shm comm op); should another op
+# vtt-train compiles no DeepSpeed op on CPU (trainer/run/dist.py skips the shm comm op); should another op
 # ever be built, its cache stays with the venv so two checkouts do not recompile over each other's.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 

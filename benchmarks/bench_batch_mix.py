@@ -21,7 +21,7 @@ import webdataset as wds
 
 from vtt.shards.format import sha256_file, shard_name
 from vtt.shards.index import ShardEntry, ShardIndex, write_index
-from vtt.trainer.data import DataConfig, build_loader
+from vtt.trainer.data.loader import DataConfig, build_loader
 
 
 def sorted_corpus(folder: Path, classes: int, shards_per_class: int, per_shard: int) -> Path:

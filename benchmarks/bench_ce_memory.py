@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_ce_memory.py                       # NLLB's 256,206 tokens, ~1-2 min on CPU
     .venv/bin/python benchmarks/bench_ce_memory.py --vocab 151936        # Qwen2.5's vocabulary
 
-Each implementation runs in its own process (`vtt.trainer.loss.linear_cross_entropy` on random hidden states
+Each implementation runs in its own process (`vtt.trainer.run.loss.linear_cross_entropy` on random hidden states
 and head weight, both trainable as in a full fine-tune), so peaks do not mix. On CPU the figure is the growth of
 the process's peak RSS over what it held after allocating and touching the inputs; on CUDA it is
 max_memory_allocated above the inputs. The loss and the two gradients of each path are checked against the
@@ -29,7 +29,7 @@ def peak_rss_gb() -> float:
 def one(impl: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, out: str) -> None:
     import torch
 
-    from vtt.trainer.loss import linear_cross_entropy
+    from vtt.trainer.run.loss import linear_cross_entropy
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(tokens, hidden, generator=g) * 1.0).to(device, dt).requires_grad_()

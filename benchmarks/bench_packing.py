@@ -97,7 +97,7 @@ def step_seconds(adapter, batches: list[dict], seed: int = 0) -> float:
 
     import torch
 
-    from vtt.trainer.loss import forward_loss
+    from vtt.trainer.run.loss import forward_loss
     torch.manual_seed(seed)
     model = adapter.load_model().train()
     forward_loss(model, batches[0], adapter.causal).backward()  # warm-up
@@ -110,10 +110,10 @@ def step_seconds(adapter, batches: list[dict], seed: int = 0) -> float:
 def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool, timed: bool = False,
             attention: str | None = None) -> dict:
     """One epoch of rank 0 of 1 through the loader: real / total tokens (+ the model's time on its batches)."""
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
-    from vtt.trainer.data import DataConfig, build_loader
-    from vtt.trainer.packing import attention_for_packing
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
+    from vtt.trainer.data.loader import DataConfig, build_loader
+    from vtt.trainer.inputs.packing import attention_for_packing
     adapter = get_adapter(ModelConfig(kind=kind, model_path=model_path,
                                       attn_implementation=attention_for_packing(attention) if packed else None))
     m = Measure(adapter, keep=timed)
@@ -130,7 +130,7 @@ def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool, 
 
 def run(samples: int, micro: int, models: list[str], seed: int, work: Path, timed: bool = False,
         attention: str | None = None) -> list[dict]:
-    from vtt.trainer.presets import build_tiny
+    from vtt.trainer.models.presets import build_tiny
     shards = work / "shards"
     stats = mixed_corpus(shards, samples, seed)
     out = []

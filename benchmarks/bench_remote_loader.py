@@ -21,7 +21,7 @@ from s3_helpers import MotoServer, restore_env, set_env, upload  # noqa: E402
 
 from vtt.shards.format import frame_field, make_key, sha256_file, shard_name  # noqa: E402
 from vtt.shards.index import ShardEntry, ShardIndex, write_index  # noqa: E402
-from vtt.trainer.data import DataConfig, build_loader, unpin  # noqa: E402
+from vtt.trainer.data.loader import DataConfig, build_loader, unpin  # noqa: E402
 
 
 def textured_jpeg(rng, size: int) -> bytes:

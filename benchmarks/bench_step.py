@@ -79,10 +79,10 @@ class Setup:
     """What both sides share: the config, the adapter and the prefetched micro batches."""
 
     def __init__(self, cfg, n_batches: int):
-        from vtt.trainer.adapters import get_adapter
-        from vtt.trainer.data import build_loader
-        from vtt.trainer.dist import dist_env
-        from vtt.trainer.plan import data_config_for, ensure_preset, prepare
+        from vtt.trainer.models.registry import get_adapter
+        from vtt.trainer.data.loader import build_loader
+        from vtt.trainer.run.dist import dist_env
+        from vtt.trainer.run.plan import data_config_for, ensure_preset, prepare
         ensure_preset(cfg)
         self.adapter = get_adapter(cfg.model)
         self.env = dist_env()
@@ -99,7 +99,7 @@ class VttSide:
     name = "vtt"
 
     def __init__(self, s: Setup, device: str):
-        from vtt.trainer.ds_engine import build_engine, engine_dtype
+        from vtt.trainer.run.ds_engine import build_engine, engine_dtype
         self.s, self.device = s, device
         self.engine = build_engine(s.plan, s.adapter)
         self.engine.train()
@@ -107,7 +107,7 @@ class VttSide:
         self.n = 0
 
     def step(self, batches: list[dict]) -> float:
-        from vtt.trainer.loop import train_step
+        from vtt.trainer.run.loop import train_step
         self.n += 1
         self.engine.get_lr()
         stats = train_step(self.engine, iter(batches), self.s.plan, self.device, self.dtype, self.s.adapter,
@@ -119,7 +119,7 @@ class PlainSide:
     name = "plain"
 
     def __init__(self, s: Setup, device: str):
-        from vtt.trainer.ds_engine import param_groups
+        from vtt.trainer.run.ds_engine import param_groups
         self.s, self.device = s, device
         torch.manual_seed(s.plan.cfg.run.seed)  # what build_engine does: same LoRA init
         self.model = s.adapter.load_model().to(device).train()
@@ -135,8 +135,8 @@ class PlainSide:
         self.clip = o.grad_clip
 
     def step(self, batches: list[dict]) -> torch.Tensor:
-        from vtt.trainer.ds_engine import to_device
-        from vtt.trainer.loss import forward_loss, label_count
+        from vtt.trainer.run.ds_engine import to_device
+        from vtt.trainer.run.loss import forward_loss, label_count
         tokens = max(sum(label_count(b, self.s.adapter.causal) for b in batches), 1)
         total = torch.zeros((), device=self.device)
         for b in batches:
@@ -189,7 +189,7 @@ def peak_gb(device: str, fn, base: float | None) -> float | None:
 
 
 def run_case(name: str, flags: list[str], a) -> dict:
-    from vtt.trainer.dist import init_distributed
+    from vtt.trainer.run.dist import init_distributed
     cfg = config_from_flags(flags)
     s = Setup(cfg, a.steps_per_round * 2)
     device = init_distributed(s.env, 30)

@@ -17,7 +17,7 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
 and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; then, per run,
 benchmarks/bench_step.py with the same flags: vtt-train's step against a plain PyTorch loop on the same batches and
 model (the ratio plain / vtt; >= 0.9 is the target), and the peak memory against the memory planner's estimate
-(`vtt.trainer.memory`, where that module exists). OUT/gpu_check.json keeps them (copy the table into
+(`vtt.trainer.run.memory`, where that module exists). OUT/gpu_check.json keeps them (copy the table into
 BENCHMARKS.md with the device name). About 5-8 minutes on one H100 (--no-ratio: 3-5).
 
 How to run, on a CUDA machine without registry access:
@@ -89,7 +89,7 @@ def build_llava_7b(out: Path) -> Path:
     """The tiny preset's tokenizer/processor layout with LLaVA-NeXT-Video-7B's shapes, initialised on the GPU."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vtt.trainer.presets import CLIP_MEAN, CLIP_STD, build_tiny, write_vision_processor_files
+    from vtt.trainer.models.presets import CLIP_MEAN, CLIP_STD, build_tiny, write_vision_processor_files
     if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         return out
     build_tiny("llava", out)
@@ -108,7 +108,7 @@ def build_qwen25_7b(out: Path, weights: bool = True) -> Path:
     """presets_qwen.build_shaped_qwen (Qwen2.5-VL-7B's config + processor files) with random GPU-made weights."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vtt.trainer.presets_qwen import build_shaped_qwen
+    from vtt.trainer.models.presets_qwen import build_shaped_qwen
     if (out / "config.json").is_file() and (list(out.glob("*.safetensors")) or not weights):
         return out
     build_shaped_qwen(out)
@@ -120,7 +120,7 @@ def build_qwen25_7b(out: Path, weights: bool = True) -> Path:
 def build_nllb_600m(out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from vtt.trainer.presets import build_tiny
+    from vtt.trainer.models.presets import build_tiny
     if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         return out
     build_tiny("seq2seq", out)
@@ -216,7 +216,7 @@ def resolved(args: list[str]) -> tuple[list[str], float | None, str]:
     A planner failure is reported, not raised: the measured run still counts."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_step import config_from_flags
-    from vtt.trainer.memory import resolve_auto
+    from vtt.trainer.run.memory import resolve_auto
     try:
         res = resolve_auto(config_from_flags(args))
     except Exception as e:  # noqa: BLE001 - recorded in the results
@@ -229,9 +229,9 @@ def resolved(args: list[str]) -> tuple[list[str], float | None, str]:
 
 def count_tokens(model_path: Path, shards: Path, n: int = 64) -> tuple[float, float]:
     """Mean source and target tokens per sample of the seq2seq run (for the encoder/decoder FLOP split)."""
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
-    from vtt.trainer.data import DataConfig, build_loader
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
+    from vtt.trainer.data.loader import DataConfig, build_loader
     ad = get_adapter(ModelConfig(kind="seq2seq", model_path=str(model_path), src_lang="eng_Latn",
                                  tgt_lang="fra_Latn", target_template="{description_fr}"))
     loader = build_loader(DataConfig(str(shards), eval_shards=str(shards), decode_frames=False), list, 1,

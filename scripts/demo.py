@@ -177,14 +177,14 @@ def train(cfg: DemoConfig, lay: Layout, kind: str) -> Path:
 
 def caption_heldout(model_dir: Path, lay: Layout, n: int) -> dict[str, str]:
     """key -> caption for every held-out shard sample, with the exported model (vtt-caption's code)."""
-    from vtt.trainer.caption import caption
+    from vtt.trainer.tools.caption import caption
     return dict(caption(str(model_dir), [str(lay.shards_of("heldout"))], limit=n, max_new_tokens=24,
                         device="cpu"))
 
 
 def answer_heldout(model_dir: Path, lay: Layout, kind: str = "qa") -> list[dict]:
     """vtt-eval's rows (key, turn, question, reference, prediction) for every question of every held-out clip."""
-    from vtt.trainer.gen_eval import PREDICTIONS_FILE, EvalConfig, run_eval
+    from vtt.trainer.tools.gen_eval import PREDICTIONS_FILE, EvalConfig, run_eval
     out = lay.out / f"{kind.replace('_', '-')}-eval"
     run_eval(EvalConfig(str(model_dir), str(lay.shards_of("heldout")), str(out), batch_size=16, max_new_tokens=4,
                         device="cpu"))
@@ -258,7 +258,7 @@ def chance() -> dict:
 # ------------------------------------------------------------------ pictures and report
 
 def pictures(cfg: DemoConfig, lay: Layout, results: dict[str, dict]) -> dict[str, str]:
-    from vtt.trainer.plots import contact_sheet, plot_loss
+    from vtt.trainer.tools.plots import contact_sheet, plot_loss
     out = {}
     for kind in cfg.kinds:
         metrics = lay.run_of(kind) / "metrics.jsonl"
@@ -326,7 +326,7 @@ def log_to_wandb(cfg: DemoConfig, lay: Layout, pics: dict[str, str], report: dic
         return
     import wandb
 
-    from vtt.trainer.plots import log_image
+    from vtt.trainer.tools.plots import log_image
     for kind in cfg.kinds:
         run_dir = lay.run_of(kind)
         id_file = run_dir / "wandb_run_id"

@@ -5,7 +5,7 @@ Forms: LLaVA / LLaVA-Video-178K `conversations` (`[{"from": "human"|"gpt"|"syste
 LLaMA-Factory / ms-swift `messages` (`[{"role": ..., "content": str}]`), ms-swift's ShareGPT `conversation`
 (`[{"human": ..., "assistant": ...}]`), an optional top-level `system` string; the video placeholder (`<video>`, or
 `<image>` as LLaVA-Video-178K writes it) once, in a user turn. vtt-prep checks entries with it (pipeline/annotations.py);
-the trainer renders the turns with a chat template (trainer/conversation.py).
+the trainer renders the turns with a chat template (trainer/inputs/chat.py).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vtt.trainer.dist import free_port
+from vtt.trainer.run.dist import free_port
 
 KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -1,4 +1,5 @@
-"""The adapters (trainer/adapter_*.py, the registry in adapters.py): collate/label masking, video token counts against the real model classes, training
+"""The adapters (trainer/models/<family>.py, the registry in trainer/models/registry.py): collate/label masking,
+video token counts against the real model classes, training
 steps, export -> reload, generate, LoRA merge, freezing options and clear errors. Tiny presets, CPU."""
 import dataclasses
 import math
@@ -13,11 +14,11 @@ from safetensors import safe_open
 from typing_extensions import get_protocol_members
 
 from vtt.shards.conversation import SampleError
-from vtt.trainer.adapter_llava import PROJECTOR_PARTS
-from vtt.trainer.adapter_api import ModelAdapter
-from vtt.trainer.adapters import ADAPTERS, get_adapter
-from vtt.trainer.model_config import KINDS, ModelConfig
-from vtt.trainer.presets import LLAVA_FAMILIES, build_tiny
+from vtt.trainer.models.llava import PROJECTOR_PARTS
+from vtt.trainer.models.adapter import ModelAdapter
+from vtt.trainer.models.registry import ADAPTERS, get_adapter
+from vtt.trainer.models.model_config import KINDS, ModelConfig
+from vtt.trainer.models.presets import LLAVA_FAMILIES, build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ CAPTIONS = ["a red square moving left", "a blue circle bouncing", "a green ball 
 
 
 def video_samples(n=4, frames=(4, 3), size=(24, 40), seed=0):
-    """Sample dicts as trainer/data.py yields them; clip lengths cycle through `frames`."""
+    """Sample dicts as trainer/data/loader.py yields them; clip lengths cycle through `frames`."""
     rng = np.random.default_rng(seed)
     return [{"key": f"clip_{i:03d}", "text": "", "frames": rng.integers(0, 256, (frames[i % len(frames)], *size, 3),
                                                                          dtype=np.uint8),
@@ -100,8 +101,8 @@ def test_answer_tokens_match_joint_tokenization(style, llava_path, tmp_path):
     the whole text at once, for GPT-2/Qwen-style and for Llama/SentencePiece-style tokenizers."""
     import shutil
 
-    from vtt.trainer.presets import LLAVA_SPECIAL
-    from vtt.trainer.tokenizer import build_tokenizer
+    from vtt.trainer.models.presets import LLAVA_SPECIAL
+    from vtt.trainer.models.presets_tokenizer import build_tokenizer
     path = tmp_path / style
     shutil.copytree(llava_path, path)
     if style != "bytelevel":
@@ -168,7 +169,7 @@ def test_seq2seq_collate_language_codes_and_truncation(s2s_path):
 
 
 def llava_adapter_casts(_):
-    from vtt.trainer.adapter_llava import LlavaAdapter
+    from vtt.trainer.models.llava import LlavaAdapter
     return LlavaAdapter.cast_buffers
 
 
@@ -320,7 +321,7 @@ def test_callers_use_only_the_protocol():
     """Every `adapter.<member>` the loop, evaluation, export, the planner, the tools and the benchmarks use is a
     ModelAdapter member (documented there), and none probes an adapter with hasattr/getattr."""
     callers = [p for d in ("trainer", "benchmarks", "scripts") for p in sorted((REPO / d).rglob("*.py"))
-               if not p.name.startswith(("adapter_", "adapters"))]
+               if not (p.parent.name == "models" and p.stem in ("adapter", "registry", "llava", "qwen", "seq2seq"))]
     used, probes = {}, []
     for p in callers:
         text = p.read_text()

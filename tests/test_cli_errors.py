@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from train_helpers import PY, make_train_shards, train_env
 
-from vtt.trainer import caption as caption_cli
+from vtt.trainer.tools import caption as caption_cli
 from vtt.trainer import cli as train_cli
-from vtt.trainer import gen_eval as eval_cli
+from vtt.trainer.tools import gen_eval as eval_cli
 
 ONE_RANK = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
@@ -37,7 +37,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A real tiny random LLaVA-NeXT-Video checkpoint (the --preset tiny one), used with --model llava."""
-    from vtt.trainer.presets import build_tiny
+    from vtt.trainer.models.presets import build_tiny
     return build_tiny("llava", tmp_path_factory.mktemp("cli") / "tiny-llava")
 
 
@@ -106,7 +106,7 @@ def test_cpu_process_group_builds_no_deepspeed_op(tmp_path):
     inference): the backend holds no op and nothing appears in TORCH_EXTENSIONS_DIR. A fresh process: the
     process group is per process."""
     code = ("import deepspeed.comm.comm as c\n"
-            "from vtt.trainer.dist import dist_env, init_distributed\n"
+            "from vtt.trainer.run.dist import dist_env, init_distributed\n"
             "assert init_distributed(dist_env(), 1) == 'cpu'\n"
             "print('shm op:', getattr(c.cdb, 'shm_comm_op', 'missing'))\n")
     p = subprocess.run([PY, "-c", code], env=dict(train_env(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")),

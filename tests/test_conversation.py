@@ -1,4 +1,4 @@
-"""Multi-turn conversation samples (trainer/conversation.py + the LLaVA adapter): both annotation styles, the
+"""Multi-turn conversation samples (trainer/inputs/chat.py + the LLaVA adapter): both annotation styles, the
 family format and a checkpoint's own chat template, loss on exactly the learned assistant turns, history masking,
 length overflow, and bad conversations failing as data through the loader's on_corrupt policy."""
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from vtt.shards.conversation import SampleError
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.conversation import conversation_of
-from vtt.trainer.presets import build_tiny
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.inputs.chat import conversation_of
+from vtt.trainer.models.presets import build_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prep_helpers import add_video, cfg as prep_cfg  # noqa: E402
@@ -138,7 +138,7 @@ def test_bad_conversations_name_sample_turn_and_reason(llava_path, turns, match)
 def test_sidecar_conversations_reach_training_and_bad_ones_are_counted(llava_path, tmp_path):
     """Real vtt-prep output: conversations ride in the sidecar; a bad one is a counted bad_sample, not a crash."""
     from vtt.pipeline.run import run_extract
-    from vtt.trainer.data import DataConfig, build_loader
+    from vtt.trainer.data.loader import DataConfig, build_loader
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):
@@ -190,9 +190,9 @@ LLAVA_CASES = ([(f, style, None) for f in ("llava_next_video", "video_llava", "l
 
 def _with_tokenizer(src: Path, dst: Path, style: str, template: str | None, qwen: bool = False) -> str:
     """The tiny checkpoint with a tokenizer of `style` (same special-token ids) and chat `template`."""
-    from vtt.trainer.presets import LLAVA_SPECIAL
-    from vtt.trainer.presets_qwen import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
-    from vtt.trainer.tokenizer import build_tokenizer
+    from vtt.trainer.models.presets import LLAVA_SPECIAL
+    from vtt.trainer.models.presets_qwen import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
+    from vtt.trainer.models.presets_tokenizer import build_tokenizer
     shutil.copytree(src, dst)
     if qwen:
         tok = build_tokenizer(QWEN_SPECIAL, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk="<|endoftext|>",
@@ -289,7 +289,7 @@ def test_system_column_and_swift_pairs_render_through_the_chat_template(tmp_path
                    {"role": "assistant", "content": "x"}]}, r"messages\[0\]: has an audio content part"),
 ])
 def test_audio_is_never_trained_as_text(llava_path, meta, match):
-    from vtt.trainer.conversation import UnsupportedSample
+    from vtt.trainer.inputs.chat import UnsupportedSample
     ad = get_adapter(ModelConfig(kind="llava", model_path=llava_path))
     with pytest.raises(UnsupportedSample, match=match):
         ad.collate([{**sample(), "meta": meta}])

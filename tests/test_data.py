@@ -1,4 +1,4 @@
-"""trainer/data.py on real WebDataset tars written here with webdataset.TarWriter (tiny Pillow images)."""
+"""trainer/data/loader.py on real WebDataset tars written here with webdataset.TarWriter (tiny Pillow images)."""
 import io
 import json
 import os
@@ -10,8 +10,8 @@ from PIL import Image
 
 from vtt.shards.format import ShardFormatError, frame_field, sha256_file, shard_name
 from vtt.shards.index import ShardEntry, ShardIndex, write_index
-from vtt.trainer.data import (CorruptSampleError, DataConfig, StreamPosition, build_loader, eval_batches,
-                              in_eval_slice, steps_per_epoch)
+from vtt.trainer.data.loader import (CorruptSampleError, DataConfig, StreamPosition, build_loader, eval_batches,
+                                     in_eval_slice, steps_per_epoch)
 
 
 def image_bytes(value: int, ext: str = "jpg", size=(6, 8)) -> bytes:
@@ -125,7 +125,7 @@ def test_resume_yields_exactly_the_remaining_batches(tmp_path, workers):
 
 
 def test_resume_skips_without_decoding(tmp_path, monkeypatch):
-    import vtt.trainer.data_read as data
+    import vtt.trainer.data.read as data
     cfg = DataConfig(str(write_shards(tmp_path, [8, 8])), shuffle_buffer=4)
     loader = build_loader(cfg, keys_of, 2)
     take(loader, 5)

@@ -6,11 +6,11 @@ import pytest
 from test_data import keys_of, take, write_shards
 
 from vtt.shards.conversation import SampleError
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.text import render
-from vtt.trainer.data import CorruptSampleError, DataConfig, build_loader
-from vtt.trainer.presets import build_tiny
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.inputs.text import render
+from vtt.trainer.data.loader import CorruptSampleError, DataConfig, build_loader
+from vtt.trainer.models.presets import build_tiny
 
 NO_TITLE = {"v0005", "v0011"}
 

@@ -14,10 +14,10 @@ from train_helpers import PY, REPO, make_train_shards, metrics, train_env  # noq
 
 from vtt.shards import storage  # noqa: E402
 from vtt.shards.format import ShardFormatError  # noqa: E402
-from vtt.trainer import data_source  # noqa: E402
-from vtt.trainer.data_source import read_snapshot  # noqa: E402
-from vtt.trainer.data import (DataConfig, SnapshotError, StorageError, build_loader, pin_data,  # noqa: E402
-                              unpin)
+from vtt.trainer.data import source as data_source  # noqa: E402
+from vtt.trainer.data.source import read_snapshot  # noqa: E402
+from vtt.trainer.data.loader import (DataConfig, SnapshotError, StorageError, build_loader, pin_data,  # noqa: E402
+                                     unpin)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_vtt_train_and_caption_read_s3_shards(shards, server, tmp_path):
     assert [x["step"] for x in train] == [1, 2, 3] and evals
     saved = (run / "config.yaml").read_text()
     assert f"endpoint_url: {server.url}" in saved and "secret: <redacted>" in saved and "key: <redacted>" in saved
-    p = cli("vtt.trainer.caption", run, url, "--limit", 2, "--json", "--max-new-tokens", 4, env=server.env())
+    p = cli("vtt.trainer.tools.caption", run, url, "--limit", 2, "--json", "--max-new-tokens", 4, env=server.env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert [line.startswith('{"key": "clip-000') for line in p.stdout.splitlines()] == [True, True]
 
@@ -189,7 +189,7 @@ def test_unreachable_shards_url_fails_in_one_line_exit_2(shards, server, tmp_pat
 
 
 def test_vtt_caption_unreachable_url_fails_in_one_line_exit_2(server, tmp_path):
-    p = cli("vtt.trainer.caption", tmp_path, "s3://no-such-bucket/shards", env=server.env(), timeout=120)
+    p = cli("vtt.trainer.tools.caption", tmp_path, "s3://no-such-bucket/shards", env=server.env(), timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.strip() == ("vtt-caption: error: s3://no-such-bucket/shards: bucket 'no-such-bucket' does not "
                                 "exist (or is not visible to these credentials)")

@@ -17,8 +17,8 @@ from vtt.pipeline.compact import compact_shards
 from vtt.pipeline.config import CompactConfig
 from vtt.pipeline.run import run_extract
 from vtt.shards.index import read_index
-from vtt.trainer.data import (DataConfig, DataResumeError, SnapshotError, build_loader, pin_data, steps_per_epoch,
-                              unpin)
+from vtt.trainer.data.loader import (DataConfig, DataResumeError, SnapshotError, build_loader, pin_data,
+                                     steps_per_epoch, unpin)
 
 N = 8  # videos; 2 a shard -> 4 shards
 
@@ -163,7 +163,7 @@ AGREE = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[4])
     from test_data import write_shards
-    from vtt.trainer.data import DataConfig, agree_data, pin_data, steps_per_epoch
+    from vtt.trainer.data.loader import DataConfig, agree_data, pin_data, steps_per_epoch
     rank, folder, store = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     dcfg = DataConfig(str(folder))
     if rank == 1:  # rank 1 starts after a vtt-prep commit grew the folder
@@ -200,7 +200,8 @@ EVAL_WHILE_PREP_COMMITS = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from prep_helpers import add_video, env, prep_cmd
     from vtt.pipeline.faults import ENV
-    from vtt.trainer import cli, loop
+    from vtt.trainer import cli
+    from vtt.trainer.run import loop
     data, out = Path(sys.argv[2]), sys.argv[3]
     flags = ["--num-frames", "4", "--size", "96x32", "--resize", "stretch", "--shard-max-samples", "2", "-q"]
     real, calls = loop.eval_and_log, []

@@ -110,7 +110,7 @@ def test_demo_learns_from_frames_and_metadata(tmp_path):
 @pytest.mark.slow
 def test_demo_qwen_learns_appearance_and_motion(tmp_path):
     """The tiny Qwen2.5-VL preset captions held-out clips: colour, shape and the direction of motion (seed 0
-    measured 100%, 98%, 92%; direction was 28% before the tiny RoPE base, see trainer/presets_qwen.py)."""
+    measured 100%, 98%, 92%; direction was 28% before the tiny RoPE base, see trainer/models/presets_qwen.py)."""
     report = demo.run_demo(demo.DemoConfig(out=tmp_path / "demo", kinds=("qwen",)))
     chance, qwen = report["chance"], report["results"]["qwen"]["accuracy"]
     print(json.dumps(qwen, indent=1))

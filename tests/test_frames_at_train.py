@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vtt.trainer.data import DataConfig, build_loader
-from vtt.trainer.data_read import FramePick
+from vtt.trainer.data.loader import DataConfig, build_loader
+from vtt.trainer.data.read import FramePick
 
 STORED = 8
 

@@ -1,4 +1,4 @@
-"""vtt-eval (trainer/gen_eval.py): every assistant turn answered with its history from the data, captions for
+"""vtt-eval (trainer/tools/gen_eval.py): every assistant turn answered with its history from the data, captions for
 caption samples, bounded batches, predictions.jsonl + metrics.json (exact match, sacrebleu BLEU/chrF, groups)."""
 import json
 import subprocess
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.gen_eval import EvalConfig, evaluate_model, normalise, scores
-from vtt.trainer.presets import build_tiny
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.tools.gen_eval import EvalConfig, evaluate_model, normalise, scores
+from vtt.trainer.models.presets import build_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_text import _shards_with  # noqa: E402
@@ -57,15 +57,15 @@ def test_cli_on_an_exported_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     vtt_train("--model", "seq2seq", "--preset", "tiny", "--shards", shards, "--output-dir", run,
               "--micro-batch", 2, "--max-steps", 1, "--set", "run.save_final=false")
-    p = subprocess.run([PY, "-m", "vtt.trainer.gen_eval", str(run), "--shards", str(shards), "--out",
+    p = subprocess.run([PY, "-m", "vtt.trainer.tools.gen_eval", str(run), "--shards", str(shards), "--out",
                         str(tmp_path / "eval"), "--batch-size", "3"], cwd=REPO, env=train_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "vtt-eval: 4 answers" in p.stdout
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 4
     # vtt-caption batches the same way: never more than --batch-size inputs per generate call
-    from vtt.trainer.adapter_seq2seq import Seq2SeqAdapter
-    from vtt.trainer.caption import caption
+    from vtt.trainer.models.seq2seq import Seq2SeqAdapter
+    from vtt.trainer.tools.caption import caption
     sizes, real = [], Seq2SeqAdapter.generate
     monkeypatch.setattr(Seq2SeqAdapter, "generate", lambda self, m, batch, **kw: sizes.append(len(batch))
                         or real(self, m, batch, **kw))

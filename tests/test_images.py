@@ -1,10 +1,10 @@
-"""trainer/images.py: uint8 frames -> normalised (T,3,h,w) float tensors, torch only."""
+"""trainer/inputs/images.py: uint8 frames -> normalised (T,3,h,w) float tensors, torch only."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vtt.trainer.images import to_pixel_values
+from vtt.trainer.inputs.images import to_pixel_values
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -1,4 +1,4 @@
-"""The memory planner (vtt.trainer.memory): parameter counts on the meta device against real models, the
+"""The memory planner (vtt.trainer.run.memory): parameter counts on the meta device against real models, the
 activation formulas against what autograd really saves, the optimizer accounting against a real AdamW step,
 monotonicity, fitting (the 7B LoRA recipe on a 24 GB card) and `vtt-train --plan`."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers as tf
 
-from vtt.trainer import memory as M
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.presets import build_shaped, build_tiny
-from vtt.trainer.presets_qwen import build_shaped_qwen
+from vtt.trainer.run import memory as M
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.models.presets import build_shaped, build_tiny
+from vtt.trainer.models.presets_qwen import build_shaped_qwen
 
 GB = 1024 ** 3
 
@@ -242,7 +242,7 @@ def test_encoder_decoder_and_clip_layers_match_autograd(dtype, make, cross, mode
 
 def whole_model_saved(adapter, model, samples) -> tuple[int, dict, torch.Tensor]:
     """Bytes autograd keeps for one micro batch's forward + vtt's loss (weights left out)."""
-    from vtt.trainer.loss import summed_token_loss
+    from vtt.trainer.run.loss import summed_token_loss
     batch = adapter.collate(samples)
     labels = batch.pop("labels")
     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
@@ -279,9 +279,9 @@ def test_whole_model_activations_within_15_percent(tiny, kind, lora):
 DS_SCRIPT = """
 import json, os, sys, torch
 import deepspeed
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer import memory as M
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.run import memory as M
 stage = int(sys.argv[2])
 mc = ModelConfig(kind="seq2seq", model_path=sys.argv[1])
 model = get_adapter(mc).load_model().to(torch.bfloat16)
@@ -311,7 +311,7 @@ def test_bf16_weights_and_optimizer_states_equal_deepspeeds(tiny, stage):
     import sys
 
     from train_helpers import REPO, train_env
-    from vtt.trainer.dist import free_port
+    from vtt.trainer.run.dist import free_port
     env = dict(train_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
     if "TORCH_EXTENSIONS_DIR" not in env and (REPO / ".venv").is_dir():  # the shm op built once, per checkout

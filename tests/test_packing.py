@@ -1,4 +1,4 @@
-"""Padding-free packing (trainer/packing.py, data.packing): a packed row computes what separate samples compute
+"""Padding-free packing (trainer/inputs/packing.py, data.packing): a packed row computes what separate samples compute
 (attention stays inside each sample, positions and Qwen's M-RoPE restart per sample), its loss is the unpacked
 per-token loss, and the loader hands packed micro batches with no padding at all. Tiny presets, CPU, fp32."""
 import json
@@ -14,12 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import REPO, make_train_shards, metrics, vtt_train  # noqa: E402
 
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig  # noqa: E402
-from vtt.trainer.checkpoint import tag_for  # noqa: E402
-from vtt.trainer.loss import forward_loss, label_count  # noqa: E402
-from vtt.trainer.packing import PACKED_SDPA, batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
-from vtt.trainer.presets import build_tiny  # noqa: E402
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig  # noqa: E402
+from vtt.trainer.run.checkpoint import tag_for  # noqa: E402
+from vtt.trainer.run.loss import forward_loss, label_count  # noqa: E402
+from vtt.trainer.inputs.packing import PACKED_SDPA, batch_samples, pack, real_tokens, sample_lengths  # noqa: E402
+from vtt.trainer.models.presets import build_tiny  # noqa: E402
 
 FAMILIES = [("llava", "llava_next_video"), ("llava", "video_llava"), ("llava", "llava_onevision"),
             ("qwen_vl", "qwen2_5_vl"), ("qwen_vl", "qwen2_vl"), ("qwen_vl", "qwen3_vl")]

@@ -1,4 +1,4 @@
-"""trainer/plots.py: loss curve and contact sheet PNGs from real files of the formats they read."""
+"""trainer/tools/plots.py: loss curve and contact sheet PNGs from real files of the formats they read."""
 import io
 import json
 import tarfile
@@ -9,7 +9,7 @@ from PIL import Image
 
 from vtt.shards.format import sha256_file, shard_name
 from vtt.shards.index import ShardEntry, ShardIndex, write_index
-from vtt.trainer import plots
+from vtt.trainer.tools import plots
 
 COLOURS = [(220, 30, 30), (30, 180, 30), (30, 60, 240)]
 

@@ -15,7 +15,7 @@ from vtt.pipeline.config import ConfigError, PrepConfig, preflight
 from vtt.pipeline.run import run_extract
 from vtt.pipeline.verify import verify_shards
 from vtt.shards.format import read_samples
-from vtt.trainer.conversation import conversation_of
+from vtt.trainer.inputs.chat import conversation_of
 
 
 def conv(q, a):
@@ -354,8 +354,8 @@ def test_tiny_llava_trains_on_annotation_shards(tmp_path):
               "--max-steps", 2, "--micro-batch", 2, "--log-every", 1, "--save-every", 0, "--no-export")
     train_lines, _ = metrics(run)
     assert [x["step"] for x in train_lines] == [1, 2] and all(x["loss"] > 0 for x in train_lines)
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
     ad = get_adapter(ModelConfig(kind="llava", model_path=str(run / "preset-llava")))
     for key, s in got.items():
         sample = {"key": key, "meta": s["meta"], "frames": [decode_frame(f) for f in s["frames"]]}

@@ -1,11 +1,11 @@
-"""trainer/presets.py: tiny checkpoints are saved like real ones and load back through from_pretrained."""
+"""trainer/models/presets.py: tiny checkpoints are saved like real ones and load back through from_pretrained."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vtt.trainer.presets import LANG_CODES, build_tiny
+from vtt.trainer.models.presets import LANG_CODES, build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +79,9 @@ def test_unknown_kind_and_family(tmp_path):
 def test_full_size_shapes_match_the_real_models(shape, billions, tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
-    from vtt.trainer.presets import SHAPE_KINDS, build_shaped
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
+    from vtt.trainer.models.presets import SHAPE_KINDS, build_shaped
     path = build_shaped(shape, tmp_path)
     assert not list(path.glob("*.safetensors"))  # config only: weights are made where they are used
     auto = AutoModelForImageTextToText if SHAPE_KINDS[shape] == "llava" else AutoModelForSeq2SeqLM
@@ -95,8 +95,8 @@ def test_full_size_shapes_match_the_real_models(shape, billions, tmp_path):
 
 
 def test_random_init_ignores_the_saved_weights(tiny):
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
     saved = get_adapter(ModelConfig(kind="seq2seq", model_path=str(tiny["seq2seq"]))).load_model()
     torch.manual_seed(1)
     fresh = get_adapter(ModelConfig(kind="seq2seq", model_path=str(tiny["seq2seq"]), random_init=True)).load_model()

@@ -14,13 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_prep_shards, metrics, vtt_train  # noqa: E402
 
 from vtt.shards.conversation import SampleError  # noqa: E402
-from vtt.trainer.adapters import get_adapter  # noqa: E402
-from vtt.trainer.model_config import ModelConfig  # noqa: E402
-from vtt.trainer.conversation import Turn  # noqa: E402
-from vtt.trainer.data import DataConfig, build_loader  # noqa: E402
-from vtt.trainer.presets import build_tiny  # noqa: E402
-from vtt.trainer.presets_qwen import QWEN_FAMILIES, build_shaped_qwen  # noqa: E402
-from vtt.trainer.qwen_video import VideoSpec, load_video_processor, port_video  # noqa: E402
+from vtt.trainer.models.registry import get_adapter  # noqa: E402
+from vtt.trainer.models.model_config import ModelConfig  # noqa: E402
+from vtt.trainer.inputs.chat import Turn  # noqa: E402
+from vtt.trainer.data.loader import DataConfig, build_loader  # noqa: E402
+from vtt.trainer.models.presets import build_tiny  # noqa: E402
+from vtt.trainer.models.presets_qwen import QWEN_FAMILIES, build_shaped_qwen  # noqa: E402
+from vtt.trainer.inputs.qwen_video import VideoSpec, load_video_processor, port_video  # noqa: E402
 
 COMMON = ["--model", "qwen_vl", "--preset", "tiny", "--micro-batch", "2", "--log-every", "1", "--lr", "3e-3",
           "--warmup-steps", "1"]
@@ -237,7 +237,7 @@ def test_qwen25_trains_resumes_and_exports(qwen_run, shards, tmp_path):
     got = a.generate(model, next(iter(build_loader(DataConfig(str(shards[1])), list, micro_batch=2,
                                                    split="train"))), max_new_tokens=4)
     assert len(got) == 2 and all(isinstance(x, str) for x in got)
-    from vtt.trainer.caption import caption, frame_spec, load_info, video_sample
+    from vtt.trainer.tools.caption import caption, frame_spec, load_info, video_sample
     video = sorted(shards[2].glob("*.mp4"))[0]
     sample = video_sample(video, frame_spec(load_info(final, None)["frames"], None))
     assert len(sample["meta"]["vtt"]["timestamps"]) == len(sample["frames"]) == 4  # real pts reach the model
@@ -250,7 +250,7 @@ def test_qwen25_trains_resumes_and_exports(qwen_run, shards, tmp_path):
 def test_other_families_train_resume_and_export(shards, tmp_path, family):
     from transformers import AutoModelForImageTextToText
 
-    from vtt.trainer.gen_eval import EvalConfig, run_eval
+    from vtt.trainer.tools.gen_eval import EvalConfig, run_eval
     train, evals, _ = shards
     run = tmp_path / "run"
     args = [*COMMON, "--shards", train, "--output-dir", run, "--max-steps", 4, "--save-every", 2, "--lora",

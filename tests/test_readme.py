@@ -55,9 +55,9 @@ def inline_commands() -> list[tuple[int, list[str]]]:
 
 def cli_commands() -> dict[str, click.Command]:
     from vtt.pipeline.cli import main as prep
-    from vtt.trainer.caption import main as caption
+    from vtt.trainer.tools.caption import main as caption
     from vtt.trainer.cli import main as train
-    from vtt.trainer.gen_eval import main as evaluate
+    from vtt.trainer.tools.gen_eval import main as evaluate
     return {"vtt-prep": prep, "vtt-train": train, "vtt-caption": caption, "vtt-eval": evaluate}
 
 

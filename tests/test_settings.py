@@ -46,7 +46,7 @@ def toy_command():
 def test_one_config_error_for_both_halves():
     from vtt.pipeline.config import ConfigError as prep_error
     from vtt.trainer.config import ConfigError as train_error
-    from vtt.trainer.ds_config import DeepSpeedConfigError
+    from vtt.trainer.run.ds_config import DeepSpeedConfigError
     assert prep_error is train_error is ConfigError and issubclass(DeepSpeedConfigError, ConfigError)
 
 

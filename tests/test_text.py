@@ -1,4 +1,4 @@
-"""Sample text is data, never markup (trainer/text.py): special-token strings in sidecar fields are tokenised as
+"""Sample text is data, never markup (trainer/inputs/text.py): special-token strings in sidecar fields are tokenised as
 characters, in prompts, answers and seq2seq text, while the template's own markup keeps working."""
 import io
 import json
@@ -13,10 +13,10 @@ from PIL import Image
 from vtt.shards.format import frame_field, sha256_file, shard_name
 from vtt.shards.index import ShardEntry, ShardIndex, write_index
 from vtt.shards.conversation import SampleError
-from vtt.trainer.adapters import get_adapter
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.presets import build_tiny
-from vtt.trainer.text import encode, render_spans
+from vtt.trainer.models.registry import get_adapter
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.models.presets import build_tiny
+from vtt.trainer.inputs.text import encode, render_spans
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import vtt_train  # noqa: E402

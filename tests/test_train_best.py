@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_train_shards, metrics, vtt_train  # noqa: E402
 
-from vtt.trainer.checkpoint import incomplete_reason  # noqa: E402
+from vtt.trainer.run.checkpoint import incomplete_reason  # noqa: E402
 
 
 def test_generation_metrics_logged_and_best_checkpoint_kept(tmp_path):

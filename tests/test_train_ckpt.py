@@ -1,7 +1,7 @@
 """Checkpoints that survive kills: only complete checkpoints resume (every rank's files, then vtt's marker),
 `latest` is a hint, a torn metrics line is dropped, and frozen weights (LoRA base) stay out of checkpoints.
 
-The crash tests SIGKILL a rank at an exact step of the save protocol (VTT_TRAIN_CRASH_AT, trainer/faults.py)
+The crash tests SIGKILL a rank at an exact step of the save protocol (VTT_TRAIN_CRASH_AT, trainer/run/faults.py)
 in a real two-process run (`--num-gpus 2`: the deepspeed launcher on CPU)."""
 import json
 import shutil
@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import REPO, make_train_shards, metrics, vtt_train  # noqa: E402
 
-from vtt.trainer.checkpoint import (STATE_FILE, CheckpointError, CheckpointManager, incomplete_reason,  # noqa: E402
-                                    tag_for)
-from vtt.trainer.tracking import truncate_metrics  # noqa: E402
+from vtt.trainer.run.checkpoint import (STATE_FILE, CheckpointError, CheckpointManager, incomplete_reason,  # noqa: E402
+                                        tag_for)
+from vtt.trainer.run.tracking import truncate_metrics  # noqa: E402
 
 S2S = ["--model", "seq2seq", "--preset", "tiny", "--micro-batch", "2", "--log-every", "1", "--lr", "3e-3",
        "--warmup-steps", "1", "--no-export", "--keep-last", "0", "--set", "model.tgt_lang=fra_Latn"]
@@ -104,8 +104,8 @@ def model_states(run: Path, step: int) -> dict:
 def test_lora_checkpoint_holds_only_trainable_tensors_and_resumes_exactly(shards, tmp_path):
     """LoRA: the model-states file holds the adapters + projector only (the frozen base reloads from the model
     path at resume), it is far smaller than a full run's, and a resume repeats the uninterrupted losses."""
-    from vtt.trainer.adapters import get_adapter
-    from vtt.trainer.model_config import ModelConfig
+    from vtt.trainer.models.registry import get_adapter
+    from vtt.trainer.models.model_config import ModelConfig
     lora, full = tmp_path / "lora", tmp_path / "full"
     vtt_train(*LLAVA, "--shards", shards, "--output-dir", lora, "--lora", "--set", "model.lora_r=4")
     vtt_train(*LLAVA, "--shards", shards, "--output-dir", full)

@@ -9,11 +9,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import REPO, make_train_shards  # noqa: E402
 
-from vtt.trainer import ds_config as dsc  # noqa: E402
+from vtt.trainer.run import ds_config as dsc  # noqa: E402
 from vtt.trainer.cli import launcher_command, main, overrides_from_flags  # noqa: E402
 from vtt.trainer.config import (ConfigError, DeepSpeedSettings, OptimConfig, TrackingConfig, load_config,  # noqa: E402
                                 parse_set)
-from vtt.trainer.tracking import Tracker, TrackingError, preflight, truncate_metrics  # noqa: E402
+from vtt.trainer.run.tracking import Tracker, TrackingError, preflight, truncate_metrics  # noqa: E402
 
 CONFIGS = REPO / "configs"
 
@@ -254,7 +254,7 @@ def test_help_lists_the_flags():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from vtt.trainer.presets import build_tiny
+    from vtt.trainer.models.presets import build_tiny
     root = tmp_path_factory.mktemp("models")
     return {k: str(build_tiny(k, root / k)) for k in ("llava", "seq2seq")}
 
@@ -267,8 +267,8 @@ def world1(monkeypatch):
 
 
 def prepare(tmp_path, tiny_models, kind="llava", shards=None, **sections):
-    from vtt.trainer import loop
-    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer.run import loop
+    from vtt.trainer.models.registry import get_adapter
     from vtt.trainer.config import config_from_dict, merge
     tree = merge({"model": {"kind": kind, "model_path": tiny_models[kind]},
                   "data": {"shards": str(shards or tmp_path / "shards")},

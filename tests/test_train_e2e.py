@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import PY, REPO, make_prep_shards, metrics, train_env, vtt_train  # noqa: E402
 
-from vtt.trainer.ds_config import bucket_elements  # noqa: E402
+from vtt.trainer.run.ds_config import bucket_elements  # noqa: E402
 
 COMMON = ["--preset", "tiny", "--micro-batch", "2", "--log-every", "1", "--lr", "2e-3", "--warmup-steps", "1"]
 
@@ -71,7 +71,7 @@ def test_llava_zero2_trains_logs_and_checkpoints(llava_run):
 def test_export_reloads_with_equal_logits_and_generates(llava_run, shards):
     from transformers import AutoModelForImageTextToText
 
-    from vtt.trainer.caption import caption
+    from vtt.trainer.tools.caption import caption
     run, _ = llava_run
     dump = torch.load(run.parent / "dump.pt", weights_only=False)
     model = AutoModelForImageTextToText.from_pretrained(run / "final", dtype=torch.bfloat16).eval()
@@ -116,7 +116,8 @@ def test_seq2seq_with_seed_deepspeed_json(shards, tmp_path):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (4, 2, 8)
     assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["data_types"] == {"buffer_dtype": "bf16"}
-    assert ds["gradient_clipping"] == 1.0  # "auto" bucket: from the trainable size, not hidden^2 (ds_config.py)
+    # "auto" bucket: from the trainable size, not hidden^2 (trainer/run/ds_config.py)
+    assert ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["reduce_bucket_size"] == bucket_elements(
         json.loads((run / "summary.json").read_text())["trainable_params"])
     lines = metrics(run)[0]
@@ -127,7 +128,8 @@ def test_seq2seq_with_seed_deepspeed_json(shards, tmp_path):
 
 NAN_SCRIPT = """
 import sys, torch
-from vtt.trainer import cli, loop
+from vtt.trainer import cli
+from vtt.trainer.run import loop
 real = loop.forward_loss
 calls = []
 def poisoned(engine, batch, causal):

@@ -10,11 +10,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import PY, REPO, make_train_shards, train_env  # noqa: E402
 
-from vtt.trainer.adapters import get_adapter  # noqa: E402
-from vtt.trainer.model_config import ModelConfig  # noqa: E402
-from vtt.trainer.dist import free_port  # noqa: E402
-from vtt.trainer.loss import label_count, summed_token_loss  # noqa: E402
-from vtt.trainer.presets import build_tiny  # noqa: E402
+from vtt.trainer.models.registry import get_adapter  # noqa: E402
+from vtt.trainer.models.model_config import ModelConfig  # noqa: E402
+from vtt.trainer.run.dist import free_port  # noqa: E402
+from vtt.trainer.run.loss import label_count, summed_token_loss  # noqa: E402
+from vtt.trainer.models.presets import build_tiny  # noqa: E402
 
 # Runs vtt-train (any launcher) and, at the first accumulation boundary, saves every rank's micro batches and
 # the full fp32 gradients DeepSpeed is about to apply (safe_get_full_grad: after backward, before the step).
@@ -22,7 +22,8 @@ CAPTURE = """
 import os, sys, torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import safe_get_full_grad
-from vtt.trainer import cli, loop
+from vtt.trainer import cli
+from vtt.trainer.run import loop
 out, batches = sys.argv[1], []
 real_loss, real_step = loop.forward_loss, DeepSpeedEngine.step
 def recording(engine, batch, causal):
@@ -91,7 +92,7 @@ def close(a: dict, b: dict, atol: float = 2e-6) -> bool:
 def test_loss_function_matches_the_models_own_token_mean(preset, tmp_path, shards):
     """summed_token_loss / label_count is exactly the model's own mean loss (same shift), for both model kinds;
     seq2seq's decoder inputs built in collate equal the ones the model builds from labels."""
-    from vtt.trainer.data import DataConfig, build_loader
+    from vtt.trainer.data.loader import DataConfig, build_loader
     s2s = build_tiny("seq2seq", tmp_path / "s2s", seed=0)
     for kind, path, causal in (("llava", preset, True), ("seq2seq", s2s, False)):
         adapter = get_adapter(ModelConfig(kind=kind, model_path=str(path)))
@@ -133,7 +134,7 @@ def test_gradients_do_not_depend_on_the_batch_split(shards, preset, tmp_path):
 def test_chunked_cross_entropy_equals_the_plain_one(weight_grad):
     """Loss and both gradients of the chunked path equal full logits + cross_entropy (several chunks, a last
     partial one; a frozen head as under LoRA gets no gradient and costs none)."""
-    from vtt.trainer.loss import linear_cross_entropy
+    from vtt.trainer.run.loss import linear_cross_entropy
     g = torch.Generator().manual_seed(0)
     h0, w0 = torch.randn(37, 24, generator=g), torch.randn(500, 24, generator=g) * 0.3
     y = torch.randint(0, 500, (37,), generator=g)
@@ -160,8 +161,8 @@ def test_chunked_cross_entropy_equals_the_plain_one(weight_grad):
 def test_forward_loss_chunked_matches_full_logits(kind, preset, shards, tmp_path):
     """Through the real tiny models (the head bypassed for the forward, label rows only): the same summed
     loss and the same gradient on every trainable parameter as full logits; bf16 agrees to bf16 rounding."""
-    from vtt.trainer.data import DataConfig, build_loader
-    from vtt.trainer.loss import forward_loss, output_head
+    from vtt.trainer.data.loader import DataConfig, build_loader
+    from vtt.trainer.run.loss import forward_loss, output_head
     path = preset if kind == "llava" else build_tiny("seq2seq", tmp_path / "s2s", seed=0)
     adapter = get_adapter(ModelConfig(kind=kind, model_path=str(path)))
     batch = next(iter(build_loader(DataConfig(str(shards), decode_frames=adapter.needs_frames), adapter.collate,

@@ -104,10 +104,11 @@ def train_and_dump(argv: list[str], dump: str) -> None:
     the first two samples of --eval-shards (index order) next to the batch, for the export round-trip test."""
     import torch
 
-    from vtt.trainer import cli, loop
-    from vtt.trainer.adapters import get_adapter
+    from vtt.trainer import cli
+    from vtt.trainer.run import loop
+    from vtt.trainer.models.registry import get_adapter
     from vtt.trainer.config import load_config
-    from vtt.trainer.data import DataConfig, build_loader
+    from vtt.trainer.data.loader import DataConfig, build_loader
     params = cli.main.make_context("vtt-train", list(argv)).params
     cfg = load_config(params["config_file"], cli.overrides_from_flags(params, params["sets"]))
     result = loop.train(cfg)

@@ -35,7 +35,7 @@ def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, host
     if hostfile:
         cmd += ["--hostfile", hostfile]
     if not master_port and not hostfile and not num_nodes:
-        from vtt.trainer.dist import free_port
+        from vtt.trainer.run.dist import free_port
         master_port = free_port()  # one machine: the launcher's fixed 29500 collides with any other run
     if master_port:
         cmd += ["--master_port", str(master_port)]
@@ -117,14 +117,14 @@ def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, m
 
 
 def needs_auto(cfg) -> bool:
-    from vtt.trainer.memory import needs_resolution
+    from vtt.trainer.run.memory import needs_resolution
     return needs_resolution(cfg)
 
 
 def resolve_plan(cfg, show: bool):
     """`auto` settings made concrete from the memory estimate; --plan prints it and exits 0."""
-    from vtt.trainer.memory import PlanError, plan_text, resolve_auto
-    from vtt.trainer.plan import ensure_preset
+    from vtt.trainer.run.memory import PlanError, plan_text, resolve_auto
+    from vtt.trainer.run.plan import ensure_preset
     try:
         ensure_preset(cfg)  # --preset tiny: the model folder the plan reads
         res = resolve_auto(cfg)
@@ -155,7 +155,7 @@ def run(cfg, local_rank: int | None, created: bool = False) -> None:
     """train() with vtt's known errors turned into one clear line and exit status 1. A run folder this command
     created is removed again when the run fails before writing its config (nothing of a run is in it yet;
     one process only: under a launcher the ranks would race)."""
-    from vtt.trainer import loop
+    from vtt.trainer.run import loop
     try:
         result = loop.train(cfg, local_rank=local_rank)
     except known_errors() as e:
@@ -190,10 +190,10 @@ def remove_run_folder(run_dir: Path) -> None:
 def known_errors() -> tuple[type[BaseException], ...]:
     from vtt.shards.format import ShardFormatError
     from vtt.shards.conversation import SampleError
-    from vtt.trainer.checkpoint import CheckpointError
-    from vtt.trainer.data import CorruptSampleError
-    from vtt.trainer.loop import NonFiniteLossError
-    from vtt.trainer.tracking import TrackingError
+    from vtt.trainer.run.checkpoint import CheckpointError
+    from vtt.trainer.data.loader import CorruptSampleError
+    from vtt.trainer.run.loop import NonFiniteLossError
+    from vtt.trainer.run.tracking import TrackingError
     return (ShardFormatError, SampleError, CheckpointError, ConfigError, CorruptSampleError, NonFiniteLossError,
             TrackingError)
 

@@ -1,6 +1,7 @@
 """TrainConfig: every vtt-train setting in one typed tree, loaded from YAML and overridden by flags.
 
-Sections: model (ModelConfig, model_config.py), data (DataConfig, data.py), optim, deepspeed, run, tracking.
+Sections: model (ModelConfig, models/model_config.py), data (DataConfig, data/loader.py), optim, deepspeed, run,
+tracking.
 Precedence: dataclass defaults < --config YAML < flags (`--set section.field=value` reaches any field).
 Unknown sections or keys stop with the list of valid names.
 """
@@ -23,14 +24,14 @@ from vtt.shards.format import ShardFormatError
 from vtt.shards.index import read_index
 from vtt.shards.settings import ConfigError, Flag, RawValue, coerce, values_of
 from vtt.shards.storage import parse_options
-from vtt.trainer.model_config import ModelConfig
-from vtt.trainer.data import DataConfig
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.data.loader import DataConfig
 
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
 PRESETS = ("tiny",)
-PACKED_KINDS = ("llava", "qwen_vl")  # data.packing: decoder-only language models (vtt.trainer.packing)
+PACKED_KINDS = ("llava", "qwen_vl")  # data.packing: decoder-only language models (vtt.trainer.inputs.packing)
 DEFAULT_ZERO_STAGE = 2
 DEFAULT_PRECISION = "bf16"
 DEFAULT_MICRO_BATCH = 4
@@ -89,7 +90,7 @@ class DeepSpeedSettings:
     config_file: str | None = None  # external DeepSpeed JSON (may hold "auto")
     zero_stage: int | None = None  # 0..3; None: ds_config.default_stage (1 process: 0 fp32 / 1 bf16; else 2)
     precision: str | None = None  # bf16 | fp32, default bf16; fp32 only when asked for
-    micro_batch_size: int | str | None = None  # per GPU, default 4; "auto": the fastest that fits (memory.py)
+    micro_batch_size: int | str | None = None  # per GPU, default 4; "auto": the fastest that fits (run/memory.py)
     grad_accum: int | None = None  # default 1
     train_batch_size: int | None = None  # optional check: must equal world x micro x accumulation
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states (and step) on CPU
@@ -403,11 +404,11 @@ def config_from_dict(tree: dict) -> TrainConfig:
 
 def packing_attention(parts: dict) -> dict:
     """data.packing on a decoder model with no attention chosen: the one that keeps a packed row's samples apart
-    without a (row x row) mask (vtt.trainer.packing.attention_for_packing)."""
+    without a (row x row) mask (vtt.trainer.inputs.packing.attention_for_packing)."""
     model, data = parts["model"], parts["data"]
     if not data.packing or model.kind not in PACKED_KINDS or model.attn_implementation:
         return parts
-    from vtt.trainer.packing import attention_for_packing
+    from vtt.trainer.inputs.packing import attention_for_packing
     return {**parts, "model": dataclasses.replace(model, attn_implementation=attention_for_packing(None))}
 
 

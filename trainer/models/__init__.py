@@ -1,0 +1,1 @@
+"""Model families behind one ModelAdapter Protocol: registry, adapters, checkpoint I/O, tiny presets."""

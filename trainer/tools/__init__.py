@@ -1,0 +1,1 @@
+"""CLIs on a trained model or a run: vtt-caption, vtt-eval, plots."""
