@@ -52,7 +52,7 @@ import torch
 
 from vtt.shards.format import INDEX_FILE, ShardFormatError
 from vtt.shards.storage import StorageError, Store  # noqa: F401
-from vtt.trainer.data.order import Plan, StreamPosition, batches_per_rank, shuffle_order  # noqa: F401
+from vtt.trainer.data.order import ReadPlan, StreamPosition, batches_per_rank, shuffle_order  # noqa: F401
 from vtt.trainer.data.read import (MAX_EVENTS, CorruptSampleError, decode_sample,  # noqa: F401
                                    stream_batches)
 from vtt.trainer.data.source import (RESTART_HINT, DataResumeError, Snapshot, SnapshotError,  # noqa: F401
@@ -187,7 +187,7 @@ def _identity(x):
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    def __init__(self, plan: Plan, collate_fn: Callable):
+    def __init__(self, plan: ReadPlan, collate_fn: Callable):
         self.plan, self.collate_fn = plan, collate_fn
 
     def __iter__(self):
@@ -286,9 +286,9 @@ class Loader:
         """Batches per rank in the current epoch (a resumed epoch may be of an older index)."""
         return batches_per_rank(self._src.total, self.micro_batch, self.world_size, self.split, self.where)
 
-    def _plan(self, epoch: int, start_batch: int, raw: tuple[int, ...] | None) -> Plan:
+    def _plan(self, epoch: int, start_batch: int, raw: tuple[int, ...] | None) -> ReadPlan:
         cfg, train = self.cfg, self.split == "train"
-        return Plan(self._src, self.split, cfg.seed, epoch, self.rank, self.world_size, self.workers,
+        return ReadPlan(self._src, self.split, cfg.seed, epoch, self.rank, self.world_size, self.workers,
                     self.micro_batch, len(self), start_batch, raw, cfg.shuffle_buffer if train else 0,
                     cfg.interleave_shards if train else 1, cfg.on_corrupt, cfg.decode_frames,
                     cfg.num_frames, cfg.frame_sampling if train else "uniform")
@@ -303,7 +303,7 @@ class Loader:
             self._fold_counters()
             self._next_epoch()
 
-    def _run(self, plan: Plan, track: bool) -> Iterator[Any]:
+    def _run(self, plan: ReadPlan, track: bool) -> Iterator[Any]:
         ds = _EpochDataset(plan, self.collate_fn)
         if self.cfg.num_workers == 0:
             it = iter(ds)

@@ -162,7 +162,7 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ReadPlan:
     """One epoch of one rank, as plain data (DataLoader workers get it by fork or pickle).
 
     Stream l (of `workers` on this rank) makes the rank's batches i with i % workers == l; its stretch of

@@ -28,7 +28,7 @@ import numpy as np
 
 from vtt.shards.conversation import SampleError
 from vtt.shards.format import ShardFormatError, decode_frame, frame_fields, frame_index, split_member
-from vtt.trainer.data.order import Plan
+from vtt.trainer.data.order import ReadPlan
 from vtt.trainer.data.source import RESTART_HINT, SnapshotError, Source
 
 log = logging.getLogger("vtt.trainer.data.loader")
@@ -130,7 +130,8 @@ def shard_samples(src: Source, j: int, start: int, want: Callable[[int], bool], 
             yield rest, {"__key__": None, "__url__": path, "__lost__": True}
 
 
-def read_sequence(plan: Plan, start: int, want: Callable[[int], bool], corrupt: Corrupt) -> Iterator[tuple[int, dict]]:
+def read_sequence(plan: ReadPlan, start: int, want: Callable[[int], bool],
+                  corrupt: Corrupt) -> Iterator[tuple[int, dict]]:
     """(i, raw) for G positions start+i, i = 0, 1, ..., cycling, wanted ones only. The shards of the
     group being walked are open at once, each read front to back."""
     layout = plan.layout()
@@ -156,7 +157,7 @@ def read_sequence(plan: Plan, start: int, want: Callable[[int], bool], corrupt: 
             yield i, raw
 
 
-def raw_samples(plan: Plan, l: int, consumed: int, corrupt: Corrupt) -> Iterator[dict]:
+def raw_samples(plan: ReadPlan, l: int, consumed: int, corrupt: Corrupt) -> Iterator[dict]:
     """Stream l's raw samples after the first `consumed`: its stretch in emission order, then (to
     replace corrupt ones) what follows the stretch in G, in order."""
     start, quota = plan.range_start(l), plan.quota(l)
@@ -272,7 +273,7 @@ def _offenders(samples: list[tuple[dict, str]], collate_fn: Callable) -> list[tu
     return out
 
 
-def stream_batches(plan: Plan, l: int, collate_fn: Callable) -> Iterator[tuple[Any, dict]]:
+def stream_batches(plan: ReadPlan, l: int, collate_fn: Callable) -> Iterator[tuple[Any, dict]]:
     """Stream l's batches of the epoch, each with the bookkeeping the main process needs."""
     mine = plan.my_batches(l)
     if not mine:

@@ -5,7 +5,7 @@ import torch
 
 from vtt.trainer.run import ds_config as dsc
 from vtt.trainer.models.adapter import ModelAdapter
-from vtt.trainer.run.plan import Plan
+from vtt.trainer.run.plan import RunPlan
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -18,7 +18,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(plan: Plan, adapter: ModelAdapter):
+def build_engine(plan: RunPlan, adapter: ModelAdapter):
     import deepspeed
     cfg = plan.cfg
     hf_ds = None
@@ -66,7 +66,7 @@ def clip_gradients(engine) -> None:
         engine._vtt_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine._vtt_clip)
 
 
-def config_for_model(plan: Plan, adapter: ModelAdapter, model: torch.nn.Module) -> dict:
+def config_for_model(plan: RunPlan, adapter: ModelAdapter, model: torch.nn.Module) -> dict:
     """plan.ds built again with the loaded model's trainable parameter count (gradient bucket sizes)."""
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()

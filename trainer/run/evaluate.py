@@ -10,13 +10,13 @@ from vtt.trainer.data.loader import build_loader
 from vtt.trainer.run.dist import DistEnv, all_reduce
 from vtt.trainer.run.ds_engine import to_device
 from vtt.trainer.run.loss import forward_loss, label_count
-from vtt.trainer.run.plan import Plan
+from vtt.trainer.run.plan import RunPlan
 
 log = logging.getLogger("vtt.train")
 
 
 @torch.no_grad()
-def evaluate(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, dtype) -> float:
+def evaluate(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, dtype) -> float:
     """Collective. Summed token loss / label tokens over every rank's eval batches (the same number of batches
     on every rank: ZeRO-3 needs it). Cost: one forward per eval batch (capped by run.eval_max_batches)."""
     cfg = plan.cfg
@@ -34,14 +34,14 @@ def evaluate(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, dt
     return total / max(tokens, 1)
 
 
-def eval_and_log(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, dtype, tracker, step: int) -> float:
+def eval_and_log(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, dtype, tracker, step: int) -> float:
     loss = evaluate(engine, plan, adapter, env, device, dtype)
     tracker.log({"step": step, "eval_loss": loss})
     log.info("step %d eval_loss %.4f", step, loss)
     return loss
 
 
-def generate_and_log(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, tracker, step: int) -> dict:
+def generate_and_log(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, tracker, step: int) -> dict:
     """Collective. Answers the eval set (vtt-eval's path, capped by run.eval_generate_samples) and logs
     eval_exact_match / eval_bleu / eval_chrf; files go to RUN/eval/step_NNNNNNNN/. Rank 0 generates; under
     ZeRO-3 every rank runs the same generation (its parameters are partitioned) and only rank 0 writes."""

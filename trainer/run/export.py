@@ -8,13 +8,13 @@ from pathlib import Path
 from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.config import TrainConfig
 from vtt.trainer.run.dist import DistEnv
-from vtt.trainer.run.plan import Plan
+from vtt.trainer.run.plan import RunPlan
 
 FINAL_DIR = "final"
 MODEL_INFO_FILE = "vtt_model.json"  # beside the exported weights: how to caption with them (tools/caption.py)
 
 
-def export_model(engine, adapter: ModelAdapter, plan: Plan, env: DistEnv, out_dir: Path) -> Path:
+def export_model(engine, adapter: ModelAdapter, plan: RunPlan, env: DistEnv, out_dir: Path) -> Path:
     """Collective. save_pretrained safetensors + tokenizer/processor files; ZeRO-3 gathers full weights first."""
     import deepspeed.comm as dist
     state_dict = None

@@ -28,7 +28,7 @@ from vtt.trainer.run.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.run.export import FINAL_DIR, export_model
 from vtt.trainer.run.loss import forward_loss, label_count, step_scale
 from vtt.trainer.inputs.packing import batch_samples
-from vtt.trainer.run.plan import Plan, data_config_for, ensure_preset, prepare, write_run_files
+from vtt.trainer.run.plan import RunPlan, data_config_for, ensure_preset, prepare, write_run_files
 from vtt.trainer.run.tracking import Tracker
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "prepare", "data_config_for", "dist_env", "to_device",
@@ -151,7 +151,7 @@ def step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv, device) -
     return local.item(), [vals[0], *vals[2:]], vals[1] > 0
 
 
-def train_step(engine, it, plan: Plan, device, dtype, adapter: ModelAdapter, env: DistEnv, step: int,
+def train_step(engine, it, plan: RunPlan, device, dtype, adapter: ModelAdapter, env: DistEnv, step: int,
                last_ckpt: Path | None) -> StepStats:
     """Collective. One optimizer step = grad_accum micro batches, the loss a per-token mean over all its micro
     batches and ranks. Gradients are those of that same mean (run/loss.py), so
@@ -252,8 +252,8 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     return result
 
 
-def run_loop(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, ckpt: CheckpointManager, tracker: Tracker,
-             start_step: int, position: dict | None, last_ckpt: Path | None) -> TrainResult:
+def run_loop(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, ckpt: CheckpointManager,
+             tracker: Tracker, start_step: int, position: dict | None, last_ckpt: Path | None) -> TrainResult:
     from tqdm import tqdm
     cfg, run = plan.cfg, plan.cfg.run
     dtype = engine_dtype(engine)
@@ -326,7 +326,7 @@ class Best:
         return True
 
 
-def _eval_all(engine, plan: Plan, adapter: ModelAdapter, env: DistEnv, device, dtype, tracker, step: int,
+def _eval_all(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, dtype, tracker, step: int,
               result: TrainResult, best: Best) -> bool:
     """Eval loss (+ generation metrics with run.eval_generate); True when run.keep_best's metric improved."""
     metrics = {"eval_loss": eval_and_log(engine, plan, adapter, env, device, dtype, tracker, step)}
@@ -354,7 +354,7 @@ def peak_memory_gb() -> float | None:
     return acc.max_memory_allocated() / 2**30
 
 
-def summarize(engine, plan: Plan, env: DistEnv, result: TrainResult, totals: Window, corrupt: dict) -> dict:
+def summarize(engine, plan: RunPlan, env: DistEnv, result: TrainResult, totals: Window, corrupt: dict) -> dict:
     """RUN/summary.json: what a benchmark or a person wants to know after a run (rank 0's view)."""
     n, n_train = param_counts(engine.module)
     t = max(totals.time, 1e-9)

@@ -67,7 +67,9 @@ def plan_steps(cfg: TrainConfig, micro: int, accum: int, world: int) -> tuple[in
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunPlan:
+    """What a run was checked to be before any process group exists: the settings with `auto` resolved, the
+    DeepSpeed config, the steps in all and per epoch (the data's own read order is data/order.ReadPlan)."""
     cfg: TrainConfig
     ds: dict
     resolved: dsc.Resolved
@@ -75,7 +77,7 @@ class Plan:
     micro_per_epoch: int
 
 
-def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> Plan:
+def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> RunPlan:
     """All checks that need no process group; raises before training on any problem."""
     from deepspeed.accelerator import get_accelerator
     tracking_preflight(cfg.tracking)
@@ -92,10 +94,10 @@ def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> Plan:
     # config.yaml shows what the run resolved to, not "None = default"
     s = dataclasses.replace(s, zero_stage=r.zero_stage, precision=r.precision, micro_batch_size=r.micro_batch_size,
                             grad_accum=r.grad_accum)
-    return Plan(dataclasses.replace(cfg, deepspeed=s), ds, r, total, per_epoch)
+    return RunPlan(dataclasses.replace(cfg, deepspeed=s), ds, r, total, per_epoch)
 
 
-def write_run_files(plan: Plan, run_dir: Path) -> None:
+def write_run_files(plan: RunPlan, run_dir: Path) -> None:
     cfg = plan.cfg
     old = load_saved(run_dir)
     if old and cfg.run.resume:
