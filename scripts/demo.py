@@ -199,9 +199,11 @@ def score_qa(clips, answers: list[dict]) -> dict:
     from vtt.shards.format import make_key
     kind_of = {q: a for a, q in QUESTIONS.items()}
     by_key: dict = {}
+    turns: dict = {}  # key -> attribute -> its turn index in the conversation
     for r in answers:
-        question = r["question"].replace("<video>", "").strip()
-        by_key.setdefault(r["key"], {})[kind_of[question]] = r["prediction"].strip().lower()
+        attr = kind_of[r["question"].replace("<video>", "").strip()]
+        by_key.setdefault(r["key"], {})[attr] = r["prediction"].strip().lower()
+        turns.setdefault(r["key"], {})[attr] = r["turn"]
     rows = []
     for clip in clips:
         key = make_key(clip.video_id)
@@ -213,8 +215,20 @@ def score_qa(clips, answers: list[dict]) -> dict:
                "caption": ", ".join(f"{a} {got[a]}" for a in ATTRS)}
         row.update({a: got[a] == getattr(clip, a) for a in ATTRS})
         row["exact"] = all(row[a] for a in ATTRS)
+        row["asked"] = sorted(ATTRS, key=turns[key].get)
         rows.append(row)
-    return {"accuracy": _subsets(rows), "rows": rows}
+    return {"accuracy": _subsets(rows), "by_position": by_position(rows), "rows": rows}
+
+
+def by_position(rows: list[dict]) -> dict:
+    """Per attribute, [right, asked] when asked first, second, third: an answer that is worse when asked later
+    leans on the earlier answers (README, demo section)."""
+    out = {a: [[0, 0] for _ in ATTRS] for a in ATTRS}
+    for r in rows:
+        for rank, a in enumerate(r["asked"]):
+            out[a][rank][0] += r[a]
+            out[a][rank][1] += 1
+    return out
 
 
 def _subsets(rows: list[dict]) -> dict:
@@ -312,6 +326,9 @@ def write_report(cfg: DemoConfig, lay: Layout, report: dict) -> Path:
                          f"{a['direction']:.0%} |")
         lines.append(f"| chance (uniform guess) | | {ch['exact']:.1%} | {ch['colour']:.0%} | {ch['shape']:.0%} | "
                      f"{ch['direction']:.0%} |")
+        if "by_position" in res:
+            lines += ["", "asked first / second / third (right/asked): " + "; ".join(
+                f"{a} " + " ".join(f"{ok}/{n}" for ok, n in res["by_position"][a]) for a in ATTRS)]
         lines += ["", "examples (reference -> model):", ""]
         lines += [f"- `{r['key']}`{' (unseen combination)' if r['unseen_combo'] else ''}: {r['reference']} -> "
                   f"{r['caption']}" for r in res["rows"][:6]] + [""]

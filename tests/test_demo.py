@@ -50,15 +50,25 @@ def test_score_counts_attributes_and_subsets():
 
 def test_score_qa_per_question_type():
     held = plan_clips(8, 4, seed=0, spec=SampleSpec()).split("heldout")
-    answers = []
-    for i, clip in enumerate(held):
-        for attr, question in QUESTIONS.items():
-            right = getattr(clip, attr)
-            answers.append({"key": clip.video_id, "question": ("<video>\n" if attr == "shape" else "") + question,
-                            "prediction": right if (i + len(attr)) % 2 else "nonsense"})
-    acc = demo.score_qa(held, answers)["accuracy"]["all"]
+    kind_of = {q: a for a, q in QUESTIONS.items()}
+    answers, asked = [], []
+    for i, clip in enumerate(held):  # each clip's own question order, as vtt-eval writes the rows
+        conv = clip.conversation()
+        asked.append([kind_of[t["value"].replace("<video>", "").strip()] for t in conv[::2]])
+        for turn in range(1, len(conv), 2):
+            attr = asked[-1][turn // 2]
+            answers.append({"key": clip.video_id, "turn": turn, "question": conv[turn - 1]["value"],
+                            "prediction": getattr(clip, attr) if (i + len(attr)) % 2 else "nonsense"})
+    res = demo.score_qa(held, answers[::-1])  # row order does not matter, the turn index does
+    acc = res["accuracy"]["all"]
     want = {a: sum((i + len(a)) % 2 for i in range(4)) / 4 for a in ("colour", "shape", "direction")}
     assert {a: acc[a] for a in want} == want and acc["n"] == 4
+    # per attribute, right/asked by the position it was asked in
+    for a in want:
+        expect = [[sum((i + len(a)) % 2 for i in range(4) if asked[i][k] == a),
+                   sum(asked[i][k] == a for i in range(4))] for k in range(3)]
+        assert res["by_position"][a] == expect, (a, res["by_position"][a])
+    assert len({tuple(x) for x in asked}) > 1  # the orders differ, so the positions are really told apart
     with pytest.raises(demo.StageError, match="no qa answers"):
         demo.score_qa(held, answers[:-1])
 
