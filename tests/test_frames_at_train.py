@@ -92,3 +92,22 @@ def test_vtt_train_trains_on_picked_frames(shards, tmp_path):
     import yaml
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["num_frames"] == 3 and saved["data"]["frame_sampling"] == "random", p.stderr[-2000:]
+
+
+def test_auto_settings_are_resolved_by_the_run_itself(shards, tmp_path):
+    """`auto` micro batch / checkpointing and a video-token budget are made concrete inside run/loop.train (so a
+    caller of the library gets them too), shown on stderr and saved concrete in the run's config.yaml."""
+    from train_helpers import vtt_train
+    run = tmp_path / "run"
+    p = vtt_train("--model", "llava", "--preset", "tiny", "--shards", shards, "-o", run, "--max-steps", "1",
+                  "--micro-batch", "auto", "--set", "model.gradient_checkpointing=auto", "--device-memory", "2",
+                  "--video-tokens", "40", "--no-export", "--save-every", "0", "--set", "run.save_final=false",
+                  "--set", "run.progress_bar=false")
+    import yaml
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # the card would take 256 of these tiny samples; the shards hold 8: more could not make one step
+    assert saved["deepspeed"]["micro_batch_size"] == 8, saved["deepspeed"]
+    assert "micro batch at most 8" in p.stderr
+    assert saved["model"]["gradient_checkpointing"] in (True, False)
+    assert 1 <= saved["data"]["num_frames"] < 8  # the budget cut the 8 stored frames
+    assert "estimated peak" in p.stderr and "video-token budget 40" in p.stderr, p.stderr[-2000:]

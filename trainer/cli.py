@@ -108,23 +108,21 @@ def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, m
     except ConfigError as e:
         click.echo(f"vtt-train: error: {e}", err=True)
         sys.exit(2)
-    if plan or needs_auto(cfg):
-        cfg = resolve_plan(cfg, plan)
+    if plan or print_config:
+        cfg = shown_plan(cfg, plan)
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return
     run(cfg, local_rank, created=not Path(cfg.run.output_dir).exists())
 
 
-def needs_auto(cfg) -> bool:
-    from vtt.trainer.run.memory import needs_resolution
-    return needs_resolution(cfg)
-
-
-def resolve_plan(cfg, show: bool):
-    """`auto` settings made concrete from the memory estimate; --plan prints it and exits 0."""
-    from vtt.trainer.run.memory import PlanError, plan_text, resolve_auto
+def shown_plan(cfg, show: bool):
+    """--plan / --print-config: `auto` settings made concrete from the memory estimate, as a run would make them
+    (run/loop.train resolves them itself); --plan prints the estimate and exits 0."""
+    from vtt.trainer.run.memory import PlanError, needs_resolution, plan_text, resolve_auto
     from vtt.trainer.run.plan import ensure_preset
+    if not (show or needs_resolution(cfg)):
+        return cfg
     try:
         ensure_preset(cfg)  # --preset tiny: the model folder the plan reads
         res = resolve_auto(cfg)
@@ -134,11 +132,6 @@ def resolve_plan(cfg, show: bool):
     if show:
         click.echo(plan_text(res))
         sys.exit(0)
-    if int(os.environ.get("RANK", 0)) == 0:
-        e = res.estimate
-        click.echo(f"vtt-train: micro batch {e.micro_batch}, gradient checkpointing "
-                   f"{'on' if e.gradient_checkpointing else 'off'}, {e.frames} frames: estimated peak "
-                   f"{e.total / 2**30:.1f} GiB per device" + "".join(f"; {x}" for x in res.lines), err=True)
     return res.cfg
 
 
@@ -193,9 +186,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from vtt.trainer.run.checkpoint import CheckpointError
     from vtt.trainer.data.loader import CorruptSampleError
     from vtt.trainer.run.loop import NonFiniteLossError
+    from vtt.trainer.run.memory import PlanError
     from vtt.trainer.run.tracking import TrackingError
     return (ShardFormatError, SampleError, CheckpointError, ConfigError, CorruptSampleError, NonFiniteLossError,
-            TrackingError)
+            TrackingError, PlanError)
 
 
 def shutdown() -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from vtt.trainer.run.ds_engine import build_engine, clip_gradients, engine_dtype
 from vtt.trainer.run.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.run.export import FINAL_DIR, export_model
 from vtt.trainer.run.loss import forward_loss, label_count, step_scale
+from vtt.trainer.run.memory import needs_resolution, resolve_auto
 from vtt.trainer.inputs.packing import batch_samples
 from vtt.trainer.run.plan import RunPlan, data_config_for, ensure_preset, prepare, write_run_files
 from vtt.trainer.run.tracking import Tracker
@@ -210,6 +212,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.rank)
     ensure_preset(cfg)
+    if needs_resolution(cfg):  # `auto` micro batch / checkpointing, a video-token budget: before the model
+        res = resolve_auto(cfg)
+        cfg = res.cfg
+        log.info("memory plan: %s", res.summary())
+        if env.rank == 0:  # the choice is part of what the user asked for: shown, not only logged
+            print(f"vtt-train: {res.summary()}", file=sys.stderr)
     adapter = get_adapter(cfg.model)
     cfg = data_config_for(cfg, adapter)
     pin_data(cfg.data)  # every loader of this run reads index.json as it is now, whatever vtt-prep commits

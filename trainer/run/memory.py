@@ -401,14 +401,15 @@ def step_cost(micro: int, tokens: int, ckpt: bool) -> float:
 
 
 def fit(model_cfg, inputs: PlanInputs, memory: int, headroom: float, micro: int | None,
-        ckpt: bool | None, shape: ModelShape | None = None) -> Estimate | None:
+        ckpt: bool | None, shape: ModelShape | None = None, max_micro: int = MAX_AUTO_MICRO) -> Estimate | None:
     """The fastest (micro batch, checkpointing) with micro / ckpt fixed where given (not None) whose estimate
-    fits memory x (1 - headroom); None when none does. Costs O(log MAX_AUTO_MICRO) estimates per choice."""
+    fits memory x (1 - headroom), an auto micro batch at most max_micro; None when none does. Costs
+    O(log max_micro) estimates per choice."""
     shape = shape or model_shape(model_cfg)
     limit = memory * (1 - headroom)
     best = None
     for c in ([ckpt] if ckpt is not None else [False, True]):
-        m = micro if micro is not None else _largest_micro(model_cfg, inputs, shape, c, limit)
+        m = micro if micro is not None else _largest_micro(model_cfg, inputs, shape, c, limit, max_micro)
         if not m:
             continue
         est = estimate(model_cfg, dataclasses.replace(inputs, micro_batch=m, gradient_checkpointing=c), shape)
@@ -420,13 +421,13 @@ def fit(model_cfg, inputs: PlanInputs, memory: int, headroom: float, micro: int 
     return best
 
 
-def _largest_micro(model_cfg, inputs, shape, ckpt: bool, limit: float) -> int:
+def _largest_micro(model_cfg, inputs, shape, ckpt: bool, limit: float, max_micro: int = MAX_AUTO_MICRO) -> int:
     def fits(m):
         i = dataclasses.replace(inputs, micro_batch=m, gradient_checkpointing=ckpt)
         return estimate(model_cfg, i, shape).total <= limit
     if not fits(1):
         return 0
-    lo, hi = 1, MAX_AUTO_MICRO
+    lo, hi = 1, max(1, min(MAX_AUTO_MICRO, max_micro))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
@@ -446,6 +447,16 @@ def shard_frames(data_cfg) -> tuple[int | None, tuple[int, int] | None]:
     size = settings.get("size")
     hw = (int(size[1]), int(size[0])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
     return (int(frames) if frames else None), hw
+
+
+def samples_per_rank(data_cfg) -> int | None:
+    """Training samples each device sees per epoch (index counts less the eval split): a bigger auto micro batch
+    than that could not make one step. None where the index cannot be read (training reports that)."""
+    from vtt.trainer.data.loader import resolve_source
+    try:
+        return resolve_source(data_cfg, "train").total // _world_size()
+    except Exception:  # as shard_frames: the plan goes on without it
+        return None
 
 
 def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: bool) -> PlanInputs:
@@ -473,6 +484,14 @@ class Resolution:
     stored_frames: int | None
     frame_size: tuple[int, int]
     lines: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for the run log: what `auto` became and the estimated peak."""
+        e = self.estimate
+        head = "no estimate" if e is None else (
+            f"micro batch {e.micro_batch}, gradient checkpointing {'on' if e.gradient_checkpointing else 'off'}, "
+            f"{e.frames} frames: estimated peak {e.total / 2**30:.1f} GiB per device")
+        return head + "".join(f"; {x}" for x in self.lines)
 
 
 def resolve_auto(cfg) -> Resolution:
@@ -502,8 +521,12 @@ def resolve_auto(cfg) -> Resolution:
         lines.append(f"device memory unknown ({source})")
     else:
         fixed_m = None if micro == "auto" else (micro or DEFAULT_MICRO_BATCH)
+        most = samples_per_rank(cfg.data) if fixed_m is None else None
+        if most is not None and most < MAX_AUTO_MICRO:
+            lines.append(f"micro batch at most {most}: the training samples per device")
         est = fit(cfg.model, inputs_for(cfg, frames, size, fixed_m or 1, False), memory,
-                  cfg.deepspeed.memory_headroom, fixed_m, None if ckpt == "auto" else bool(ckpt), shape)
+                  cfg.deepspeed.memory_headroom, fixed_m, None if ckpt == "auto" else bool(ckpt), shape,
+                  most or MAX_AUTO_MICRO)
         if est is None and (micro == "auto" or ckpt == "auto"):
             raise ConfigError(f"{cfg.model.model_path}: no micro batch fits {memory / GIB:.1f} GiB ({source}) "
                               "even with gradient checkpointing: use ZeRO-3, more devices, optimizer offload, "
