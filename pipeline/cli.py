@@ -34,6 +34,8 @@ class LocalFolder(click.Path):
             local_folder(value, param.human_readable_name if param else "the folder")
         except ConfigError as e:
             self.fail(str(e), param, ctx)
+        if Path(value).is_file():  # vtt-prep's one line, as for the other folder problems, not click's usage block
+            _fail(f"{value}: {param.human_readable_name if param else 'the folder'} is a file, not a folder")
         return super().convert(value, param, ctx)
 
 

@@ -199,8 +199,9 @@ def test_an_out_folder_below_a_file_is_one_line_exit_2(made, tmp_path):
     out = tmp_path / "file" / "shards"
     one_line(CliRunner().invoke(main, ["extract", str(data), str(out), *FLAGS]), 2,
              str(out), f"{tmp_path / 'file'} is a file, not a folder")
-    res = CliRunner().invoke(main, ["extract", str(data), str(tmp_path / "file"), *FLAGS])  # click's own check
-    assert res.exit_code == 2 and f"'{tmp_path / 'file'}' is a file" in res.output
+    res = CliRunner().invoke(main, ["extract", str(data), str(tmp_path / "file"), *FLAGS])  # OUT itself a file
+    one_line(res, 2, f"{tmp_path / 'file'}: OUT_DIR is a file, not a folder")
+    one_line(CliRunner().invoke(main, ["status", str(tmp_path / "file")]), 2, f"{tmp_path / 'file'}: SHARDS is a file")
     assert (tmp_path / "file").read_text() == "a file"
 
 
