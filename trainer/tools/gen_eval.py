@@ -42,6 +42,21 @@ class EvalConfig:
             raise ValueError("batch_size, max_new_tokens and limit must be >= 1")
 
 
+def preflight(cfg: EvalConfig) -> None:
+    """EvalConfig's checks that need the file system (as trainer.config.preflight for TrainConfig), before the
+    model loads: an exported model, a shards folder with a readable index.json, an OUT that can
+    be made (one line each, naming the path)."""
+    from vtt.shards.index import read_index
+    from vtt.trainer.tools.caption import model_dir
+    model_dir(cfg.model)
+    read_index(cfg.shards)
+    parent = Path(cfg.out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{cfg.out}: cannot make the output folder there, {parent} is a file")
+
+
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -146,7 +161,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 def main(model, shards, out, batch_size, group_by, max_new_tokens, limit, kind, device):
     try:
         cfg = EvalConfig(model, shards, out, batch_size, tuple(group_by), max_new_tokens, limit, kind, device)
-        check_paths(cfg)
+        preflight(cfg)
     except (ValueError, click.UsageError) as e:  # ShardFormatError/StorageError are ValueErrors
         click.echo(f"vtt-eval: error: {e.message if isinstance(e, click.UsageError) else e}", err=True)
         sys.exit(2)
@@ -160,20 +175,6 @@ def main(model, shards, out, batch_size, group_by, max_new_tokens, limit, kind, 
         sys.exit(1)
     click.echo(f"vtt-eval: {m['n']} answers, exact match {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
                f"chrF {m['chrf']:.1f} -> {Path(out) / METRICS_FILE}" if m["n"] else "vtt-eval: nothing to answer")
-
-
-def check_paths(cfg: EvalConfig) -> None:
-    """Before the model loads: an exported model, a shards folder with a readable index.json, an OUT that can
-    be made (one line each, naming the path)."""
-    from vtt.shards.index import read_index
-    from vtt.trainer.tools.caption import model_dir
-    model_dir(cfg.model)
-    read_index(cfg.shards)
-    parent = Path(cfg.out).absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{cfg.out}: cannot make the output folder there, {parent} is a file")
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
