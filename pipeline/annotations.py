@@ -30,12 +30,14 @@ import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from vtt.shards.conversation import SUPPORTED, SampleError, UnsupportedSample, conversation_of
 from vtt.shards.format import ShardFormatError, make_key
 from vtt.shards.ledger import Fingerprint
+from vtt.shards.settings import ConfigError
 from vtt.shards.storage import StorageError, Store, is_url
 
-from vtt.shards.settings import ConfigError
 from .discover import Video
+from .discover_remote import list_objects
 
 _CSV_EXTS = {".csv": ",", ".tsv": "\t"}
 _EXTRA = "\0extra"  # DictReader's key for fields past the header
@@ -169,7 +171,6 @@ def _entry_video_path(entry: dict) -> tuple[str | None, str | None]:
 
 def _entry_meta(entry, where: str) -> tuple[str | None, dict | None, str | tuple[str, str] | None]:
     """(video path relative to DATA, metadata, problem: text, or (error class, text)) of one parsed entry."""
-    from vtt.shards.conversation import SUPPORTED, SampleError, UnsupportedSample, conversation_of
     if not isinstance(entry, dict):
         return None, None, f"expected an object, got {type(entry).__name__}"
     if "vtt" in entry:
@@ -241,7 +242,6 @@ def _local_finder(data_dir: Path):
 def _remote_finder(url: str, options: dict):
     """The same for a URL data folder, from one listing: a path relative to it, or a full URL inside it.
     The path of an object not in the listing (or outside the folder) is its URL, for the error message."""
-    from .discover_remote import list_objects
     root = url.rstrip("/")
     objects = list_objects(root, options)
 

@@ -5,12 +5,16 @@ import sys
 from pathlib import Path
 
 import click
-
 from vtt.shards.format import ShardFormatError
 from vtt.shards.settings import click_options, flags_of, values_of
 
+from .compact import compact_shards
 from .config import EXTRACTION_SETTINGS, CompactConfig, ConfigError, KeepURL, PrepConfig, local_folder, storage_dict
 from .report import EXIT_FAILED_VIDEOS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
+from .rerun_plan import RerunPlan
+from .run import LockBusy, run_extract
+from .sample_data import make_sample_data
+from .verify import status_text, verify_shards
 
 EXIT_CODES = f"""\b
 Exit status:
@@ -85,7 +89,6 @@ def extract(**kwargs):
     the shards folder was made with. A flag that contradicts them is refused (exit 2) unless --rebuild
     is given, which re-extracts every video with the new settings.
     """
-    from .run import LockBusy, run_extract
     kwargs = values_of(flags_of(PrepConfig), kwargs) | {k: kwargs[k] for k in ("data_dir", "out_dir")}
     try:
         cfg = PrepConfig(**kwargs, given=frozenset(k for k in EXTRACTION_SETTINGS if k in kwargs))
@@ -95,7 +98,6 @@ def extract(**kwargs):
     except (ConfigError, ShardFormatError) as e:
         _fail(str(e))
     if cfg.dry_run:
-        from .rerun_plan import RerunPlan
         click.echo(RerunPlan(**report.plan).text())
         return
     click.echo(report.summary())
@@ -112,8 +114,6 @@ def compact(shards, **kwargs):
     commit, then the old files are retired (kept --retention-hours for running trainers; kill -9 at
     any moment loses nothing). Exit 4 if another vtt-prep run holds the folder.
     """
-    from .compact import compact_shards
-    from .run import LockBusy
     try:
         result = compact_shards(CompactConfig(out_dir=shards, **values_of(flags_of(CompactConfig), kwargs)))
     except LockBusy as e:
@@ -131,7 +131,6 @@ def status(shards, storage_options):
 
     Exit 0 when index and tars agree, 1 if they disagree, 2 when the folder cannot be reached or holds
     no index.json."""
-    from .verify import status_text
     try:
         text, ok = status_text(shards, storage_dict(storage_options))
     except (ConfigError, ShardFormatError) as e:
@@ -151,7 +150,6 @@ def verify(shards, storage_options):
     Exit 0 when everything matches, 1 on any problem (each one printed), 2 when the folder cannot be reached
     or is not a shards folder (missing, a file, no index.json).
     """
-    from .verify import verify_shards
     try:
         result = verify_shards(shards, storage_dict(storage_options))
     except (ConfigError, ShardFormatError) as e:
@@ -174,7 +172,6 @@ def verify(shards, storage_options):
 @click.option("--seed", type=int, default=0, show_default=True)
 def sample_data(out, n_train, n_heldout, seed):
     """Generate synthetic captioned clips (OUT/train, OUT/heldout) with sidecars."""
-    from .sample_data import make_sample_data  # lazy: only this command needs it
     result = make_sample_data(out, n_train=n_train, n_heldout=n_heldout, seed=seed)
     click.echo(f"sample data in {out}: {len(result.clips)} clips "
                f"(train: {result.train_dir}, heldout: {result.heldout_dir})")

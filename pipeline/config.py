@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-
+from vtt.shards.folder import OutFolder
+from vtt.shards.ledger import has_ledger
 from vtt.shards.settings import ConfigError, setting
-from vtt.shards.storage import is_url
+from vtt.shards.storage import StorageError, is_url, parse_options
+
+from .annotations import check_annotation_file
+from .discover_remote import check_data_url
+from .engine import ENGINES
+from .frames import FrameSpec
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -46,7 +52,6 @@ def folder(value) -> Path | str:
 
 def storage_dict(pairs: tuple[str, ...]) -> dict:
     """The fsspec storage options of `--storage-option key=value` pairs; a malformed pair is a ConfigError."""
-    from vtt.shards.storage import parse_options
     try:
         return parse_options(pairs)
     except ValueError as e:
@@ -57,8 +62,6 @@ def check_out_folder(out, options: dict, check: bool = False):
     """The shards folder as an OutFolder. With `check`, before any work: a local path that is a file, or a
     URL that cannot be reached (scheme, bucket, credentials, endpoint: a few requests), is a ConfigError
     naming it."""
-    from vtt.shards.folder import OutFolder
-    from vtt.shards.storage import StorageError
     if not is_url(out):
         _check_local_out(out)
     try:
@@ -131,7 +134,6 @@ def check_shard_limits(shard_size: int, shard_max_samples: int) -> None:
 
 
 def check_engine(engine: str, ray_address: str | None) -> None:
-    from .engine import ENGINES
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
@@ -314,19 +316,15 @@ class PrepConfig:
         """A URL data folder that cannot be listed, or a URL annotation file that is not there, is a
         ConfigError naming it (network: a few requests each)."""
         if is_url(self.data_dir):
-            from vtt.shards.storage import StorageError
-            from .discover_remote import check_data_url
             try:
                 check_data_url(self.data_dir, self.storage())
             except StorageError as e:
                 raise ConfigError(str(e)) from e
-        from .annotations import check_annotation_file
         for p in self.annotations:
             if is_url(p):
                 check_annotation_file(p, self.storage())
 
     def frame_spec(self):
-        from .frames import FrameSpec
         try:
             return FrameSpec(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
                              size=self.size, resize=self.resize, image_format=self.image_format,
@@ -391,7 +389,6 @@ def preflight(cfg: PrepConfig) -> None:
     files and the data folder exist (a stat each), a URL data folder can be listed and URL annotation files
     are there (a few requests each), the shards folder is a folder or can be made, or its URL reachable.
     A problem is a ConfigError naming the path. Last: the checks that talk to the network."""
-    from .annotations import check_annotation_file
     for p in cfg.annotations:
         if not is_url(p):
             check_annotation_file(p, {})  # a URL one is checked with the network checks, last
@@ -403,6 +400,5 @@ def preflight(cfg: PrepConfig) -> None:
 
 def preflight_compact(cfg: CompactConfig) -> None:
     """The shards folder can be reached (see check_out_folder) and holds a ledger: a ConfigError otherwise."""
-    from vtt.shards.ledger import has_ledger
     if not has_ledger(cfg.out_folder(check=True)):
         raise ConfigError(f"{cfg.out_dir}: no ledger (_ledger/ or ledger.json): not a vtt-prep shards folder")

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtt.shards.format import ShardFormatError, make_key
+from vtt.shards.storage import is_url
 
+from .discover_remote import find_remote_videos, load_remote_sidecar
 from .sidecar import VIDEO_EXTS, missing_sidecar, parse_sidecar
 
 
@@ -67,9 +69,7 @@ def discover(data_dir, allow_missing_sidecar: bool = False, exclude: Path | None
     Duplicates: the first video (in sorted order) keeps an id or key; later ones fail, so the outcome
     depends only on the current folder, never on what an earlier run saw.
     """
-    from vtt.shards.storage import is_url
     if is_url(data_dir):
-        from .discover_remote import find_remote_videos, load_remote_sidecar
         found, objects = find_remote_videos(str(data_dir), options or {})
         return _identify((source, path, load_remote_sidecar(path, source, objects, allow_missing_sidecar, known))
                          for source, path in found)

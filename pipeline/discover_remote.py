@@ -12,9 +12,10 @@ million clips makes no GET at all).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
+from typing import Mapping
 
 from vtt.shards.storage import StorageError, Store, _problem, _tag, op_timeout, retry
 
@@ -125,8 +126,6 @@ def read_sidecars(videos: list, workers: int = 8) -> list:
     """`videos` with every UnreadSidecar meta replaced by the sidecar read now (GETs in threads); a sidecar
     that cannot be read (or no longer parses) makes its video an invalid one, with the error.
     Cost: one GET per video whose sidecar discovery skipped; none for the others."""
-    from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import replace
     todo = [v for v in videos if isinstance(v.meta, UnreadSidecar)]
     if not todo:
         return videos

@@ -16,7 +16,13 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from vtt.shards.settings import ConfigError
+from vtt.shards.storage import StorageError, is_url
+
+from .discover_remote import check_data_url
+from .extract import ffmpeg_version
+from .frames import ExtractError
 from .pool import REORDER_ITEMS_PER_WORKER, REORDER_MAX_BYTES, ordered_window
+from .proc import ProcMissing, ProcTimeout, run
 from .task import lost_outcome
 
 MAX_RETRIES = 3                 # Ray's default, stated: a task whose worker or node dies is run again
@@ -34,6 +40,7 @@ def import_ray():
     """The ray module, or ConfigError saying how to install it."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no prompt
     try:
+        # optional: ray
         import ray
     except ImportError as e:
         raise ConfigError(missing_ray_message(e)) from None
@@ -60,6 +67,7 @@ def resolve_address(address: str | None) -> str:
     if address is None:
         return "local"
     if address == "auto":
+        # optional: ray
         from ray._private.services import canonicalize_bootstrap_address
         try:
             resolved = canonicalize_bootstrap_address("auto")
@@ -157,6 +165,7 @@ def _fetch(ray, ref, item, on_lost: Callable | None):
     """The task's result; a task Ray gave up on (its worker or node died MAX_RETRIES + 1 times) becomes
     on_lost(item, error), failure as data. A Python exception inside the task is raised: process_video
     returns its own failures, so this means a broken node (vtt missing there, say)."""
+    # optional: ray
     from ray.exceptions import RayError, RayTaskError
     try:
         return ray.get(ref)
@@ -170,11 +179,6 @@ def _fetch(ray, ref, item, on_lost: Callable | None):
 
 def node_report(spec, data_dir: str, storage: dict) -> dict:
     """Runs on each node (a Ray task): host, its ffmpeg version line, and the first problem found."""
-    from vtt.shards.storage import StorageError, is_url
-    from .discover_remote import check_data_url
-    from .extract import ffmpeg_version
-    from .frames import ExtractError
-    from .proc import ProcMissing, ProcTimeout, run
     out = {"host": socket.gethostname(), "ffmpeg": None, "problem": None}
     try:
         out["ffmpeg"] = ffmpeg_version(spec)
@@ -197,6 +201,7 @@ def node_report(spec, data_dir: str, storage: dict) -> dict:
 def check_nodes(ray, cfg) -> None:
     """ConfigError naming the first node that cannot do the work, or whose ffmpeg differs (another ffmpeg
     may give other pixels: the shards would depend on which node took a video)."""
+    # optional: ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     if not nodes:
@@ -221,8 +226,6 @@ def check_nodes(ray, cfg) -> None:
 
 
 def _same_ffmpeg(versions: dict[str, str], spec) -> None:
-    from .extract import ffmpeg_version
-    from .frames import ExtractError
     try:
         here = ffmpeg_version(spec)
     except ExtractError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .proc import telling_line
+
 RESIZE_MODES = ("crop", "pad", "stretch")
 IMAGE_FORMATS = ("jpg", "png")
 SHORT_CLIP_POLICIES = ("repeat", "fail")
@@ -37,7 +39,6 @@ class ExtractError(Exception):
     def reason(self) -> str:
         """The message with the tool's telling stderr line ("ffprobe exited 1: moov atom not found"):
         what a user is shown, since an exit status alone says nothing."""
-        from .proc import telling_line
         line = telling_line(self.stderr_tail or "")
         return f"{self.message}: {line}" if line and line not in self.message else self.message
 

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from vtt.shards.folder import out_folder
 from vtt.shards.format import REPORT_FILE
 
 EXIT_OK = 0
@@ -78,7 +79,6 @@ class Report:
 
     def write(self, folder) -> None:
         """report.json in the shards folder (a path or an OutFolder): one atomic write or PUT."""
-        from vtt.shards.folder import out_folder
         data = json.dumps(self.to_json(), indent=1, sort_keys=True).encode() + b"\n"
         out_folder(folder).put_bytes(REPORT_FILE, data)
 

@@ -21,7 +21,9 @@ from typing import Callable
 from vtt.shards.format import ShardFormatError, sha256_file
 from vtt.shards.ledger import STATUS_OK, Fingerprint, Ledger, VideoRecord
 
+from .config import settings_conflict
 from .discover import Video
+from .discover_remote import RemoteFile, sha256_of
 
 
 class SettingsChanged(ShardFormatError):
@@ -29,7 +31,6 @@ class SettingsChanged(ShardFormatError):
 
 
 def _remote(path) -> bool:
-    from .discover_remote import RemoteFile
     return isinstance(path, RemoteFile)
 
 
@@ -49,7 +50,6 @@ def _known(path, known: Fingerprint) -> tuple[int, int | str | None]:
 def hash_of(path) -> str:
     """sha256 of a local file, or of an object (streamed; a sidecar's is known from discovery: no GET)."""
     if _remote(path):
-        from .discover_remote import sha256_of
         return sha256_of(path)
     return sha256_file(path)
 
@@ -234,7 +234,6 @@ def make_plan(videos: list[Video], ledger: Ledger, settings_hash: str, rebuild: 
     setting that differs from the ledger's (`settings`: this run's, whose hash is `settings_hash`).
 
     Cost: O(videos + records) stats, plus hashes of touched files (in `workers` threads)."""
-    from .config import settings_conflict
     policy = policy or RetryPolicy(settings_hash, {}, always=True)
     has_samples = bool(ledger.ok_records())
     if has_samples and ledger.settings_hash != settings_hash and not rebuild:

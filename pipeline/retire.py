@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from vtt.shards.folder import out_folder
 from vtt.shards.ledger import Ledger, RetiredShard, write_ledger
 
 from .commit import sync_index
@@ -53,7 +54,6 @@ def due(ledger: Ledger, retention_hours: float, now: datetime | None = None) -> 
 def purge(folder, ledger: Ledger, retention_hours: float, now: datetime | None = None) -> list[str]:
     """Delete the retired shards past retention: commit the ledger without them, then delete the files
     (`folder`: a path or an OutFolder)."""
-    from vtt.shards.folder import out_folder
     out = out_folder(folder)
     urls = due(ledger, retention_hours, now)
     if not urls:

@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from tqdm import tqdm
 from vtt.shards.folder import OutFolder
 from vtt.shards.format import Members, read_samples
 from vtt.shards.index import ShardEntry
@@ -40,11 +41,16 @@ from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Ledger, VideoRecord, rea
 from vtt.shards.storage import is_url
 from vtt.shards.store import LockHeld
 
+from .annotations import load_annotations
 from .commit import commit_ledger
 from .config import PrepConfig, preflight
 from .discover import Video, discover
+from .discover_remote import read_sidecars
 from .engine import Engine, make_engine
+from .extract import ffmpeg_version
+from .extract import ffmpeg_version as get_version
 from .faults import crash_point
+from .frames import ExtractError
 from .repair import reconcile
 from .report import EXIT_FAILED_VIDEOS, Report
 from .rerun_plan import RetryPolicy, Work, make_plan, sidecar_fp
@@ -117,7 +123,6 @@ def discover_videos(cfg: PrepConfig, ledger: Ledger, report: Report) -> list[Vid
     reading the sidecars of unchanged videos."""
     with timed(report, "discover"):
         if cfg.annotations:
-            from .annotations import load_annotations
             return load_annotations(cfg.data_dir, cfg.annotations, cfg.video_column, cfg.caption_column,
                                     cfg.storage())
         exclude = None if is_url(cfg.out_dir) else cfg.out_dir  # shards inside the data folder
@@ -138,8 +143,6 @@ def plan_work(cfg: PrepConfig, videos: list[Video], ledger: Ledger, report: Repo
 
 
 def _ffmpeg_version(cfg: PrepConfig):
-    from .extract import ffmpeg_version
-    from .frames import ExtractError
     try:
         return ffmpeg_version(cfg.frame_spec())
     except ExtractError:
@@ -149,7 +152,6 @@ def _ffmpeg_version(cfg: PrepConfig):
 def read_skipped_sidecars(work: Work, report: Report) -> None:
     """A URL data folder's videos to extract whose sidecar discovery skipped (unchanged: only the video
     changed, or --rebuild) get it read now; one that cannot be read is an invalid video."""
-    from .discover_remote import read_sidecars
     with timed(report, "discover"):
         fresh = read_sidecars(work.extract)
     work.invalid += [v for v in fresh if not v.ok]
@@ -211,8 +213,6 @@ def extract_samples(run: _Run, work: Work, engine: Engine) -> Iterator[Sample]:
     Cost: one worker task per video file (its annotation entries share the result); the samples come in
     the same order whatever the engine's finishing order (engine.py: the local pool or Ray), so the bytes
     do not depend on timing or workers."""
-    from .extract import ffmpeg_version as get_version
-    from .frames import ExtractError
     for v in work.invalid:
         run.fail(v, v.error)
     if not work.extract:
@@ -299,7 +299,6 @@ def _size(outcome: Outcome) -> int:
 
 
 def _progress(cfg: PrepConfig, total: int):
-    from tqdm import tqdm
     return tqdm(total=total, unit="video", file=sys.stderr, disable=cfg.quiet or total == 0,
                 dynamic_ncols=True, desc="vtt-prep")
 

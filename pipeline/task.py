@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vtt.shards.format import frame_field, sha256_file
+from vtt.shards.ledger import Fingerprint
+
+from .discover_remote import RemoteFile, download
+from .extract import extract_frames
+from .frames import ExtractError
+from .proc import BudgetExceeded, budget, normalise, shown_as
 
 # The probe dict holds derived stream facts only (probe.public_probe); container tags (GPS location,
 # device names) never reach the shards, and these keys are dropped even if a probe ever carried them.
@@ -46,7 +53,6 @@ class Outcome:
 
     def fingerprint(self):
         """The video's ledger fingerprint (the worker hashed it already)."""
-        from vtt.shards.ledger import Fingerprint
         return Fingerprint(self.stat[0], self.stat[1], self.sha256, self.etag)
 
 
@@ -137,12 +143,9 @@ def process_video(task: Task) -> Outcome:
     """Hash, extract and package one video; failures come back as data with their class. A video in a URL
     data folder is downloaded to a temp file first (retried with backoff; failure: class download_error)
     and the file is deleted after. Cost: the video's bytes once over the network, disk for one video."""
-    from .discover_remote import RemoteFile
     if not isinstance(task.path, RemoteFile):
         st = os.stat(task.path) if os.path.exists(task.path) else None
         return _process(task, task.path, (st.st_size, st.st_mtime_ns) if st else None, None)
-    import tempfile
-    from .discover_remote import download
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vtt-prep-") as tmp:
         local = Path(tmp) / task.path.name   # keeps the extension: ffmpeg's demuxer guess
@@ -159,9 +162,6 @@ def process_video(task: Task) -> Outcome:
 
 
 def _process(task: Task, path: Path, stat: tuple[int, int] | None, etag: str | None) -> Outcome:
-    from .extract import extract_frames
-    from .frames import ExtractError
-    from .proc import BudgetExceeded, budget, normalise, shown_as
     out = Outcome(task.source, task.key, etag=etag)
     t0 = time.perf_counter()
     try:

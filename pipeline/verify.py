@@ -11,13 +11,24 @@ import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
+
 from vtt.shards.folder import OutFolder
-from vtt.shards.format import (FRAME_EXTS, REPORT_FILE, TMP_PREFIX, ShardFormatError, decode_frame, frame_field,
-                               make_key, read_samples)
+from vtt.shards.format import (
+    FRAME_EXTS,
+    REPORT_FILE,
+    TMP_PREFIX,
+    ShardFormatError,
+    decode_frame,
+    frame_field,
+    make_key,
+    read_samples,
+)
 from vtt.shards.index import NoIndex, check_index, read_index
 from vtt.shards.ledger import STATUS_OK, read_ledger
 from vtt.shards.storage import StorageError
 from vtt.shards.store import LEDGER_DIR
+
+from .retire import age_hours
 
 
 @dataclass
@@ -108,7 +119,6 @@ def _check_ledger(out: OutFolder, index, where_key: dict[str, str], result: Veri
 
 def _retired_lines(out: OutFolder) -> list[str]:
     """One line per retired shard: age, samples, and whether the file is still there."""
-    from .retire import age_hours
     try:
         ledger = read_ledger(out)
     except ShardFormatError:

@@ -9,6 +9,7 @@ the trainer renders the turns with a chat template (trainer/inputs/chat.py).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -72,7 +73,6 @@ def _swift_pairs(raw, key: str) -> list[dict]:
 
 
 def json_preview(value, limit: int = 80) -> str:
-    import json
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[:limit] + "..."
 

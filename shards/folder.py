@@ -15,6 +15,7 @@ Costs: `listing` = one listing request per ~1000 objects (local: one scandir); t
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import tempfile
@@ -22,8 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from .format import TMP_PREFIX, atomic_write_bytes, fsync_dir
-from .storage import Store, StorageError, _problem, is_url, op_timeout, retry
+import filelock
+
+from .format import LOCK_FILE, TMP_PREFIX, atomic_write_bytes, fsync_dir
+from .storage import StorageError, Store, _problem, is_url, op_timeout, retry
+from .store import LocalStore, LockHeld, ObjectStore, RemoteLock
 
 
 class OutFolder:
@@ -42,7 +46,6 @@ class OutFolder:
         return self.store.join(name)
 
     def ledger_store(self):
-        from .store import LocalStore, ObjectStore
         return ObjectStore(self.store) if self.remote else LocalStore(self.root)
 
     # ---------------------------------------------------------------- before any work
@@ -88,13 +91,9 @@ class OutFolder:
         """The single-writer lock: a file lock locally (released when the process dies), a lock object with
         a heartbeat on a URL (shards/store.py RemoteLock; a dead run's is broken only with `break_lock`)."""
         if self.remote:
-            from .store import RemoteLock
             with RemoteLock(self.store, break_lock=break_lock):
                 yield
             return
-        import filelock
-        from .format import LOCK_FILE
-        from .store import LockHeld
         path = self.path / LOCK_FILE
         lock = filelock.FileLock(str(path), timeout=0)
         try:
@@ -115,7 +114,6 @@ class OutFolder:
             if not self.path.is_dir():
                 return {}
             return {p.name: p.stat().st_size for p in self.path.glob(pattern) if p.is_file()}
-        import fnmatch
         return {Path(p).name: int(i["size"]) for p, i in self.store._listing().items()
                 if fnmatch.fnmatch(Path(p).name, pattern)}
 

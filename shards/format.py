@@ -136,6 +136,7 @@ def frame_fields(sample: dict) -> list[str]:
 def decode_frame(data: bytes):
     """One frame member (JPEG or PNG bytes) as a uint8 RGB array (H, W, 3): the one frame decoder.
     Raises whatever Pillow raises for damaged data (OSError, SyntaxError, ...)."""
+    # heavy: numpy, PIL; vtt-prep loads this module and never decodes frames
     import numpy as np
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:

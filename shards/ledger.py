@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .folder import OutFolder
 from .format import LEDGER_FILE, ShardFormatError, shard_number
 from .index import ShardEntry, ShardIndex, index_bytes
 from .storage import is_url
@@ -443,13 +444,11 @@ def _store(folder, store: LedgerStore | None) -> LedgerStore:
     """The ledger store of `folder`: a path, a URL, or a shards/folder.py OutFolder (with its options)."""
     if store is not None:
         return store
-    from .folder import OutFolder
     return folder.ledger_store() if isinstance(folder, OutFolder) else store_for(folder)
 
 
 def _legacy_file(folder) -> Path | None:
     """Where a pre-log ledger.json would be: local folders only (object storage never had one)."""
-    from .folder import OutFolder
     root = folder.root if isinstance(folder, OutFolder) else str(folder)
     return None if is_url(root) else Path(root) / LEDGER_FILE
 

@@ -122,6 +122,7 @@ class Store:
     def fs(self):
         """This process's fsspec filesystem for the URL (fsspec caches one per options and process, so a
         forked DataLoader worker makes its own). StorageError for a scheme with no installed filesystem."""
+        # heavy: fsspec; vtt-prep --help stays light
         import fsspec
         protocol = self.root.split("://", 1)[0]
         try:

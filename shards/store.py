@@ -13,14 +13,18 @@ mapping 412 to CommitConflict, `delete` = DeleteObject, `remove_temp` = nothing 
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .format import TMP_PREFIX, ShardFormatError, fsync_dir
 from . import storage
-from .storage import PERMANENT, Store, StorageError, _problem, is_url, retry
+from .format import TMP_PREFIX, ShardFormatError, fsync_dir
+from .storage import PERMANENT, StorageError, Store, _problem, is_url, retry
 
 LEDGER_DIR = "_ledger"   # inside the shards folder
 
@@ -226,7 +230,6 @@ class RemoteLock:
     LOCK_NAME = ".vtt-prep.lock"
 
     def __init__(self, folder: Store, break_lock: bool = False, heartbeat_s: float = 10.0, stale_s: float = 120.0):
-        import threading
         self.folder, self.path = folder, folder.join(self.LOCK_NAME)
         self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
         self.etag, self.lost, self.owner = None, False, None
@@ -234,8 +237,6 @@ class RemoteLock:
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _body(self) -> bytes:
-        import json
-        import time
         return json.dumps({"owner": self.owner, "heartbeat": time.time()}, sort_keys=True).encode()
 
     def _put(self, **match) -> None:
@@ -243,9 +244,6 @@ class RemoteLock:
         self.etag = (out or {}).get("ETag") or self.folder.fs().info(self.path).get("ETag")
 
     def __enter__(self) -> "RemoteLock":
-        import os
-        import socket
-        import time
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "ns": process_namespace()}
         try:
             self._put(mode="create")
@@ -262,8 +260,6 @@ class RemoteLock:
         return self
 
     def _take_stale(self) -> None:
-        import json
-        import time
         fs = self.folder.fs()
         etag = fs.info(self.path, refresh=True).get("ETag")
         body = fs.cat_file(self.path)

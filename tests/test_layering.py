@@ -3,6 +3,7 @@ pipeline/ (vtt-prep) nothing of trainer/ (vtt-train), so vtt-prep never pulls in
 import cycle among vtt's modules, counting imports inside functions (a lazy import hides a cycle, it does not
 remove it)."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,53 @@ def test_the_cycle_check_sees_lazy_and_from_package_imports(tmp_path):
     assert cycles(graph) == [["vtt.trainer.a", "vtt.trainer.b", "vtt.trainer.sub.c"]]
     (pkg / "sub" / "c.py").write_text("x = 1\n")
     assert cycles(import_graph(module_files(tmp_path, ("trainer",)))) == []
+
+
+# An import inside a function says why it is not at the module's top: an optional dependency, a heavy one the
+# module's light callers must not pay for, or an import cycle. The tag sits on the import line or the line above;
+# a comment above a run of consecutive import lines covers the run.
+WHY_TAG = re.compile(r"#\s*(optional|heavy|cycle):")
+
+
+def unexplained_function_imports(path: Path) -> list[str]:
+    """`file:line` of every import inside a function with no why-tag on its line or above its run of imports."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines), str(path))
+    out = []
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            at = node.lineno - 1
+            if WHY_TAG.search(lines[at]):
+                continue
+            above = at - 1
+            while above >= 0 and re.match(r"\s*(import|from)\s", lines[above]) and not WHY_TAG.search(lines[above]):
+                above -= 1
+            if above < 0 or not WHY_TAG.search(lines[above]):
+                out.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{node.lineno}")
+    return sorted(set(out))
+
+
+def test_imports_inside_functions_say_why():
+    bad = [b for folder in ("pipeline", "shards", "trainer") for p in sorted((REPO / folder).rglob("*.py"))
+           for b in unexplained_function_imports(p)]
+    assert not bad, "imports inside functions without '# optional: / # heavy: / # cycle:' (move them to the " \
+                    "module's top, or say why not): " + ", ".join(bad)
+
+
+def test_the_why_check_sees_an_unexplained_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\ndef f():\n    # heavy: torch\n    import torch\n    import torch.nn\n    x = 1\n"
+                 "    import json\n\ndef g():\n    import ray  # optional: ray\n")
+    assert unexplained_function_imports(f) == [f"{f}:8"]
+
+
+def test_the_cli_modules_load_no_torch():
+    """vtt-prep --help and vtt-train -h stay fast: their modules import no torch, transformers or deepspeed."""
+    code = ("import sys, vtt.pipeline.cli, vtt.trainer.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

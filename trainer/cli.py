@@ -3,15 +3,19 @@ deepspeed launcher; under `deepspeed`, `torchrun` or MPI each process runs it as
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import click
-
+from vtt.shards.conversation import SampleError
+from vtt.shards.format import ShardFormatError
 from vtt.shards.settings import ConfigError, make_options
+from vtt.shards.storage import StorageError
 
 LAUNCH_FLAGS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
 
@@ -35,6 +39,7 @@ def launcher_command(argv: list[str], num_gpus: int, num_nodes: int | None, host
     if hostfile:
         cmd += ["--hostfile", hostfile]
     if not master_port and not hostfile and not num_nodes:
+        # heavy: torch; vtt-train -h stays light
         from vtt.trainer.run.dist import free_port
         master_port = free_port()  # one machine: the launcher's fixed 29500 collides with any other run
     if master_port:
@@ -71,6 +76,7 @@ class TrainCommand(click.Command):
 
     def get_params(self, ctx):
         if not getattr(self, "_fields_added", False):
+            # heavy: torch; vtt-train -h stays light
             from vtt.trainer.config import FLAGS, TrainConfig
             at = next(i for i, p in enumerate(self.params) if p.name == "config_file") + 1
             self.params[at:at] = make_options(list(FLAGS), TrainConfig)
@@ -98,6 +104,7 @@ def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, m
         cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
         click.echo("vtt-train: " + shlex.join(cmd), err=True)
         sys.exit(subprocess.call(cmd))
+    # heavy: torch; vtt-train -h stays light
     from vtt.trainer.config import dump_yaml, load_config, overrides_from_flags, preflight
     try:
         cfg = load_config(config_file, overrides_from_flags(flags, sets))
@@ -119,6 +126,7 @@ def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, m
 def shown_plan(cfg, show: bool):
     """--plan / --print-config: `auto` settings made concrete from the memory estimate, as a run would make them
     (run/loop.train resolves them itself); --plan prints the estimate and exits 0."""
+    # heavy: torch; vtt-train -h stays light
     from vtt.trainer.run.memory import PlanError, needs_resolution, plan_text, resolve_auto
     from vtt.trainer.run.plan import ensure_preset
     if not (show or needs_resolution(cfg)):
@@ -148,11 +156,11 @@ def run(cfg, local_rank: int | None, created: bool = False) -> None:
     """train() with vtt's known errors turned into one clear line and exit status 1. A run folder this command
     created is removed again when the run fails before writing its config (nothing of a run is in it yet;
     one process only: under a launcher the ranks would race)."""
+    # heavy: torch; vtt-train -h stays light
     from vtt.trainer.run import loop
     try:
         result = loop.train(cfg, local_rank=local_rank)
     except known_errors() as e:
-        from vtt.shards.storage import StorageError
         rank = os.environ.get("RANK", "0")
         single = os.environ.get("WORLD_SIZE", "1") == "1"
         click.echo(f"{'vtt-train' if single else f'vtt-train (rank {rank})'}: error: {e}", err=True)
@@ -170,8 +178,6 @@ def run(cfg, local_rank: int | None, created: bool = False) -> None:
 
 
 def remove_run_folder(run_dir: Path) -> None:
-    import logging
-    import shutil
     vtt_log = logging.getLogger("vtt")
     for h in list(vtt_log.handlers):  # train.log's handler would reopen the file on the next record
         if getattr(h, "_vtt_run", None) == str(run_dir):
@@ -181,10 +187,9 @@ def remove_run_folder(run_dir: Path) -> None:
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from vtt.shards.format import ShardFormatError
-    from vtt.shards.conversation import SampleError
-    from vtt.trainer.run.checkpoint import CheckpointError
+    # heavy: torch; vtt-train -h stays light
     from vtt.trainer.data.loader import CorruptSampleError
+    from vtt.trainer.run.checkpoint import CheckpointError
     from vtt.trainer.run.loop import NonFiniteLossError
     from vtt.trainer.run.memory import PlanError
     from vtt.trainer.run.tracking import TrackingError
@@ -193,6 +198,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
 
 def shutdown() -> None:
+    # heavy: torch; vtt-train -h stays light
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -208,7 +214,6 @@ def finish(code: int) -> None:
     exception"; seen in CI once, a two-rank ZeRO-3 resume, the launcher then exits 250): a complete run
     reported as a failed job. Nothing left matters by now: checkpoints, metrics, the export and W&B are
     closed before train() returns, and the log handlers and std streams are flushed here."""
-    import logging
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -217,6 +222,7 @@ def finish(code: int) -> None:
 
 def overrides_from_flags(flags: dict, sets: tuple[str, ...]) -> dict:
     """vtt.trainer.config.overrides_from_flags (here for the callers that parse vtt-train's flags themselves)."""
+    # heavy: torch; vtt-train -h stays light
     from vtt.trainer.config import overrides_from_flags as overrides
     return overrides(flags, sets)
 

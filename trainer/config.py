@@ -19,13 +19,12 @@ from typing import Any
 
 import click
 import yaml
-
 from vtt.shards.format import ShardFormatError
 from vtt.shards.index import read_index
 from vtt.shards.settings import ConfigError, Flag, RawValue, coerce, values_of
 from vtt.shards.storage import parse_options
-from vtt.trainer.models.model_config import ModelConfig
 from vtt.trainer.data.loader import DataConfig
+from vtt.trainer.models.model_config import ModelConfig
 
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -408,6 +407,7 @@ def packing_attention(parts: dict) -> dict:
     model, data = parts["model"], parts["data"]
     if not data.packing or model.kind not in PACKED_KINDS or model.attn_implementation:
         return parts
+    # heavy: transformers (via packing); the config module loads without it
     from vtt.trainer.inputs.packing import attention_for_packing
     return {**parts, "model": dataclasses.replace(model, attn_implementation=attention_for_packing(None))}
 

@@ -151,6 +151,7 @@ def snapshot(folder: str, verify_checksums: bool = False, options: dict | None =
 def agree(folders: list[str]) -> bool:
     """Collective when torch.distributed is up (every rank calls it): every rank takes rank 0's pinned
     snapshots. True on a rank whose own differed (vtt-prep committed while the ranks started)."""
+    # heavy: torch; this module loads without it
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return False

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from vtt.trainer.models.model_io import read_json
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -77,6 +76,7 @@ class VideoSpec:
                           int(self.min_pixels * 1.05))
                 max_pixels = per * t
             return smart_resize_3d(t, h, w, self.temporal_patch_size, self.factor, self.min_pixels, max_pixels)
+        # heavy: transformers (~1.5 s); this module loads without it
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
         max_pixels = self.max_pixels
         if self.cap_pixels_per_frame:
@@ -114,16 +114,17 @@ def smart_resize_3d(num_frames: int, height: int, width: int, temporal_factor: i
 def load_video_processor(model_path: str | None, probe: bool = False):
     """The checkpoint's own video processor, or None where it cannot run (no torchvision); probe=True: only
     whether it could (True or None)."""
+    # optional: torchvision; heavy: transformers (~1.5 s); this module loads without it
     from transformers.utils import is_torchvision_available
     if not is_torchvision_available():
         return None
-    try:
+    try:  # optional: torchvision
         import torchvision  # noqa: F401  (a CUDA-only wheel beside a CPU torch fails here)
     except Exception:
         return None
     if probe:
         return True
-    from transformers import AutoVideoProcessor
+    from transformers import AutoVideoProcessor  # heavy: transformers
     return AutoVideoProcessor.from_pretrained(model_path)
 
 

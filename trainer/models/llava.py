@@ -7,16 +7,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
+from transformers import AutoConfig, AutoModelForImageTextToText
 from vtt.shards.conversation import SampleError
+from vtt.trainer.inputs.chat import (
+    FAMILY_TEMPLATES,
+    PLACEHOLDERS,
+    Turn,
+    conversation_of,
+    encode_conversation,
+    fit_turns,
+)
+from vtt.trainer.inputs.images import to_pixel_values
+from vtt.trainer.inputs.packing import pack, real_tokens
+from vtt.trainer.inputs.text import encode, marks_word_starts, render, render_spans
 from vtt.trainer.models.batching import greedy_generate, pad_right
-from vtt.trainer.inputs.chat import (FAMILY_TEMPLATES, PLACEHOLDERS, Turn, conversation_of, encode_conversation,
-                                     fit_turns)
 from vtt.trainer.models.model_config import ModelConfig
 from vtt.trainer.models.model_io import load_pretrained, load_tokenizer, read_json, save_checkpoint
 from vtt.trainer.models.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
-from vtt.trainer.inputs.packing import pack, real_tokens
-from vtt.trainer.inputs.text import encode, marks_word_starts, render, render_spans
+from vtt.trainer.models.presets import PROCESSOR_CLASSES, write_vision_processor_files
 
 VISION_PARTS = ["vision_tower", "video_tower", "image_tower"]
 PROJECTOR_PARTS = ["multi_modal_projector", "vision_resampler", "image_newline"]
@@ -102,7 +110,6 @@ class LlavaAdapter:
     setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
-        from transformers import AutoConfig
         self.cfg = cfg
         self.config = AutoConfig.from_pretrained(cfg.model_path)
         self.layout = video_layout(self.config)
@@ -118,7 +125,6 @@ class LlavaAdapter:
 
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
         return self.setup(load_pretrained(AutoModelForImageTextToText, self.cfg))
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -175,7 +181,6 @@ class LlavaAdapter:
         return frames
 
     def _pixels(self, samples: list[dict]) -> tuple[torch.Tensor, int]:
-        from vtt.trainer.inputs.images import to_pixel_values
         t = self.cfg.num_frames or max(len(s["frames"]) for s in samples)
         size = (self.layout.image_size, self.layout.image_size)
         pix = torch.stack([to_pixel_values(self._frames(s["frames"], t), size, self.mean, self.std)
@@ -197,7 +202,6 @@ class LlavaAdapter:
         if self.layout.per_video:
             pix, t = self._pixels(samples)
             return pix, [t] * len(samples)
-        from vtt.trainer.inputs.images import to_pixel_values
         size = (self.layout.image_size, self.layout.image_size)
         clips = [to_pixel_values(self._frames(s["frames"], 0), size, self.mean, self.std) for s in samples]
         return torch.cat(clips)[None], [len(c) for c in clips]
@@ -260,7 +264,6 @@ class LlavaAdapter:
         """Loadable with from_pretrained; LoRA merged; processor JSON copied (written if the source had none)."""
         out = save_checkpoint(model, out_dir, self.tokenizer, self.cfg.model_path, PROCESSOR_FILES, state_dict)
         if not (out / "preprocessor_config.json").is_file():
-            from vtt.trainer.models.presets import PROCESSOR_CLASSES, write_vision_processor_files
             write_vision_processor_files(out, size=self.layout.image_size, mean=self.mean, std=self.std,
                                          patch_size=self.config.vision_config.patch_size,
                                          processor_class=PROCESSOR_CLASSES[self.layout.model_type])

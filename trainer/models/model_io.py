@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from vtt.trainer.models.model_config import ModelConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # = LOAD_DTYPES
@@ -34,6 +33,7 @@ def checkpoint_file(model_path: str, name: str) -> Path | None:
     local = Path(model_path)
     if local.is_dir():
         return local / name if (local / name).is_file() else None
+    # heavy: transformers (~1.5 s); this module loads without it
     from transformers.utils import cached_file
     found = cached_file(model_path, name, _raise_exceptions_for_missing_entries=False,
                         _raise_exceptions_for_connection_errors=False)
@@ -46,6 +46,7 @@ def read_json(model_path: str, name: str) -> dict | None:
 
 
 def load_tokenizer(model_path: str):
+    # heavy: transformers (~1.5 s); this module loads without it
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token_id is None:  # Llama tokenizers ship without one; labels mask padding anyway
@@ -60,6 +61,7 @@ def load_pretrained(auto_cls, cfg: ModelConfig) -> Any:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.random_init:
+        # heavy: transformers (~1.5 s); this module loads without it
         from transformers import AutoConfig
         return auto_cls.from_config(AutoConfig.from_pretrained(cfg.model_path), **kwargs)
     return auto_cls.from_pretrained(cfg.model_path, **kwargs)
@@ -73,6 +75,7 @@ def merged_state_dict(model, state_dict: dict | None = None) -> tuple[torch.nn.M
     model = unwrap(model)
     if not hasattr(model, "peft_config"):
         return model, state_dict
+    # optional: peft (LoRA only)
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
     base = model.get_base_model()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import torch
-
 from vtt.trainer.models.model_config import ModelConfig
 
 # LoRA goes into the language model only: CLIP/SigLIP towers use the same projection names.
@@ -27,6 +26,7 @@ def set_trainable(model: torch.nn.Module, frozen_patterns: list[str]) -> None:
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig, keep_trainable: list[str]):
     """Wrap with peft LoRA; parameters matching keep_trainable (e.g. the projector) stay trainable as well."""
+    # optional: peft (LoRA only)
     from peft import LoraConfig, get_peft_model
     targets = cfg.lora_targets or DEFAULT_LORA_TARGETS[cfg.kind]
     if "," in targets or re.fullmatch(r"[\w.]+", targets):

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-
+import transformers as tf
+from transformers import AutoModelForImageTextToText, GenerationConfig, M2M100Config, M2M100ForConditionalGeneration
+from vtt.trainer.models.presets_qwen import build_tiny_qwen
 from vtt.trainer.models.presets_tokenizer import build_tokenizer
 
 KINDS = ("llava", "seq2seq", "qwen_vl")
@@ -39,7 +41,6 @@ def build_tiny(kind: str, out_dir: str | Path, *, family: str | None = None, see
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}: expected one of {KINDS}")
     if kind == "qwen_vl":
-        from vtt.trainer.models.presets_qwen import build_tiny_qwen
         torch.manual_seed(seed)
         return build_tiny_qwen(out_dir, family or "qwen2_5_vl")
     family = family or "llava_next_video"
@@ -56,7 +57,6 @@ def build_tiny(kind: str, out_dir: str | Path, *, family: str | None = None, see
 
 
 def _llava_config(family: str, ids: dict, vocab: int):
-    import transformers as tf
     text_cls = tf.Qwen2Config if family == "llava_onevision" else tf.LlamaConfig
     text = text_cls(vocab_size=vocab, max_position_embeddings=1024, bos_token_id=ids["<s>"],
                     eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], **TINY_TEXT)
@@ -95,7 +95,6 @@ def _seq2seq_tokenizer():
 
 def _m2m_config(tok, dims: dict):
     """NLLB-200's shape of config: scale_embedding, eos as decoder start, tied embeddings, no layerdrop."""
-    from transformers import M2M100Config
     bos, pad, eos = (tok.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "</s>"))
     return M2M100Config(scale_embedding=True, activation_function="relu", encoder_layerdrop=0.0,
                         decoder_layerdrop=0.0, bos_token_id=bos, pad_token_id=pad, eos_token_id=eos,
@@ -103,7 +102,6 @@ def _m2m_config(tok, dims: dict):
 
 
 def _build_llava(out: Path, family: str) -> None:
-    from transformers import AutoModelForImageTextToText, GenerationConfig
     tok = _llava_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
     model = AutoModelForImageTextToText.from_config(_llava_config(family, ids, len(tok)))
@@ -141,7 +139,6 @@ def build_shaped(shape: str, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if SHAPE_KINDS[shape] == "llava":
-        import transformers as tf
         tok = _llava_tokenizer()
         ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
         dims = SHAPES[shape]
@@ -192,7 +189,6 @@ TINY_SEQ2SEQ = {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encode
 
 
 def _build_seq2seq(out: Path) -> None:
-    from transformers import GenerationConfig, M2M100ForConditionalGeneration
     tok = _seq2seq_tokenizer()
     cfg = _m2m_config(tok, {"vocab_size": len(tok), **TINY_SEQ2SEQ})
     model = M2M100ForConditionalGeneration(cfg)

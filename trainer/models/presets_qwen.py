@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import transformers as tf
+from transformers import AutoModelForImageTextToText, GenerationConfig
 from vtt.trainer.models.presets_tokenizer import build_tokenizer
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -44,7 +46,6 @@ def qwen_tokenizer():
 
 def qwen_config(family: str, tok, text: dict, vision: dict, rope: dict):
     """A Qwen-VL config of `family` with the tokenizer's special token ids."""
-    import transformers as tf
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
            ("vision_end_token_id", "<|vision_end|>"))}
@@ -92,7 +93,6 @@ def build_tiny_qwen(out_dir: str | Path, family: str) -> Path:
     """A random tiny Qwen-VL of `family` in out_dir; a CPU step on 8 clips of 4 frames takes well under 1 s."""
     if family not in QWEN_FAMILIES:
         raise ValueError(f"unknown Qwen-VL family {family!r}: expected one of {QWEN_FAMILIES}")
-    from transformers import AutoModelForImageTextToText, GenerationConfig
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = qwen_tokenizer()

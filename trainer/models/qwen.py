@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText
 from vtt.shards.conversation import SampleError
-from vtt.trainer.models.batching import greedy_generate, pad_left, pad_right
 from vtt.trainer.config import ConfigError
 from vtt.trainer.inputs.chat import PLACEHOLDERS, Turn, conversation_of, encode_conversation, fit_turns
-from vtt.trainer.models.model_config import ModelConfig
-from vtt.trainer.models.model_io import load_pretrained, load_tokenizer, save_checkpoint
-from vtt.trainer.models.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
 from vtt.trainer.inputs.packing import pack, real_tokens
 from vtt.trainer.inputs.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
 from vtt.trainer.inputs.text import render
+from vtt.trainer.models.batching import greedy_generate, pad_left, pad_right
+from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.models.model_io import load_pretrained, load_tokenizer, save_checkpoint
+from vtt.trainer.models.model_setup import apply_lora, enable_gradient_checkpointing, set_trainable
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json", "chat_template.jinja")
@@ -68,7 +69,6 @@ class QwenAdapter:
     setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
-        from transformers import AutoConfig
         self.cfg = cfg
         self.config = AutoConfig.from_pretrained(cfg.model_path)
         self.family = self.config.model_type
@@ -91,7 +91,6 @@ class QwenAdapter:
 
     # -- model -------------------------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
         return self.setup(load_pretrained(AutoModelForImageTextToText, self.cfg))
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -208,7 +207,6 @@ class QwenAdapter:
         """The family's model class without weights or layers: its get_rope_index reads only the config, so the
         positions are the model's own (made lazily: the loader's workers get the adapter without it)."""
         if getattr(self, "_rope", None) is None:
-            import transformers
             cls = getattr(transformers, ROPE_MODELS[self.family])
             stub = cls.__new__(cls)
             torch.nn.Module.__init__(stub)

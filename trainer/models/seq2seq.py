@@ -3,12 +3,11 @@ sidecar fields, NLLB language codes (source prefix, target prefix = forced BOS a
 from __future__ import annotations
 
 import torch
-
+from vtt.trainer.inputs.text import encode, render, render_spans
 from vtt.trainer.models.batching import greedy_generate, pad_right
 from vtt.trainer.models.model_config import ModelConfig
 from vtt.trainer.models.model_io import load_pretrained, load_tokenizer, save_checkpoint
 from vtt.trainer.models.model_setup import apply_lora, enable_gradient_checkpointing
-from vtt.trainer.inputs.text import encode, render, render_spans
 
 # Files some tokenizers keep beside tokenizer.json (NLLB's sentencepiece model) - copied on export if present.
 EXTRA_FILES = ("sentencepiece.bpe.model",)
@@ -32,6 +31,7 @@ class Seq2SeqAdapter:
     setup_model = staticmethod(setup_model)
 
     def __init__(self, cfg: ModelConfig):
+        # heavy: transformers (~1.5 s); this module loads without it
         from transformers import AutoConfig
         self.cfg = cfg
         self.config = AutoConfig.from_pretrained(cfg.model_path)
@@ -57,6 +57,7 @@ class Seq2SeqAdapter:
         return tid
 
     def load_model(self) -> torch.nn.Module:
+        # heavy: transformers (~1.5 s); this module loads without it
         from transformers import AutoModelForSeq2SeqLM
         return self.setup(load_pretrained(AutoModelForSeq2SeqLM, self.cfg))
 

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from vtt.shards.format import TMP_PREFIX, atomic_write_bytes
-from vtt.trainer.run.faults import crash_point
 from vtt.trainer.models.model_io import checkpoint_file
+from vtt.trainer.run.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ def tag_for(step: int) -> str:
 
 def rng_state() -> dict:
     """Every RNG a training step may draw from (dropout, LoRA init, shuffles in user code)."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -58,6 +58,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.accelerator import get_accelerator
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -67,6 +68,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _all_gather(obj):
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -140,6 +142,7 @@ class CheckpointManager:
     def save(self, engine, step: int, data_position: dict, extra: dict | None = None) -> Path:
         """Collective: every rank calls it. Each rank's data position and RNG state travel with the
         checkpoint (DeepSpeed writes client_state from data-parallel rank 0 only, hence the gather)."""
+        # heavy: deepspeed (~3 s to import); loaded only where a run uses it
         import deepspeed.comm as dist
         tag = tag_for(step)
         path = self.dir / tag

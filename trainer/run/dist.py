@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -41,6 +42,7 @@ def dist_env(local_rank: int | None = None) -> DistEnv:
 
 def init_distributed(env: DistEnv, timeout_minutes: int) -> str:
     """One process group per process (DeepSpeed caches it); returns the device this rank trains on."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
@@ -64,13 +66,14 @@ def skip_shm_comm_op() -> None:
     `build_shm_op` returns None for an op that `deepspeed.ops.__compatible_ops__` marks incompatible; DeepSpeed
     keeps that dict cached in the module so such edits persist (probing it is what init_distributed does
     anyway)."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def quiet_deepspeed() -> None:
-    import warnings
 
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates: one warning per call, every step.
@@ -79,6 +82,7 @@ def quiet_deepspeed() -> None:
 
 def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
     """Collective: element-wise sum (or max) over ranks, in float64 so token counts stay exact."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import torch
-
-from vtt.trainer.run import ds_config as dsc
 from vtt.trainer.models.adapter import ModelAdapter
+from vtt.trainer.run import ds_config as dsc
 from vtt.trainer.run.plan import RunPlan
 
 
@@ -19,11 +18,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(plan: RunPlan, adapter: ModelAdapter):
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed
     cfg = plan.cfg
     hf_ds = None
     if plan.resolved.zero_stage == 3 and cfg.deepspeed.zero3_init:  # from_pretrained partitions while loading
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations import HfDeepSpeedConfig  # heavy: transformers
         hf_ds = HfDeepSpeedConfig(plan.ds)
     torch.manual_seed(cfg.run.seed)  # same LoRA/new-head init on every rank
     model = adapter.load_model()
@@ -68,6 +68,7 @@ def clip_gradients(engine) -> None:
 
 def config_for_model(plan: RunPlan, adapter: ModelAdapter, model: torch.nn.Module) -> dict:
     """plan.ds built again with the loaded model's trainable parameter count (gradient bucket sizes)."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

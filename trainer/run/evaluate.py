@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
-
-from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.data.loader import build_loader
+from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.run.dist import DistEnv, all_reduce
 from vtt.trainer.run.ds_engine import to_device
 from vtt.trainer.run.loss import forward_loss, label_count
 from vtt.trainer.run.plan import RunPlan
+from vtt.trainer.tools.gen_eval import EvalConfig, evaluate_model
 
 log = logging.getLogger("vtt.train")
 
@@ -45,9 +46,7 @@ def generate_and_log(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv,
     """Collective. Answers the eval set (vtt-eval's path, capped by run.eval_generate_samples) and logs
     eval_exact_match / eval_bleu / eval_chrf; files go to RUN/eval/step_NNNNNNNN/. Rank 0 generates; under
     ZeRO-3 every rank runs the same generation (its parameters are partitioned) and only rank 0 writes."""
-    from pathlib import Path
 
-    from vtt.trainer.tools.gen_eval import EvalConfig, evaluate_model
     run = plan.cfg.run
     out = Path(run.output_dir) / "eval" / f"step_{step:08d}"
     cfg = EvalConfig("", plan.cfg.data.shards, str(out), batch_size=run.eval_generate_batch,

@@ -5,8 +5,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from vtt.trainer.models.adapter import ModelAdapter
+from vtt.shards.index import read_index
 from vtt.trainer.config import TrainConfig
+from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.run.dist import DistEnv
 from vtt.trainer.run.plan import RunPlan
 
@@ -16,6 +17,7 @@ MODEL_INFO_FILE = "vtt_model.json"  # beside the exported weights: how to captio
 
 def export_model(engine, adapter: ModelAdapter, plan: RunPlan, env: DistEnv, out_dir: Path) -> Path:
     """Collective. save_pretrained safetensors + tokenizer/processor files; ZeRO-3 gathers full weights first."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
     state_dict = None
     if plan.resolved.zero_stage == 3:
@@ -32,7 +34,6 @@ def export_model(engine, adapter: ModelAdapter, plan: RunPlan, env: DistEnv, out
 
 def frame_settings(cfg: TrainConfig) -> dict:
     """How the training frames were made (from the shards' index), so captioning a video matches them."""
-    from vtt.shards.index import read_index
     try:
         return read_index(cfg.data.shards, cfg.data.storage_options).settings
     except Exception:  # informational only

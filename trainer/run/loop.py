@@ -11,25 +11,27 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-
+from tqdm import tqdm
+from vtt.trainer.config import BEST_METRICS, TrainConfig
+from vtt.trainer.data.loader import agree_data, build_loader, pin_data
+from vtt.trainer.inputs.packing import batch_samples
 from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.models.registry import get_adapter
 from vtt.trainer.run.checkpoint import CheckpointManager, tag_for
-from vtt.trainer.config import BEST_METRICS, TrainConfig
-from vtt.trainer.data.loader import agree_data, build_loader, pin_data
 from vtt.trainer.run.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
 from vtt.trainer.run.ds_engine import build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.run.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.run.export import FINAL_DIR, export_model
 from vtt.trainer.run.loss import forward_loss, label_count, step_scale
 from vtt.trainer.run.memory import needs_resolution, resolve_auto
-from vtt.trainer.inputs.packing import batch_samples
 from vtt.trainer.run.plan import RunPlan, data_config_for, ensure_preset, prepare, write_run_files
 from vtt.trainer.run.tracking import Tracker
 
@@ -132,6 +134,7 @@ def loss_scale(local_tokens: int, env: DistEnv, device) -> float | torch.Tensor:
     to_device); with several ranks summed on the device and left there: no host wait before the forward."""
     if env.world_size == 1:
         return step_scale(1, local_tokens)
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
     t = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -144,6 +147,7 @@ def step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv, device) -
     if env.world_size == 1:
         local = loss_sum.item()
         return local, [local, *host], not math.isfinite(local)
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
     t = torch.cat([loss_sum.double().reshape(1), (~torch.isfinite(loss_sum)).double().reshape(1),
                    torch.tensor(host, dtype=torch.float64, device=device)])
@@ -191,9 +195,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
 
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -262,7 +264,6 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
 
 def run_loop(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device, ckpt: CheckpointManager,
              tracker: Tracker, start_step: int, position: dict | None, last_ckpt: Path | None) -> TrainResult:
-    from tqdm import tqdm
     cfg, run = plan.cfg, plan.cfg.run
     dtype = engine_dtype(engine)
     loader = build_loader(cfg.data, adapter.collate, plan.resolved.micro_batch_size, env.rank, env.world_size,
@@ -355,6 +356,7 @@ def param_counts(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def peak_memory_gb() -> float | None:
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     if acc.device_name() == "cpu":

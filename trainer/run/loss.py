@@ -20,7 +20,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-
 from vtt.trainer.models.model_io import unwrap
 
 IGNORE = -100  # label value of prompt, padding and source tokens
@@ -102,6 +101,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if impl == "plain":
         return F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum")
     if impl == "liger":
+        # optional: liger_kernel
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels).float()
     if impl != "chunked":
@@ -117,6 +117,7 @@ def liger_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
+        # optional: liger_kernel
         import liger_kernel.transformers  # noqa: F401
     except ImportError:
         return False

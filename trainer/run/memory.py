@@ -40,14 +40,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
-
-from vtt.trainer.models.llava import video_layout
-from vtt.trainer.models.registry import adapter_class
-from vtt.trainer.models.model_io import checkpoint_file
+import transformers
+from transformers import AutoConfig
+from vtt.shards.index import read_index
+from vtt.trainer.config import DEFAULT_MICRO_BATCH, ConfigError
+from vtt.trainer.data.loader import resolve_source
 from vtt.trainer.inputs.qwen_video import VideoSpec
+from vtt.trainer.models.llava import video_layout
+from vtt.trainer.models.model_io import checkpoint_file
+from vtt.trainer.models.registry import adapter_class
 
 GIB = 1024 ** 3
 DEFAULT_HEADROOM = 0.10  # fraction of device memory left free when fitting (context, fragmentation)
@@ -137,8 +142,6 @@ class Estimate:
 def meta_model(model_cfg) -> torch.nn.Module:
     """The model of model_cfg built from its config.json on the meta device, with the adapter's own LoRA and
     freezing applied (requires_grad as in training). No weights, no tokenizer needed."""
-    import transformers
-    from transformers import AutoConfig
     if checkpoint_file(model_cfg.model_path, "config.json") is None:
         raise PlanError(f"{model_cfg.model_path}: no config.json to plan from")
     config = AutoConfig.from_pretrained(model_cfg.model_path)
@@ -289,7 +292,6 @@ def video_tokens(model_cfg, frames: int, frame_size: tuple[int, int]) -> tuple[i
     """(LM video tokens, vision-tower tokens) of one sample of `frames` frames of frame_size (h, w)."""
     if model_cfg.kind == "seq2seq" or frames == 0:
         return 0, 0
-    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model_cfg.model_path)
     if model_cfg.kind == "llava":
         layout = video_layout(config)
@@ -438,7 +440,6 @@ def _largest_micro(model_cfg, inputs, shape, ckpt: bool, limit: float, max_micro
 
 def shard_frames(data_cfg) -> tuple[int | None, tuple[int, int] | None]:
     """(frames per sample, (h, w)) as the shards' index records vtt-prep's settings; None where unknown."""
-    from vtt.shards.index import read_index
     try:
         settings = read_index(data_cfg.shards, data_cfg.storage_options).settings or {}
     except Exception:  # no readable index: the plan says so, training reports it properly
@@ -452,7 +453,6 @@ def shard_frames(data_cfg) -> tuple[int | None, tuple[int, int] | None]:
 def samples_per_rank(data_cfg) -> int | None:
     """Training samples each device sees per epoch (index counts less the eval split): a bigger auto micro batch
     than that could not make one step. None where the index cannot be read (training reports that)."""
-    from vtt.trainer.data.loader import resolve_source
     try:
         return resolve_source(data_cfg, "train").total // _world_size()
     except Exception:  # as shard_frames: the plan goes on without it
@@ -470,7 +470,6 @@ def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: 
 
 
 def _world_size() -> int:
-    import os
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -500,7 +499,6 @@ def resolve_auto(cfg) -> Resolution:
     Frames: data.num_frames, capped by data.video_tokens (the most frames whose video tokens fit), of what the
     shards hold. Micro batch and checkpointing: the fastest pair that fits the device memory less headroom
     (fit); on a CPU run without --device-memory there is nothing to fill: 4 and off."""
-    from vtt.trainer.config import DEFAULT_MICRO_BATCH, ConfigError
     stored, size = shard_frames(cfg.data)
     size = size or (336, 336)
     frames = min(x for x in (cfg.data.num_frames, stored, 10**6) if x)

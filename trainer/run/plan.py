@@ -7,13 +7,14 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtt.trainer.run import ds_config as dsc
-from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.config import TrainConfig, config_diff, dump_yaml, load_saved, preset_dir
 from vtt.trainer.data.loader import build_loader, eval_batches, steps_per_epoch
+from vtt.trainer.models.adapter import ModelAdapter
+from vtt.trainer.run import ds_config as dsc
 from vtt.trainer.run.dist import DistEnv
 from vtt.trainer.run.tracking import preflight as tracking_preflight
 
@@ -24,6 +25,7 @@ def ensure_preset(cfg: TrainConfig) -> None:
     """--preset tiny: build RUN/preset-<kind> once; ranks race harmlessly (build aside, rename into place)."""
     if not cfg.run.preset:
         return
+    # heavy: transformers (presets); only --preset needs it
     from vtt.trainer.models.presets import build_tiny
     target = preset_dir(cfg.run.output_dir, cfg.model.kind)
     if (target / "config.json").is_file():
@@ -33,7 +35,6 @@ def ensure_preset(cfg: TrainConfig) -> None:
     try:
         tmp.rename(target)
     except OSError:  # another rank won; identical content (same seed)
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -79,6 +80,7 @@ class RunPlan:
 
 def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> RunPlan:
     """All checks that need no process group; raises before training on any problem."""
+    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     from deepspeed.accelerator import get_accelerator
     tracking_preflight(cfg.tracking)
     s = cfg.deepspeed

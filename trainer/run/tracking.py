@@ -107,6 +107,7 @@ class Tracker:
     def _init_wandb(self, config: dict, resuming: bool):
         if os.environ.get("WANDB_MODE", None) == "":
             del os.environ["WANDB_MODE"]  # wandb rejects an empty WANDB_MODE outright
+        # optional: wandb
         import wandb
         run_id = self._run_id(resuming)
         kwargs = dict(project=self.cfg.wandb_project or "vtt", entity=self.cfg.wandb_entity,

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import click
 import numpy as np
-
-from vtt.trainer.run.export import FINAL_DIR, MODEL_INFO_FILE
+import torch
+from vtt.pipeline.extract import extract_frames
+from vtt.pipeline.frames import ExtractError, FrameSpec
+from vtt.shards.conversation import SampleError
+from vtt.shards.format import INDEX_FILE, ShardFormatError, decode_frame
+from vtt.shards.storage import StorageError, Store, is_url, parse_options
+from vtt.trainer.data.loader import DataConfig, build_loader
 from vtt.trainer.models.model_config import ModelConfig
+from vtt.trainer.run.export import FINAL_DIR, MODEL_INFO_FILE
 
 
 def model_dir(path: str | Path) -> Path:
@@ -50,7 +56,6 @@ def model_config(mdir: Path, info: dict, kind: str | None):
 
 
 def frame_spec(settings: dict, num_frames: int | None):
-    from vtt.pipeline.frames import FrameSpec
     fields = {f.name for f in dataclasses.fields(FrameSpec)}
     kw = {k: (tuple(v) if k == "size" else v) for k, v in settings.items() if k in fields}
     if num_frames:
@@ -60,8 +65,6 @@ def frame_spec(settings: dict, num_frames: int | None):
 
 def video_sample(path: Path, spec) -> dict:
     """A sample dict like trainer/data/loader.py yields, from a video file (vtt-prep's extraction)."""
-    from vtt.pipeline.extract import extract_frames
-    from vtt.shards.format import decode_frame
     res = extract_frames(path, spec)
     frames = np.stack([decode_frame(b) for b in res.frames])
     # the frames' real pts, as vtt-prep writes them into shards (Qwen2.5-VL/Qwen3-VL read them)
@@ -72,7 +75,6 @@ def video_sample(path: Path, spec) -> dict:
 def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames: bool,
                   storage_options: dict | None = None) -> list[dict]:
     """Samples of a shards folder (path or URL) in index order: the given keys, else the first `limit`."""
-    from vtt.trainer.data.loader import DataConfig, build_loader
     cfg = DataConfig(str(folder), eval_shards=str(folder), decode_frames=decode_frames,  # eval: index order
                      storage_options=dict(storage_options or {}))
     loader = build_loader(cfg, list, micro_batch=1, split="eval")
@@ -109,7 +111,6 @@ def shard_samples(folder: str, keys: tuple[str, ...], limit: int, decode_frames:
 @click.version_option(package_name="vtt")
 def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_size, device, as_json,
          storage_options):
-    from vtt.shards.storage import StorageError, parse_options
     try:
         options = parse_options(storage_options)
         missing = check_inputs(inputs, options)
@@ -138,8 +139,6 @@ def main(model, inputs, kind, keys, limit, num_frames, max_new_tokens, batch_siz
 def check_inputs(inputs, options: dict) -> list[tuple[str, str]]:
     """(input, why) for each local input that is not there; shards URLs must be reachable (StorageError
     otherwise: nothing runs)."""
-    from vtt.shards.format import INDEX_FILE
-    from vtt.shards.storage import StorageError, Store, is_url
     bad = []
     for inp in inputs:
         if not is_url(inp):
@@ -158,7 +157,6 @@ def check_inputs(inputs, options: dict) -> list[tuple[str, str]]:
 def one_line(inp: str, e: Exception) -> str:
     """An input's failure in one line, without repeating the input's path: ffmpeg's telling last stderr line
     beside vtt's message."""
-    from vtt.pipeline.frames import ExtractError
     text = e.message if isinstance(e, (ExtractError, click.ClickException)) else str(e)
     text = " / ".join(x.strip() for x in text.splitlines() if x.strip())
     for prefix in (f"{inp}: ", f"{Path(inp).name}: "):
@@ -170,9 +168,6 @@ def one_line(inp: str, e: Exception) -> str:
 
 
 def input_errors() -> tuple[type[BaseException], ...]:
-    from vtt.pipeline.frames import ExtractError
-    from vtt.shards.format import ShardFormatError
-    from vtt.shards.conversation import SampleError
     return ExtractError, ShardFormatError, SampleError, click.UsageError, OSError
 
 
@@ -182,9 +177,8 @@ def caption(model, inputs, kind=None, keys=(), limit=4, num_frames=None, max_new
     call: memory holds one batch of frames, however many inputs there are. An input that cannot be read
     (not a video, not a shards folder, a --key it lacks) raises, or with `on_error(input, why)` is reported
     there and skipped, so the good inputs are still captioned."""
-    import torch
 
-    from vtt.shards.storage import is_url
+    # heavy: transformers (model registry); -h stays light
     from vtt.trainer.models.registry import get_adapter
     mdir = model_dir(model)
     info = load_info(mdir, kind)

@@ -8,7 +8,9 @@ prediction) and `metrics.json`: n, exact_match (after whitespace and case normal
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -18,8 +20,14 @@ from pathlib import Path
 from typing import Iterator
 
 import click
-
+import torch
+from tqdm import tqdm
+from vtt.shards.conversation import SampleError
+from vtt.shards.format import ShardFormatError
+from vtt.shards.index import read_index
+from vtt.trainer.data.loader import CorruptSampleError, DataConfig, build_loader
 from vtt.trainer.models.adapter import ModelAdapter
+from vtt.trainer.tools.caption import load_info, model_config, model_dir
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -46,8 +54,6 @@ def preflight(cfg: EvalConfig) -> None:
     """EvalConfig's checks that need the file system (as trainer.config.preflight for TrainConfig), before the
     model loads: an exported model, a shards folder with a readable index.json, an OUT that can
     be made (one line each, naming the path)."""
-    from vtt.shards.index import read_index
-    from vtt.trainer.tools.caption import model_dir
     model_dir(cfg.model)
     read_index(cfg.shards)
     parent = Path(cfg.out).absolute().parent
@@ -62,6 +68,7 @@ def normalise(text: str) -> str:
 
 
 def scores(preds: list[str], refs: list[str]) -> dict:
+    # heavy: sacrebleu; only scoring needs it
     import sacrebleu
     if not preds:
         return {"n": 0, "exact_match": None, "bleu": None, "chrf": None}
@@ -73,9 +80,7 @@ def scores(preds: list[str], refs: list[str]) -> dict:
 def _samples(cfg: EvalConfig, decode_frames: bool, data=None) -> Iterator[dict]:
     """The eval samples once each, in index order (the eval split of the loader: no shuffle): cfg.shards, or
     the eval split of a training DataConfig (`data`: its eval_shards or eval_fraction)."""
-    import dataclasses
 
-    from vtt.trainer.data.loader import DataConfig, build_loader
     if data is None:
         data = DataConfig(cfg.shards, eval_shards=cfg.shards, decode_frames=decode_frames)
     data = dataclasses.replace(data, decode_frames=decode_frames, num_workers=0)
@@ -103,9 +108,7 @@ def evaluate_model(adapter: ModelAdapter, net, cfg: EvalConfig, data=None, write
     """Answer, write predictions.jsonl as it goes, return (and write) metrics.json. Cost: one generate call per
     `batch_size` answers; memory: one batch of samples plus the answer strings. `data`: a training DataConfig
     whose eval split to answer instead of cfg.shards; write=False: compute only (ZeRO-3's other ranks)."""
-    import os
 
-    from tqdm import tqdm
     out = Path(cfg.out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +136,9 @@ def evaluate_model(adapter: ModelAdapter, net, cfg: EvalConfig, data=None, write
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Load the exported model the way vtt-caption does and evaluate it on cfg.shards."""
-    import torch
 
+    # heavy: transformers (model registry); -h stays light
     from vtt.trainer.models.registry import get_adapter
-    from vtt.trainer.tools.caption import load_info, model_config, model_dir
     mdir = model_dir(cfg.model)
     adapter = get_adapter(model_config(mdir, load_info(mdir, cfg.kind), cfg.kind))
     net = adapter.load_model().to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -178,9 +180,6 @@ def main(model, shards, out, batch_size, group_by, max_new_tokens, limit, kind, 
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from vtt.shards.format import ShardFormatError
-    from vtt.shards.conversation import SampleError
-    from vtt.trainer.data.loader import CorruptSampleError
     return ShardFormatError, SampleError, CorruptSampleError, click.UsageError, OSError
 
 
