@@ -33,6 +33,7 @@ from typing import Iterator
 from vtt.shards.conversation import SUPPORTED, SampleError, UnsupportedSample, conversation_of
 from vtt.shards.format import ShardFormatError, make_key
 from vtt.shards.ledger import Fingerprint
+from vtt.shards.sample_meta import RESERVED
 from vtt.shards.settings import ConfigError
 from vtt.shards.storage import StorageError, Store, is_url
 
@@ -173,8 +174,8 @@ def _entry_meta(entry, where: str) -> tuple[str | None, dict | None, str | tuple
     """(video path relative to DATA, metadata, problem: text, or (error class, text)) of one parsed entry."""
     if not isinstance(entry, dict):
         return None, None, f"expected an object, got {type(entry).__name__}"
-    if "vtt" in entry:
-        return None, None, "field 'vtt' is reserved for vtt-prep's provenance"
+    if RESERVED in entry:
+        return None, None, f"field '{RESERVED}' is reserved for vtt-prep's provenance"
     if entry.get("audios"):
         return None, None, (UNSUPPORTED, f"has 'audios' ({len(entry['audios'])}); {SUPPORTED} (no audio)")
     video, problem = _entry_video_path(entry)

@@ -38,6 +38,7 @@ from vtt.shards.folder import OutFolder
 from vtt.shards.format import Members, read_samples
 from vtt.shards.index import ShardEntry
 from vtt.shards.ledger import STATUS_FAILED, STATUS_OK, Ledger, VideoRecord, read_ledger
+from vtt.shards import sample_meta
 from vtt.shards.storage import is_url
 from vtt.shards.store import LockHeld
 
@@ -307,7 +308,7 @@ def _note_warnings(report: Report, source: str, members) -> None:
     """The warnings a sample written this run carries (its vtt.warnings) into the report. Cost: one
     parse of the sample's small JSON member."""
     meta = json.loads(next(d for n, d in members if n.endswith(".json")))
-    report.sample_warnings(source, meta["vtt"]["warnings"])
+    report.sample_warnings(source, sample_meta.warnings(meta))
 
 
 # -- write -> commit ------------------------------------------------------------------------------------

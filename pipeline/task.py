@@ -13,8 +13,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vtt.shards.format import frame_field, sha256_file
+from vtt.shards.format import frame_field, key_of, sha256_file, split_member
 from vtt.shards.ledger import Fingerprint
+from vtt.shards.sample_meta import RESERVED, with_provenance
 
 from .discover_remote import RemoteFile, download
 from .extract import extract_frames
@@ -102,13 +103,12 @@ def build_members(task: Task, sha256: str, result) -> list[tuple[str, bytes]]:
     """`{key}.json`, `{key}.txt`, `{key}.NNNN.<ext>` for one extracted video."""
     probe = {k: _jsonable(v) for k, v in result.probe.items() if k not in _NEVER_COPY}
     agreement, warnings = sidecar_vs_probe(task.meta, result.probe)
-    meta = dict(task.meta)
-    meta["vtt"] = {
+    meta = with_provenance(task.meta, {
         "source": task.source, "sha256": sha256, "key": task.key, "probe": probe,
         "timestamps": [round(float(t), 6) for t in result.timestamps], "method": result.method,
         "settings": task.settings, "ffmpeg_version": task.ffmpeg_version,
         "warnings": list(result.warnings) + warnings, "sidecar_vs_probe": agreement,
-    }
+    })
     ext = task.settings["image_format"]
     members = [(f"{task.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()),
                (f"{task.key}.txt", str(task.meta.get("description", "")).encode())]
@@ -124,19 +124,18 @@ def residecar_members(members: list[tuple[str, bytes]], key: str, meta: dict, so
     Gives the same bytes as extracting again: everything in "vtt" but the sidecar comparison
     depends on the video only, and that comparison is a pure function of sidecar and probe.
     """
-    old_key = members[0][0].partition(".")[0]
+    old_key = key_of(members[0][0])
     old = json.loads(dict(members)[f"{old_key}.json"])
-    vtt = old.pop("vtt")
+    vtt = old.pop(RESERVED)
     _, old_warnings = sidecar_vs_probe(old, vtt["probe"])
     agreement, warnings = sidecar_vs_probe(meta, vtt["probe"])
     kept = [w for w in vtt["warnings"] if w not in old_warnings]
-    new = dict(meta)
-    new["vtt"] = {**vtt, "key": key, "warnings": kept + warnings, "sidecar_vs_probe": agreement,
-                  "source": source or vtt["source"]}
+    new = with_provenance(meta, {**vtt, "key": key, "warnings": kept + warnings, "sidecar_vs_probe": agreement,
+                                 "source": source or vtt["source"]})
     out = [(f"{key}.json", json.dumps(new, sort_keys=True, ensure_ascii=False).encode()),
            (f"{key}.txt", str(meta.get("description", "")).encode())]
-    return out + [(f"{key}.{n.partition('.')[2]}", d) for n, d in members
-                  if n.partition(".")[2] not in ("json", "txt")]
+    return out + [(f"{key}.{field}", d) for field, d in ((split_member(n)[1], d) for n, d in members)
+                  if field not in ("json", "txt")]
 
 
 def process_video(task: Task) -> Outcome:

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .sample_meta import RESERVED
+
 FORMAT_VERSION = 1
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".tar"
@@ -37,7 +39,7 @@ TMP_PREFIX = ".tmp-"  # every temp file vtt writes starts with this; a rerun rem
 FRAME_EXTS = ("jpg", "png")
 
 # Keys every sample's {key}.json carries besides the sidecar's own fields.
-SAMPLE_META_KEYS = ("video_id", "description", "vtt")
+SAMPLE_META_KEYS = ("video_id", "description", RESERVED)
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")

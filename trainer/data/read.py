@@ -28,6 +28,7 @@ import numpy as np
 
 from vtt.shards.conversation import SampleError
 from vtt.shards.format import ShardFormatError, decode_frame, frame_fields, frame_index, split_member
+from vtt.shards.sample_meta import with_frames_kept
 from vtt.trainer.data.order import ReadPlan
 from vtt.trainer.data.source import RESTART_HINT, SnapshotError, Source
 
@@ -203,11 +204,7 @@ class FramePick:
 
 def picked(sample: dict, idx: list[int], stored: int) -> dict:
     """The sample's meta with the timestamps of the frames `idx` of `stored`, and `frame_indices` = idx."""
-    meta = dict(sample["meta"])
-    vtt = meta.get("vtt")
-    if isinstance(vtt, dict) and isinstance(vtt.get("timestamps"), list) and len(vtt["timestamps"]) == stored:
-        meta["vtt"] = dict(vtt, timestamps=[vtt["timestamps"][i] for i in idx])
-    return dict(sample, meta=meta, frame_indices=idx)
+    return dict(sample, meta=with_frames_kept(sample["meta"], idx, stored), frame_indices=idx)
 
 
 def _decode_frames(raw: dict, pick: FramePick | None = None) -> tuple[np.ndarray, list[int] | None]:

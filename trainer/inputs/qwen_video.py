@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from vtt.shards.sample_meta import mean_interval
 from vtt.trainer.models.model_io import read_json
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -170,6 +171,6 @@ def video_inputs(frames: np.ndarray, times: list[float], spec: VideoSpec, proces
         pix, grid = port_video(frames, spec)
         grid = torch.tensor(grid, dtype=torch.long)
     # Qwen2.5-VL: seconds per temporal patch = temporal x the clip's mean frame interval (its processor: 2 / fps)
-    interval = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 and times[-1] > times[0] else 1 / 24
+    interval = mean_interval(times)
     return {"pixel_values_videos": pix, "video_grid_thw": grid, "times": group_times(times, spec.temporal_patch_size),
             "second_per_grid": spec.temporal_patch_size * interval}

@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText
 from vtt.shards.conversation import SampleError
+from vtt.shards import sample_meta
 from vtt.trainer.config import ConfigError
 from vtt.trainer.inputs.chat import PLACEHOLDERS, Turn, conversation_of, encode_conversation, fit_turns
 from vtt.trainer.inputs.packing import pack, real_tokens
@@ -31,18 +32,14 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 DEFAULT_PROMPT = "<video>\nDescribe this video."
 VISION_PART = "visual."
 MERGER_PART = "visual.merger"
-FALLBACK_FPS = 24.0  # what the Qwen processors assume when a video's fps is unknown
 # the class whose get_rope_index makes a family's M-RoPE positions (packed rows: per sample)
 ROPE_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}
 
 
 def frame_times(sample: dict, n: int) -> list[float]:
-    """The frames' real pts from vtt-prep's `vtt.timestamps`; frame index / 24 fps (the processors' own
-    fallback) when a shard lacks them."""
-    ts = ((sample.get("meta") or {}).get("vtt") or {}).get("timestamps")
-    if isinstance(ts, list) and len(ts) == n and all(isinstance(t, (int, float)) for t in ts):
-        return [float(t) for t in ts]
-    return [i / FALLBACK_FPS for i in range(n)]
+    """The frames' real pts from vtt-prep's provenance; frame index / 24 fps (the processors' own fallback)
+    when a shard lacks them (vtt.shards.sample_meta)."""
+    return sample_meta.frame_times(sample.get("meta") or {}, n)
 
 
 def setup_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:

@@ -18,6 +18,7 @@ import torch
 from vtt.pipeline.extract import extract_frames
 from vtt.pipeline.frames import ExtractError, FrameSpec
 from vtt.shards.conversation import SampleError
+from vtt.shards.sample_meta import with_provenance
 from vtt.shards.format import INDEX_FILE, ShardFormatError, decode_frame
 from vtt.shards.storage import StorageError, Store, is_url, parse_options
 from vtt.trainer.data.loader import DataConfig, build_loader
@@ -68,7 +69,8 @@ def video_sample(path: Path, spec) -> dict:
     res = extract_frames(path, spec)
     frames = np.stack([decode_frame(b) for b in res.frames])
     # the frames' real pts, as vtt-prep writes them into shards (Qwen2.5-VL/Qwen3-VL read them)
-    meta = {"video_id": path.stem, "description": "", "vtt": {"timestamps": [float(t) for t in res.timestamps]}}
+    meta = with_provenance({"video_id": path.stem, "description": ""},
+                           {"timestamps": [float(t) for t in res.timestamps]})
     return {"key": path.stem, "meta": meta, "text": "", "frames": frames}
 
 

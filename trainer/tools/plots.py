@@ -4,7 +4,6 @@ active in this process. Matplotlib's Agg backend: no display needed.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
@@ -16,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vtt.shards.format import frame_fields, read_samples  # noqa: E402
+from vtt.shards.format import decode_frame, frame_fields, read_samples, split_member  # noqa: E402
 from vtt.shards.index import read_index  # noqa: E402
 
 
@@ -84,11 +83,11 @@ def iter_shard_samples(shards_dir):
     folder = Path(shards_dir)
     for entry in read_index(folder).shards:
         for key, members in read_samples(folder / entry.url):
-            yield _sample(key, {name.partition(".")[2]: data for name, data in members})
+            yield _sample(key, {split_member(name)[1]: data for name, data in members if split_member(name)})
 
 
 def _sample(key: str, fields: dict[str, bytes]) -> dict:
-    frames = [Image.open(io.BytesIO(fields[f])).convert("RGB") for f in frame_fields(fields)]
+    frames = [Image.fromarray(decode_frame(fields[f])) for f in frame_fields(fields)]  # the one decoder
     text = fields.get("txt", b"").decode("utf-8", errors="replace")
     return {"key": key, "text": text, "frames": frames}
 
