@@ -49,7 +49,6 @@ from .discover import Video, discover
 from .discover_remote import read_sidecars
 from .engine import Engine, make_engine
 from .extract import ffmpeg_version
-from .extract import ffmpeg_version as get_version
 from .faults import crash_point
 from .frames import ExtractError
 from .repair import reconcile
@@ -219,7 +218,7 @@ def extract_samples(run: _Run, work: Work, engine: Engine) -> Iterator[Sample]:
     if not work.extract:
         return
     try:
-        version = get_version(run.cfg.frame_spec())  # only here: a no-op run starts no ffmpeg at all
+        version = ffmpeg_version(run.cfg.frame_spec())  # only here: a no-op run starts no ffmpeg at all
     except ExtractError as e:
         for v in work.extract:
             run.fail(v, {"class": e.error_class, "reason": e.reason, "stderr_tail": e.stderr_tail})
