@@ -45,16 +45,17 @@ def _ledger_id(out):
 
 
 class Commits:
-    """Counts ledger commits as they happen (each one creates the next numbered commit file)."""
+    """Counts the ledger commits made since it was created: commit files are numbered consecutively, so the
+    count is the newest number less the first one (two commits between two polls count as two)."""
 
     def __init__(self, out):
-        self.out, self.last, self.count = out, _ledger_id(out), 0
+        self.out, self.first = out, _ledger_id(out)
 
     def __call__(self):
         now = _ledger_id(self.out)
-        if now != self.last:
-            self.last, self.count = now, self.count + 1
-        return self.count
+        if now is None:
+            return 0
+        return now - self.first if self.first is not None else now + 1
 
 
 KILL_POINTS = {
