@@ -114,22 +114,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-# Imports that still close a cycle, each with the change that removes it. PrepConfig's validation reads the
-# annotation files and checks the engine name (lazy imports in pipeline/config.py), while annotations.py and
-# engine_ray.py import ConfigError from it: the one ConfigError below both and the separate preflight (issue 22
-# item 3) remove these. The test fails when one no longer closes a cycle, so the list only shrinks.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()  # (importer, imported) pairs allowed to close a cycle; none today
-
-
 def test_no_import_cycles():
     files = module_files(REPO)
     assert "vtt.trainer.models.registry" in files and "vtt.shards.format" in files  # the scan sees the real tree
     graph = import_graph(files)
     assert "vtt.trainer.models.model_io" in graph["vtt.trainer.models.llava"]
-    for a, b in sorted(KNOWN_CYCLE_EDGES):
-        assert any(a in c and b in c for c in cycles(graph)), f"{a} -> {b} closes no cycle now: drop it from " \
-                                                              "KNOWN_CYCLE_EDGES"
-        graph[a] = graph[a] - {b}
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(
         " <-> ".join(c) + " (" + ", ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) + ")" for c in found)

@@ -83,7 +83,7 @@ def iter_shard_samples(shards_dir):
     folder = Path(shards_dir)
     for entry in read_index(folder).shards:
         for key, members in read_samples(folder / entry.url):
-            yield _sample(key, {split_member(name)[1]: data for name, data in members if split_member(name)})
+            yield _sample(key, {parts[1]: data for name, data in members if (parts := split_member(name))})
 
 
 def _sample(key: str, fields: dict[str, bytes]) -> dict:
