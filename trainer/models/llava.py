@@ -256,6 +256,10 @@ class LlavaAdapter:
         return (ids[:at] + [self.layout.token_id] * n + ids[at + 1:],
                 labels[:at] + [-100] * n + labels[at + 1:])
 
+    def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> int:
+        """Its ids alone: the text and the video tokens of its frames (cfg.num_frames when the adapter resamples)."""
+        return len(self._sample_ids(sample, self.cfg.num_frames or (frames[0] if frames else 1))[0])
+
     def num_tokens(self, batch: dict) -> int:
         return real_tokens(batch)
 
