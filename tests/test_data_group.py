@@ -142,3 +142,61 @@ def test_setting_round_trips_through_flags_yaml_and_set(tmp_path):
     tree["data"]["group_window"] = 0
     with pytest.raises(ConfigError, match="group_window must be >= 1"):
         config_from_dict(tree)
+
+
+CONV = [{"from": "human", "value": "<video>\nWhat colour is it?"}, {"from": "gpt", "value": "red, mostly"},
+        {"from": "human", "value": "And where does it go?"}, {"from": "gpt", "value": "to the left, then up"}]
+
+
+@pytest.mark.parametrize("kind,family", [("llava", "llava_next_video"), ("llava", "llava_onevision"),
+                                         ("qwen_vl", "qwen2_5_vl"), ("seq2seq", None)])
+def test_sample_length_is_the_tokens_a_sample_makes_alone(tmp_path, kind, family):
+    """Each adapter's sample_length, from the text and the frames' (count, height, width) only, against the ids
+    its collate makes of the sample alone (source + target for seq2seq): captions and conversations."""
+    import numpy as np
+
+    from vtt.trainer.models.model_config import ModelConfig
+    from vtt.trainer.models.presets import build_tiny
+    from vtt.trainer.models.registry import get_adapter
+    adapter = get_adapter(ModelConfig(kind=kind, model_path=str(build_tiny(kind, tmp_path / kind, family=family))))
+    rng = np.random.default_rng(0)
+    samples = [{"key": f"k{i}", "text": "t", "frames": rng.integers(0, 256, (t, 40, 56, 3), dtype=np.uint8),
+                "meta": {"description": " ".join(["a red ball"] * (i + 1)),
+                         **({"conversations": CONV[:2 + 2 * (i % 2)]} if kind != "seq2seq" else {})}}
+               for i, t in enumerate((2, 5, 8))]
+    got = [adapter.sample_length(dict(s, frames=None), s["frames"].shape[:3]) for s in samples]
+    alone = [adapter.collate([s]) for s in samples]
+    want = [b["input_ids"].shape[1] + (b["labels"].shape[1] if kind == "seq2seq" else 0) for b in alone]
+    assert got == want and len(set(got)) == 3
+    with pytest.raises(SampleError):
+        adapter.sample_length({"key": "x", "text": "t", "meta": {}, "frames": None}, (2, 40, 56))
+
+
+def test_grouped_training_resumes_exactly(tmp_path):
+    """The real DeepSpeed engine, tiny LLaVA on clips of 2-8 frames and 1-3 exchanges, micro 3 x accumulation 2,
+    windows of 3 micro batches: a run resumed from its step-2 checkpoint (micro batch 4: inside a window) repeats
+    the uninterrupted run's steps 3-4."""
+    import importlib.util
+    import shutil
+
+    from train_helpers import REPO, metrics, vtt_train
+
+    from vtt.trainer.run.checkpoint import tag_for
+    spec = importlib.util.spec_from_file_location("bench_packing", REPO / "benchmarks" / "bench_packing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.mixed_corpus(tmp_path / "shards", 24, seed=1, frames=(2, 8), turns=(1, 3), per_shard=6)
+    run = tmp_path / "run"
+    args = ["--model", "llava", "--preset", "tiny", "--micro-batch", "3", "--grad-accum", "2", "--log-every", "1",
+            "--lr", "2e-3", "--warmup-steps", "1", "--no-export", "--keep-last", "0", "--max-steps", 4,
+            "--save-every", 2, "--precision", "fp32", "--shards", tmp_path / "shards", "--output-dir", run,
+            "--group-by-length", "--set", "data.group_window=3"]
+    vtt_train(*args)
+    assert "group_by_length: true" in (run / "config.yaml").read_text()
+    got = metrics(run)[0]
+    shutil.rmtree(run / "checkpoints" / tag_for(4))
+    vtt_train(*args, "--resume")
+    after = metrics(run)[0]
+    assert "resumed from" in (run / "train.log").read_text() and [x["step"] for x in after] == [1, 2, 3, 4]
+    for a, b in zip(got[2:], after[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
