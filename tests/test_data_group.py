@@ -21,7 +21,7 @@ def size_of(key, n):
 
 def length(sample, frames):
     assert frames == (2, 6, 8)  # the frames' count and size, read from the tar without decoding them
-    return sample["meta"]["size"]
+    return sample["meta"]["size"],
 
 
 def sizes(samples):
@@ -109,10 +109,24 @@ def test_grouping_change_refuses_exact_resume(tmp_path):
     assert build_loader(eval_cfg, sizes, 2, split="eval")  # eval is never grouped: no length needed
 
 
+def test_two_lengths_sort_in_strips_of_about_sqrt_batches():
+    import random
+
+    from vtt.trainer.data.group import sorted_samples
+    rng = random.Random(0)
+    lengths = [(rng.randrange(40), rng.randrange(40)) for _ in range(64)]  # 16 batches of 4: strips of 4 batches
+    order = sorted_samples(lengths, 4)
+    assert sorted(order) == list(range(64))
+    strips = [[lengths[i] for i in order[a:a + 16]] for a in range(0, 64, 16)]
+    assert all(max(x[0] for x in a) <= min(x[0] for x in b) for a, b in zip(strips, strips[1:]))
+    assert all([x[1] for x in s] == sorted(x[1] for x in s) for s in strips)
+    assert sorted_samples([(3,), (1,), (2,), (1,)], 2) == [1, 3, 2, 0]  # one length: a stable sort
+
+
 def test_window_longer_than_the_epoch_and_text_only(tmp_path):
     folder = write_shards(tmp_path, [5, 6], meta=lambda k, n: {"size": (n * 37) % 50})
     cfg = DataConfig(str(folder), group_by_length=True, group_window=64, decode_frames=False, shuffle_buffer=0)
-    got = build_loader(cfg, sizes, 2, length_fn=lambda s, f: f is None and s["meta"]["size"])
+    got = build_loader(cfg, sizes, 2, length_fn=lambda s, f: [f is None and s["meta"]["size"]])
     batches = take(got, len(got))
     flat = sorted(x for b in batches for _, x in b)
     assert len(batches) == 5 and sorted([x for _, x in b] for b in batches) == [flat[a:a + 2] for a in range(0, 10, 2)]
@@ -167,7 +181,12 @@ def test_sample_length_is_the_tokens_a_sample_makes_alone(tmp_path, kind, family
     got = [adapter.sample_length(dict(s, frames=None), s["frames"].shape[:3]) for s in samples]
     alone = [adapter.collate([s]) for s in samples]
     want = [b["input_ids"].shape[1] + (b["labels"].shape[1] if kind == "seq2seq" else 0) for b in alone]
-    assert got == want and len(set(got)) == 3
+    assert [sum(x) for x in got] == want and len(set(want)) == 3
+    assert {len(x) for x in got} == {1 if kind == "qwen_vl" else 2}  # what a padded batch pads on its own
+    if kind == "llava":  # (video, text): the video part follows the frames alone
+        assert [v for v, _ in got] == [adapter.layout.num_tokens(t) for t in (2, 5, 8)]
+    if kind == "seq2seq":
+        assert got == [(b["input_ids"].shape[1], b["labels"].shape[1]) for b in alone]
     with pytest.raises(SampleError):
         adapter.sample_length({"key": "x", "text": "t", "meta": {}, "frames": None}, (2, 40, 56))
 
