@@ -1,12 +1,14 @@
 """Streaming reader of vtt shards for training and evaluation: the public API and the torch loader.
 
-The jobs live in three modules: data/source.py (which shards: pinned index snapshots, splits),
+The jobs live in four modules: data/source.py (which shards: pinned index snapshots, splits),
 data/order.py (sample-order arithmetic, no I/O), data/read.py (tars -> samples -> micro batches, the
-corrupt policy). This module holds DataConfig, the DataLoader around a plan, and the resume rules.
+corrupt policy), data/group.py (data.group_by_length: length-sorted windows of micro batches). This module
+holds DataConfig, the DataLoader around a plan, and the resume rules.
 
 The stream is a pure function of (snapshot, seed, epoch, rank, world size, workers, micro batch,
-interleave, shuffle buffer), so a position `{epoch, batch, raw}` is enough to resume exactly; a resume
-passes over the samples already used by their tar headers, without reading or decoding them.
+interleave, shuffle buffer, group window), so a position `{epoch, batch, raw}` is enough to resume exactly; a
+resume passes over the samples already used by their tar headers, without reading or decoding them (grouped:
+from the start of the window it stopped in, which it reads again).
 
 One epoch: the shards, in an order drawn from (seed, epoch), cut into groups of `interleave_shards`
 that take turns sample by sample, form one sequence of samples. There are S = world_size x W streams
@@ -28,7 +30,8 @@ drops the rest of the saved epoch and starts the next one on the current index.
 Use:
     pin_data(cfg)                           # once per process, before any loader (train() does it)
     agree_data(cfg)                         # collective: every rank takes rank 0's snapshot
-    loader = build_loader(cfg, adapter.collate, micro_batch, rank, world_size)  # checks shards now
+    loader = build_loader(cfg, adapter.collate, micro_batch, rank, world_size,  # checks shards now
+                          length_fn=adapter.sample_length)  # used by data.group_by_length
     it = iter(loader)                       # train: endless over epochs; stop at max_steps
     batch = next(it)                        # state() counts batches handed out, so take them with
     ckpt["data"] = loader.state()           # next(it) (zip(loader, ...) would pull one extra)
