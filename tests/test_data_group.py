@@ -74,19 +74,21 @@ def test_windows_are_length_sorted_every_sample_once_same_batches_per_rank(tmp_p
 def test_grouped_resume_is_exact_with_corrupt_samples(tmp_path, workers):
     # a damaged frame fails only when its batch is decoded, a bad json while the window is read, a missing
     # title in the collate: all three are replaced and a resume anywhere replays them exactly
-    folder = write_shards(tmp_path, [6, 8, 7, 9, 6], meta=size_of, damage={"v0003": "jpeg", "v0016": "json"})
+    folder = write_shards(tmp_path, [6, 8, 7, 9, 6], meta=size_of,
+                          damage={**dict.fromkeys(("v0003", "v0009", "v0021", "v0027", "v0033"), "jpeg"),
+                                  "v0016": "json", "v0030": "json"})
     cfg = DataConfig(str(folder), num_workers=workers, shuffle_buffer=4, seed=1, group_by_length=True,
                      group_window=WINDOW)
-    full_loader = loader(cfg)
+    full_loader = loader(cfg, 1, 2)  # rank 1 of 2: 9 batches an epoch, the last window of a stream shorter
     n = len(full_loader)
     full = take(full_loader, n + 4)  # into epoch 1
     counts = full_loader.corrupt
     assert set(counts) == {"bad_image", "bad_json", "bad_sample"}  # (epoch 1 meets some again)
     for k in range(1, n + 4):
-        first = loader(cfg)
+        first = loader(cfg, 1, 2)
         assert take(first, k) == full[:k]
         state = json.loads(json.dumps(first.state()))
-        resumed = loader(cfg, start=state)
+        resumed = loader(cfg, 1, 2, start=state)
         assert take(resumed, n + 4 - k) == full[k:], f"resume after {k} batches"
         assert resumed.corrupt == counts, f"resume after {k}: counted twice or lost"
 

@@ -75,6 +75,7 @@ def sorted_window(stream: SampleStream, n: int, length_fn: LengthFn) -> list[lis
         if length is not None:
             raws.append(raw)
             lengths.append(length)
+            stream.bad_run = 0  # the corrupt-in-a-row stop counts consecutive drops, not a window's
     order, micro = sorted_samples(lengths, stream.plan.micro_batch), stream.plan.micro_batch
     return [[raws[i] for i in order[a:a + micro]] for a in range(0, n, micro)]
 
