@@ -55,7 +55,7 @@ def measured(stream: SampleStream, raw: dict, length_fn: LengthFn) -> tuple[int,
 def sorted_samples(lengths: list[tuple[int, ...]], micro: int) -> list[int]:
     """Indices of the window's samples in the order its micro batches are cut from. One length: sorted by it.
     Two (LLaVA: video, text; seq2seq: source, target, each padded to the batch's longest on its own): a sort on
-    the sum leaves both spread (LLaVA 67% real tokens against 84-88% here, benchmarks/bench_packing.py), so a
+    the sum leaves both spread (LLaVA 67% real tokens against 83-88% here, benchmarks/bench_packing.py), so a
     2-D grid: sorted by the first, cut into strips of ~sqrt(batches) batches, each strip sorted by the rest.
     Ties keep the stream's order. O(n log n)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i][0], i))
@@ -89,7 +89,7 @@ def grouped_batches(plan: ReadPlan, l: int, collate_fn: Callable,
         return
     first = mine[0] // plan.workers  # the local number of the first batch still owed
     stream = SampleStream(plan, l, collate_fn)
-    for w in range(first // plan.group_window, -(-len(plan.my_batches(l, 0)) // plan.group_window)):
+    for w in range(first // plan.group_window, plan.windows(l)):
         ks, start = plan.window(l, w), stream.consumed
         stream.corrupt.muted = first > ks[0]  # the run before the resume counted this window's reading
         batches = sorted_window(stream, len(ks) * plan.micro_batch, length_fn)

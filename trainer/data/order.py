@@ -211,6 +211,10 @@ class ReadPlan:
         a pure function of the batch index, so a resume finds the window's start from its batch alone."""
         return range(w * self.group_window, min((w + 1) * self.group_window, len(self.my_batches(l, 0))))
 
+    def windows(self, l: int) -> int:
+        """Length-sorted windows of stream l this epoch (the last one may be shorter)."""
+        return -(-len(self.my_batches(l, 0)) // self.group_window)
+
     def window_order(self, l: int, w: int) -> list[int]:
         """The order window w of stream l emits its length-sorted batches in: drawn from (seed, epoch, rank,
         stream, window), so long batches come anywhere in the epoch, not all at its end."""
