@@ -145,6 +145,15 @@ def decode_frame(data: bytes):
         return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a frame member read from its header alone (no pixels decoded: microseconds).
+    Raises whatever Pillow raises for data it cannot identify."""
+    # heavy: PIL, as decode_frame
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        return im.height, im.width
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

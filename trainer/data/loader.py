@@ -1,12 +1,14 @@
 """Streaming reader of vtt shards for training and evaluation: the public API and the torch loader.
 
-The jobs live in three modules: data/source.py (which shards: pinned index snapshots, splits),
+The jobs live in four modules: data/source.py (which shards: pinned index snapshots, splits),
 data/order.py (sample-order arithmetic, no I/O), data/read.py (tars -> samples -> micro batches, the
-corrupt policy). This module holds DataConfig, the DataLoader around a plan, and the resume rules.
+corrupt policy), data/group.py (data.group_by_length: length-sorted windows of micro batches). This module
+holds DataConfig, the DataLoader around a plan, and the resume rules.
 
 The stream is a pure function of (snapshot, seed, epoch, rank, world size, workers, micro batch,
-interleave, shuffle buffer), so a position `{epoch, batch, raw}` is enough to resume exactly; a resume
-passes over the samples already used by their tar headers, without reading or decoding them.
+interleave, shuffle buffer, group window), so a position `{epoch, batch, raw}` is enough to resume exactly; a
+resume passes over the samples already used by their tar headers, without reading or decoding them (grouped:
+from the start of the window it stopped in, which it reads again).
 
 One epoch: the shards, in an order drawn from (seed, epoch), cut into groups of `interleave_shards`
 that take turns sample by sample, form one sequence of samples. There are S = world_size x W streams
@@ -28,7 +30,8 @@ drops the rest of the saved epoch and starts the next one on the current index.
 Use:
     pin_data(cfg)                           # once per process, before any loader (train() does it)
     agree_data(cfg)                         # collective: every rank takes rank 0's snapshot
-    loader = build_loader(cfg, adapter.collate, micro_batch, rank, world_size)  # checks shards now
+    loader = build_loader(cfg, adapter.collate, micro_batch, rank, world_size,  # checks shards now
+                          length_fn=adapter.sample_length)  # used by data.group_by_length
     it = iter(loader)                       # train: endless over epochs; stop at max_steps
     batch = next(it)                        # state() counts batches handed out, so take them with
     ckpt["data"] = loader.state()           # next(it) (zip(loader, ...) would pull one extra)
@@ -52,6 +55,7 @@ import torch
 
 from vtt.shards.format import INDEX_FILE, ShardFormatError
 from vtt.shards.storage import StorageError, Store  # noqa: F401
+from vtt.trainer.data.group import LengthFn, grouped_batches
 from vtt.trainer.data.order import ReadPlan, StreamPosition, batches_per_rank, shuffle_order  # noqa: F401
 from vtt.trainer.data.read import (MAX_EVENTS, CorruptSampleError, decode_sample,  # noqa: F401
                                    stream_batches)
@@ -63,6 +67,7 @@ log = logging.getLogger(__name__)
 ON_CORRUPT = ("skip", "stop")
 FRAME_SAMPLING = ("uniform", "random")
 RESUME_MODES = ("exact", "next_epoch")
+GROUP_WINDOW = 32  # micro batches per length-sorted window (HF Trainer's mega-batch uses 50)
 SPLITS = ("train", "eval")
 
 
@@ -88,6 +93,11 @@ class DataConfig:
     # padding-free packing (vtt.trainer.inputs.packing): the collate gets packed=True and puts a micro batch's samples
     # in one row with per-sample position ids; still `micro_batch` whole samples per batch (exact resume)
     packing: bool = False
+    # length-grouped micro batches (train only; data/group.py): each stream sorts the samples of `group_window`
+    # micro batches by the adapter's sample_length, cuts them into batches and emits those in a seeded order;
+    # less padding in unpacked batches, at the cost of holding one window of encoded samples per stream
+    group_by_length: bool = False
+    group_window: int = GROUP_WINDOW
     # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
     # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
     storage_options: dict = field(default_factory=dict)
@@ -113,6 +123,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.video_tokens must be >= 1 or None, got {self.video_tokens}")
         if self.interleave_shards < 1:
             raise ValueError(f"DataConfig.interleave_shards must be >= 1, got {self.interleave_shards}")
+        if self.group_window < 1:
+            raise ValueError(f"DataConfig.group_window must be >= 1, got {self.group_window}")
 
     @property
     def has_eval(self) -> bool:
@@ -187,15 +199,18 @@ def _identity(x):
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    def __init__(self, plan: ReadPlan, collate_fn: Callable):
-        self.plan, self.collate_fn = plan, collate_fn
+    def __init__(self, plan: ReadPlan, collate_fn: Callable, length_fn: LengthFn | None):
+        self.plan, self.collate_fn, self.length_fn = plan, collate_fn, length_fn
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         j = info.id if info is not None else 0
         # DataLoader asks worker 0 first; rotate so worker 0 serves the first batch still owed.
         l = (self.plan.start_batch + j) % self.plan.workers
-        stream = stream_batches(self.plan, l, self.collate_fn)
+        if self.plan.group_window:
+            stream = grouped_batches(self.plan, l, self.collate_fn, self.length_fn)
+        else:
+            stream = stream_batches(self.plan, l, self.collate_fn)
         return stream if info is None else _errors_as_data(stream, j)
 
 
@@ -218,10 +233,14 @@ class Loader:
     eval: one deterministic pass per iter(). `state()` is the JSON-able position of the next batch."""
 
     def __init__(self, cfg: DataConfig, collate_fn: Callable, micro_batch: int, rank: int,
-                 world_size: int, split: str, start: StreamPosition | dict | None):
+                 world_size: int, split: str, start: StreamPosition | dict | None, length_fn: LengthFn | None = None):
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad micro_batch={micro_batch} rank={rank} world_size={world_size}")
-        self.cfg, self.split = cfg, split
+        self.cfg, self.split, self.length_fn = cfg, split, length_fn
+        self.group_window = cfg.group_window if cfg.group_by_length and split == "train" else 0
+        if self.group_window and length_fn is None:
+            raise ValueError("data.group_by_length needs the samples' length: pass the adapter's sample_length "
+                             "as build_loader(length_fn=...)")
         self.collate_fn = packing_collate(collate_fn) if cfg.packing else collate_fn
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.src = resolve_source(cfg, split)  # every epoch after a resumed one reads this
@@ -244,7 +263,8 @@ class Loader:
         cfg = self.cfg
         return {"world_size": self.world_size, "num_workers": cfg.num_workers, "micro_batch": self.micro_batch,
                 "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer, "interleave_shards": cfg.interleave_shards,
-                "eval_fraction": _fraction(cfg, self.split), "num_samples": src.total}
+                "eval_fraction": _fraction(cfg, self.split), "group_window": self.group_window,
+                "num_samples": src.total}
 
     def _saved_source(self, pos: StreamPosition) -> tuple[Source | None, list[str]]:
         """(what the saved epoch was reading, why it cannot go on). The saved shards are looked up in
@@ -291,7 +311,7 @@ class Loader:
         return ReadPlan(self._src, self.split, cfg.seed, epoch, self.rank, self.world_size, self.workers,
                     self.micro_batch, len(self), start_batch, raw, cfg.shuffle_buffer if train else 0,
                     cfg.interleave_shards if train else 1, cfg.on_corrupt, cfg.decode_frames,
-                    cfg.num_frames, cfg.frame_sampling if train else "uniform")
+                    cfg.num_frames, cfg.frame_sampling if train else "uniform", self.group_window)
 
     def __iter__(self) -> Iterator[Any]:
         if self.split == "eval":
@@ -304,7 +324,7 @@ class Loader:
             self._next_epoch()
 
     def _run(self, plan: ReadPlan, track: bool) -> Iterator[Any]:
-        ds = _EpochDataset(plan, self.collate_fn)
+        ds = _EpochDataset(plan, self.collate_fn, self.length_fn)
         if self.cfg.num_workers == 0:
             it = iter(ds)
         else:
@@ -351,7 +371,7 @@ class Loader:
         return StreamPosition(self.epoch, self.batch, self._raw, self.corrupt, s["world_size"], s["num_workers"],
                               s["micro_batch"], s["seed"], s["num_samples"], s["shuffle_buffer"],
                               s["interleave_shards"], s["eval_fraction"], self._src.snap.to_dict(),
-                              self._src.counts).to_dict()
+                              self._src.counts, s["group_window"]).to_dict()
 
 
 def packing_collate(collate_fn: Callable) -> Callable:
@@ -366,7 +386,8 @@ def packing_collate(collate_fn: Callable) -> Callable:
 
 def build_loader(cfg: DataConfig, collate_fn: Callable, micro_batch: int, rank: int = 0,
                  world_size: int = 1, split: str = "train",
-                 start: StreamPosition | dict | None = None) -> Loader:
+                 start: StreamPosition | dict | None = None, length_fn: LengthFn | None = None) -> Loader:
     """Validate the shards (pinned snapshot vs tars) and return the rank's Loader; errors before any
-    training. Cost: O(shards) stats (+ the eval_fraction key scan once per process)."""
-    return Loader(cfg, collate_fn, micro_batch, rank, world_size, split, start)
+    training. Cost: O(shards) stats (+ the eval_fraction key scan once per process). `length_fn(sample,
+    (frames, height, width) or None)`: the adapter's sample_length, needed by data.group_by_length (train)."""
+    return Loader(cfg, collate_fn, micro_batch, rank, world_size, split, start, length_fn)

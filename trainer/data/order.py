@@ -44,9 +44,10 @@ class StreamPosition:
     eval_fraction: float | None = None
     snapshot: dict | None = None
     counts: tuple[int, ...] | None = None
+    group_window: int | None = None  # data.group_by_length's window in micro batches, 0 = not grouped
 
     ORDER_KEYS = ("world_size", "num_workers", "micro_batch", "seed", "shuffle_buffer", "interleave_shards",
-                  "eval_fraction")
+                  "eval_fraction", "group_window")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,6 +67,8 @@ class StreamPosition:
                 known[k] = tuple(int(x) for x in known[k])
         if "snapshot" not in d and known.get("batch", 0) > 0:
             known["interleave_shards"] = 1  # saved before interleaving existed: it read shards one by one
+        if "group_window" not in d and known.get("batch", 0) > 0:
+            known["group_window"] = 0  # saved before length grouping existed: not grouped
         return cls(**known)
 
     def order_changes(self, now: dict) -> list[str]:
@@ -186,6 +189,7 @@ class ReadPlan:
     decode_frames: bool
     num_frames: int | None = None  # frames kept per sample (data_read.pick_frames); None: all stored
     frame_sampling: str = "uniform"
+    group_window: int = 0  # data.group_by_length: micro batches per length-sorted window; 0 = off
 
     def my_batches(self, l: int, start: int | None = None) -> range:
         first = self.start_batch if start is None else start
@@ -193,9 +197,30 @@ class ReadPlan:
         return range(first, self.batches, self.workers)
 
     def skip(self, l: int) -> int:
+        """Raw samples stream l passes over: the saved count, else (no corrupt samples assumed) those of its
+        batches before start_batch, or, grouping, before the window holding its first batch still owed."""
         if self.raw_skip is not None:
             return self.raw_skip[l]
-        return len(range(l, self.start_batch, self.workers)) * self.micro_batch
+        done = len(range(l, self.start_batch, self.workers))
+        if self.group_window:
+            done -= done % self.group_window
+        return done * self.micro_batch
+
+    def window(self, l: int, w: int) -> range:
+        """Stream l's local batch numbers (batch i is local number i // workers) in length-sorted window w:
+        a pure function of the batch index, so a resume finds the window's start from its batch alone."""
+        return range(w * self.group_window, min((w + 1) * self.group_window, len(self.my_batches(l, 0))))
+
+    def windows(self, l: int) -> int:
+        """Length-sorted windows of stream l this epoch (the last one may be shorter)."""
+        return -(-len(self.my_batches(l, 0)) // self.group_window)
+
+    def window_order(self, l: int, w: int) -> list[int]:
+        """The order window w of stream l emits its length-sorted batches in: drawn from (seed, epoch, rank,
+        stream, window), so long batches come anywhere in the epoch, not all at its end."""
+        order = list(range(len(self.window(l, w))))
+        random.Random(f"vtt-group-order:{self.seed}:{self.epoch}:{self.rank}:{l}:{w}").shuffle(order)
+        return order
 
     def quota(self, l: int) -> int:
         return len(self.my_batches(l, 0)) * self.micro_batch

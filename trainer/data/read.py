@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from vtt.shards.conversation import SampleError
-from vtt.shards.format import ShardFormatError, decode_frame, frame_fields, frame_index, split_member
+from vtt.shards.format import (ShardFormatError, decode_frame, frame_fields, frame_index, image_size,
+                               split_member)
 from vtt.shards.sample_meta import with_frames_kept
 from vtt.trainer.data.order import ReadPlan
 from vtt.trainer.data.source import RESTART_HINT, SnapshotError, Source
@@ -56,11 +57,14 @@ class Corrupt:
         self.policy = policy
         self.counts: Counter = Counter()
         self.events: list[dict] = []
+        self.muted = False  # replaying what the run before a resume already counted (data/group.py)
 
     def report(self, cls: str, shard: str, key: str | None, reason: str) -> None:
         msg = f"{shard}: sample {key}: {cls}: {reason}" if key else f"{shard}: {cls}: {reason}"
         if self.policy == "stop":
             raise CorruptSampleError(msg + " (on_corrupt='stop'; use 'skip' to count and go on)")
+        if self.muted:
+            return
         self.counts[cls] += 1
         n = sum(self.counts.values())
         if n <= MAX_EVENTS:  # beyond that, counted (Loader.corrupt) but not logged one by one
@@ -207,13 +211,27 @@ def picked(sample: dict, idx: list[int], stored: int) -> dict:
     return dict(sample, meta=with_frames_kept(sample["meta"], idx, stored), frame_indices=idx)
 
 
-def _decode_frames(raw: dict, pick: FramePick | None = None) -> tuple[np.ndarray, list[int] | None]:
-    """(frames, their indices among the stored ones, None when all are kept)."""
+def check_frames(raw: dict) -> list[str]:
+    """The sample's frame members in order; Bad when there are none or their numbers have gaps."""
     names = frame_fields(raw)
     if not names:
         raise Bad("missing_frames", "no NNNN.jpg/png members")
     if [frame_index(n) for n in names] != list(range(len(names))):
         raise Bad("frame_gap", f"frame members {names} are not numbered 0000..{len(names) - 1:04d}")
+    return names
+
+
+def frame_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a frame member from its header, without decoding it; Bad when unreadable."""
+    try:
+        return image_size(data)
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise Bad("bad_image", f"{type(e).__name__}: {e}") from e
+
+
+def _decode_frames(raw: dict, pick: FramePick | None = None) -> tuple[np.ndarray, list[int] | None]:
+    """(frames, their indices among the stored ones, None when all are kept)."""
+    names = check_frames(raw)
     idx = pick.indices(len(names), raw["__key__"]) if pick is not None else None
     if idx is not None and len(idx) < len(names):  # only the picked frames are decoded
         names = [names[i] for i in idx]
@@ -270,47 +288,74 @@ def _offenders(samples: list[tuple[dict, str]], collate_fn: Callable) -> list[tu
     return out
 
 
-def stream_batches(plan: ReadPlan, l: int, collate_fn: Callable) -> Iterator[tuple[Any, dict]]:
-    """Stream l's batches of the epoch, each with the bookkeeping the main process needs."""
-    mine = plan.my_batches(l)
-    if not mine:
-        return
-    corrupt = Corrupt(plan.on_corrupt)
-    pick = FramePick(plan.num_frames, plan.frame_sampling, plan.seed, plan.epoch)
-    consumed = plan.skip(l)
-    raw = raw_samples(plan, l, consumed, corrupt)
-    bad_run = 0  # samples dropped since the last good batch
+class SampleStream:
+    """Stream l's raw samples in order, decoded, and its micro batches, under the on_corrupt policy: a sample
+    that does not decode or that the collate rejects is counted and replaced by the next raw one. `consumed`
+    counts the raw samples taken (good or corrupt): the `raw` of a resume position."""
 
-    def drop(cls, url, key, reason, cause):
-        nonlocal bad_run
-        corrupt.report(cls, url, key, reason)
-        bad_run += 1
-        if bad_run >= MAX_CONSECUTIVE_CORRUPT:
-            raise CorruptSampleError(f"{bad_run} corrupt samples in a row, last in {url} ({cls}: {reason}): "
+    def __init__(self, plan: ReadPlan, l: int, collate_fn: Callable):
+        self.plan, self.l, self.collate_fn = plan, l, collate_fn
+        self.corrupt = Corrupt(plan.on_corrupt)
+        self.pick = FramePick(plan.num_frames, plan.frame_sampling, plan.seed, plan.epoch)
+        self.consumed = plan.skip(l)
+        self.raw = raw_samples(plan, l, self.consumed, self.corrupt)
+        self.bad_run = 0  # samples dropped since the last good batch
+
+    def next_raw(self) -> dict:
+        self.consumed += 1
+        return next(self.raw)
+
+    def drop(self, cls: str, url: str, key: str | None, reason: str, cause: Exception) -> None:
+        self.corrupt.report(cls, url, key, reason)
+        self.bad_run += 1
+        if self.bad_run >= MAX_CONSECUTIVE_CORRUPT:
+            raise CorruptSampleError(f"{self.bad_run} corrupt samples in a row, last in {url} ({cls}: {reason}): "
                                      "the data is unusable") from cause
 
-    for i in mine:
-        samples: list[tuple[dict, str]] = []
+    def decoded(self, raw: dict) -> tuple[dict, str] | None:
+        """(sample, its shard) or None when it does not decode (counted)."""
+        url = raw.get("__url__", "?")
+        try:
+            return decode_sample(raw, self.plan.decode_frames, self.pick), url
+        except Bad as e:
+            self.drop(e.cls, url, raw.get("__key__"), e.reason, e)
+            return None
+
+    def batch(self, raws: list[dict] = ()) -> Any:
+        """The collated micro batch of `raws` (decoded here), filled up to micro_batch from the stream: with
+        the next raw samples when some do not decode or the collate rejects them."""
+        samples = [s for s in map(self.decoded, raws) if s is not None]
         while True:
-            while len(samples) < plan.micro_batch:
-                sample = next(raw)
-                consumed += 1
-                url = sample.get("__url__", "?")
-                try:
-                    samples.append((decode_sample(sample, plan.decode_frames, pick), url))
-                except Bad as e:
-                    drop(e.cls, url, sample.get("__key__"), e.reason, e)
+            while len(samples) < self.plan.micro_batch:
+                got = self.decoded(self.next_raw())
+                if got is not None:
+                    samples.append(got)
             try:
-                batch = collate_fn([s for s, _ in samples])
+                batch = self.collate_fn([s for s, _ in samples])
                 break
             except SampleError as e:
-                bad = _offenders(samples, collate_fn)
+                bad = _offenders(samples, self.collate_fn)
                 if not bad:
                     e.add_note("collate rejects this batch, yet every sample of it alone: an adapter bug")
                     raise
                 for n, err in reversed(bad):
                     sample, url = samples.pop(n)
-                    drop("bad_sample", url, sample.get("key"), str(err), err)
-        bad_run = 0
-        info = {"l": l, "i": i, "raw": consumed, "corrupt": dict(corrupt.counts), "events": corrupt.take_events()}
-        yield batch, info
+                    self.drop("bad_sample", url, sample.get("key"), str(err), err)
+        self.bad_run = 0
+        return batch
+
+    def info(self, i: int, raw: int) -> dict:
+        """What the main process records with batch i: `raw` is where a resume of this stream reads from."""
+        return {"l": self.l, "i": i, "raw": raw, "corrupt": dict(self.corrupt.counts),
+                "events": self.corrupt.take_events()}
+
+
+def stream_batches(plan: ReadPlan, l: int, collate_fn: Callable) -> Iterator[tuple[Any, dict]]:
+    """Stream l's batches of the epoch, each with the bookkeeping the main process needs."""
+    mine = plan.my_batches(l)
+    if not mine:
+        return
+    stream = SampleStream(plan, l, collate_fn)
+    for i in mine:
+        batch = stream.batch()
+        yield batch, stream.info(i, stream.consumed)

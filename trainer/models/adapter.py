@@ -89,6 +89,17 @@ class ModelAdapter(Protocol):
         -100; the loader passes packed=True only to a collate whose signature takes it."""
         ...
 
+    def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> tuple[int, ...]:
+        """The tokens `sample` makes alone, exactly or closely, split by what an unpacked batch pads to its longest
+        separately: LLaVA (video tokens, text tokens) (its clips are padded to the longest clip's frames, its text
+        to the longest text), seq2seq (source, target), Qwen-VL (tokens,) (one padded row; videos are not padded).
+        data.group_by_length sorts a window's samples by them (vtt.trainer.data.group). The sample's frames are not
+        decoded yet ("frames" is None): `frames` is (count after the reader's pick, height, width) of those it will
+        carry, None for data read without frames. Raises SampleError for what its text already tells (a missing
+        template field, a bad conversation); the reader counts it by its on_corrupt policy. Cost: a tokenisation
+        of the sample's text, no pixels."""
+        ...
+
     def num_tokens(self, batch: dict) -> int:
         """Tokens the model reads for `batch` (throughput counts): real input tokens, plus target tokens for an
         encoder-decoder. Called on the collated batch while it is still on the host (no device sync)."""

@@ -256,6 +256,12 @@ class LlavaAdapter:
         return (ids[:at] + [self.layout.token_id] * n + ids[at + 1:],
                 labels[:at] + [-100] * n + labels[at + 1:])
 
+    def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> tuple[int, int]:
+        """(video tokens of its frames (cfg.num_frames when the adapter resamples), the rest of its ids alone)."""
+        t = self.cfg.num_frames or (frames[0] if frames else 1)
+        video = self.layout.num_tokens(t)
+        return video, len(self._sample_ids(sample, t)[0]) - video
+
     def num_tokens(self, batch: dict) -> int:
         return real_tokens(batch)
 

@@ -211,6 +211,18 @@ class QwenAdapter:
             self._rope = stub
         return self._rope
 
+    def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> tuple[int]:
+        """Its conversation's ids with the video tokens its frames resize to (the processor's smart_resize);
+        Qwen3-VL's time stamps and history cut by model.overflow are left out."""
+        ids, _, _, _ = self._text_ids(sample.get("key", "?"), self._turns(sample))
+        if frames is None:
+            return len(ids),
+        t, h, w = frames
+        try:
+            return len(ids) - 1 + self.spec.num_tokens(self.cfg.num_frames or t, h, w),
+        except ValueError as e:
+            raise SampleError(f"sample {sample.get('key', '?')!r}: {e}") from None
+
     def num_tokens(self, batch: dict) -> int:
         return real_tokens(batch)
 

@@ -100,6 +100,10 @@ class Seq2SeqAdapter:
                 "attention_mask": pad_right([[1] * len(x) for x in src], 0),
                 "decoder_input_ids": self.decoder_inputs(labels), "labels": labels}
 
+    def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> tuple[int, int]:
+        """(source, target) tokens: a batch pads each to its longest."""
+        return len(self._source(sample)), len(self._target(sample))
+
     def decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels shifted right behind the decoder start token, as M2M100/BART/T5 do when given labels."""
         pad = self.tokenizer.pad_token_id

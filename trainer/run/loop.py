@@ -267,7 +267,7 @@ def run_loop(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device,
     cfg, run = plan.cfg, plan.cfg.run
     dtype = engine_dtype(engine)
     loader = build_loader(cfg.data, adapter.collate, plan.resolved.micro_batch_size, env.rank, env.world_size,
-                          split="train", start=position)
+                          split="train", start=position, length_fn=adapter.sample_length)
     it = iter(loader)
     result = TrainResult(Path(run.output_dir), start_step, last_checkpoint=last_ckpt)
     window, totals = Window(), Window()  # totals skip the first step (allocator/kernel warm-up)

@@ -1,0 +1,101 @@
+"""Length-grouped micro batches (data.group_by_length): what Hugging Face Trainer's `group_by_length` does with
+its mega-batches, on vtt's streams.
+
+A stream's batches of the epoch, numbered locally k = 0, 1, ... (batch i is k = i // workers), are cut into
+windows of `group_window` (M) batches (ReadPlan.window: a pure function of k). For window w the stream takes the
+next M x micro samples that pass the cheap checks (json, text, frame members; the frames are NOT decoded), sorts
+them by the adapter's `sample_length` (`sorted_samples`), cuts the sorted list into M micro batches and emits
+those in an order drawn from (seed, epoch, rank, stream, w) (ReadPlan.window_order), so the long batches are
+spread over the epoch. Each batch's frames are decoded and collated when it is emitted; a sample that
+then fails (a damaged frame, a collate rejection) is replaced by the next one of the stream, as without grouping.
+The samples, the number of batches per rank and the streams' shares are those of the ungrouped epoch; only the
+order within a window changes (and, with corrupt samples, which replacement goes where).
+
+Resume: the position saved with a batch says where its window started reading (`raw`), except after the
+window's last batch, when it says where the next window starts. A resumed stream re-reads its window from there,
+rebuilds the same sorted batches, replays the ones already emitted (decoded and collated again, so that their
+replacements are drawn again: exact, corrupt samples included; the counts are not counted twice) and goes on.
+
+Costs: a stream holds one window of encoded samples (M x micro raw samples: their JPEG bytes, roughly a tenth of
+the decoded frames) plus one decoded micro batch; one `sample_length` per sample (a tokenisation of its text, no
+pixels), one sort of M x micro lengths per window. The first batch of a window waits for the whole window's
+reading; per step the work stays one batch's on average. A resume in the middle of a window re-reads the
+window's samples and decodes and collates up to M - 1 batches again, once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+from vtt.shards.conversation import SampleError
+from vtt.trainer.data.order import ReadPlan
+from vtt.trainer.data.read import Bad, SampleStream, check_frames, decode_sample, frame_size
+
+LengthFn = Callable[[dict, "tuple[int, int, int] | None"], "tuple[int, ...]"]
+
+
+def measured(stream: SampleStream, raw: dict, length_fn: LengthFn) -> tuple[int, ...] | None:
+    """The sample's length for sorting, from its text and its frames' count and size (one header read, no
+    decoding); None when it is dropped (counted as corrupt: it would fail when decoded or collated)."""
+    url, key = raw.get("__url__", "?"), raw.get("__key__")
+    try:
+        sample = decode_sample(raw, decode_frames=False)
+        shape = None
+        if stream.plan.decode_frames:
+            names = check_frames(raw)
+            shape = (len(stream.pick.indices(len(names), raw["__key__"])), *frame_size(raw[names[0]]))
+        return tuple(int(x) for x in length_fn(sample, shape))
+    except Bad as e:
+        stream.drop(e.cls, url, key, e.reason, e)
+    except SampleError as e:
+        stream.drop("bad_sample", url, key, str(e), e)
+    return None
+
+
+def sorted_samples(lengths: list[tuple[int, ...]], micro: int) -> list[int]:
+    """Indices of the window's samples in the order its micro batches are cut from. One length: sorted by it.
+    Two (LLaVA: video, text; seq2seq: source, target, each padded to the batch's longest on its own): a sort on
+    the sum leaves both spread (LLaVA 67% real tokens against 83-88% here, benchmarks/bench_packing.py), so a
+    2-D grid: sorted by the first, cut into strips of ~sqrt(batches) batches, each strip sorted by the rest.
+    Ties keep the stream's order. O(n log n)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i][0], i))
+    if not lengths or len(lengths[0]) < 2:
+        return order
+    strip = micro * max(1, round(math.sqrt(len(lengths) / micro)))
+    strips = (sorted(order[a:a + strip], key=lambda i: (lengths[i][1:], i)) for a in range(0, len(order), strip))
+    return [i for part in strips for i in part]
+
+
+def sorted_window(stream: SampleStream, n: int, length_fn: LengthFn) -> list[list[dict]]:
+    """The next n usable raw samples of the stream, sorted by length (sorted_samples), cut into micro batches."""
+    raws, lengths = [], []
+    while len(raws) < n:
+        raw = stream.next_raw()
+        length = measured(stream, raw, length_fn)
+        if length is not None:
+            raws.append(raw)
+            lengths.append(length)
+            stream.bad_run = 0  # the corrupt-in-a-row stop counts consecutive drops, not a window's
+    order, micro = sorted_samples(lengths, stream.plan.micro_batch), stream.plan.micro_batch
+    return [[raws[i] for i in order[a:a + micro]] for a in range(0, n, micro)]
+
+
+def grouped_batches(plan: ReadPlan, l: int, collate_fn: Callable,
+                    length_fn: LengthFn) -> Iterator[tuple[Any, dict]]:
+    """Stream l's batches of the epoch from its start_batch on, length-grouped by window, each with the
+    bookkeeping the main process needs (as read.stream_batches)."""
+    mine = plan.my_batches(l)
+    if not mine:
+        return
+    first = mine[0] // plan.workers  # the local number of the first batch still owed
+    stream = SampleStream(plan, l, collate_fn)
+    for w in range(first // plan.group_window, plan.windows(l)):
+        ks, start = plan.window(l, w), stream.consumed
+        stream.corrupt.muted = first > ks[0]  # the run before the resume counted this window's reading
+        batches = sorted_window(stream, len(ks) * plan.micro_batch, length_fn)
+        for k, j in zip(ks, plan.window_order(l, w)):
+            stream.corrupt.muted = k < first
+            batch = stream.batch(batches[j])
+            batches[j] = []  # its encoded samples are no longer needed
+            if k >= first:
+                yield batch, stream.info(l + k * plan.workers, stream.consumed if k == ks[-1] else start)
