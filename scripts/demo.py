@@ -216,8 +216,21 @@ def score_qa(clips, answers: list[dict]) -> dict:
         row.update({a: got[a] == getattr(clip, a) for a in ATTRS})
         row["exact"] = all(row[a] for a in ATTRS)
         row["asked"] = sorted(ATTRS, key=turns[key].get)
+        row["truth"] = {a: getattr(clip, a) for a in ATTRS}
         rows.append(row)
-    return {"accuracy": _subsets(rows), "by_position": by_position(rows), "rows": rows}
+    return {"accuracy": _subsets(rows), "by_position": by_position(rows), "by_value": by_value(rows), "rows": rows}
+
+
+def by_value(rows: list[dict]) -> dict:
+    """Per attribute and per true value (each colour word, shape, direction), [right, clips]: a word the model
+    never produces shows here as 0/n while the attribute's accuracy still looks fine (issue 20's "yellow")."""
+    out: dict = {a: {} for a in ATTRS}
+    for r in rows:
+        for a in ATTRS:
+            cell = out[a].setdefault(r["truth"][a], [0, 0])
+            cell[0] += r[a]
+            cell[1] += 1
+    return {a: dict(sorted(v.items())) for a, v in out.items()}
 
 
 def by_position(rows: list[dict]) -> dict:
@@ -254,8 +267,9 @@ def score(kind: str, clips, captions: dict[str, str]) -> dict:
         row = {"key": key, "unseen_combo": clip.unseen_combo, "caption": text, "reference": want,
                "exact": text.strip().lower() == want.lower()}
         row.update({a: got[a] == getattr(clip, a) for a in ATTRS})
+        row["truth"] = {a: getattr(clip, a) for a in ATTRS}
         rows.append(row)
-    return {"accuracy": _subsets(rows), "rows": rows}
+    return {"accuracy": _subsets(rows), "by_value": by_value(rows), "rows": rows}
 
 
 def _accuracy(rows: list[dict]) -> dict:
@@ -329,6 +343,9 @@ def write_report(cfg: DemoConfig, lay: Layout, report: dict) -> Path:
         if "by_position" in res:
             lines += ["", "asked first / second / third (right/asked): " + "; ".join(
                 f"{a} " + " ".join(f"{ok}/{n}" for ok, n in res["by_position"][a]) for a in ATTRS)]
+        if "by_value" in res:
+            lines += ["", "per true value (right/clips): " + "; ".join(
+                ", ".join(f"{v} {ok}/{n}" for v, (ok, n) in res["by_value"][a].items()) for a in ATTRS)]
         lines += ["", "examples (reference -> model):", ""]
         lines += [f"- `{r['key']}`{' (unseen combination)' if r['unseen_combo'] else ''}: {r['reference']} -> "
                   f"{r['caption']}" for r in res["rows"][:6]] + [""]

@@ -42,6 +42,12 @@ def test_score_counts_attributes_and_subsets():
     acc = res["accuracy"]["all"]
     assert acc == {"exact": 0.5, "colour": 0.75, "shape": 0.75, "direction": 0.5, "n": 4}
     assert set(res["accuracy"]) == {"all", "seen_combo", "unseen_combo"}
+    colour_right = {}
+    for clip, ok in zip(held, (True, True, False, True)):  # held[2]'s empty caption names no colour
+        cell = colour_right.setdefault(clip.colour, [0, 0])
+        cell[0] += ok
+        cell[1] += 1
+    assert res["by_value"]["colour"] == colour_right
     fr = demo.score("seq2seq", held[:1], {right.video_id: right.description_fr})
     assert fr["accuracy"]["all"]["exact"] == 1.0
     with pytest.raises(demo.StageError, match="no llava caption"):
@@ -69,6 +75,14 @@ def test_score_qa_per_question_type():
                    sum(asked[i][k] == a for i in range(4))] for k in range(3)]
         assert res["by_position"][a] == expect, (a, res["by_position"][a])
     assert len({tuple(x) for x in asked}) > 1  # the orders differ, so the positions are really told apart
+    # per attribute and true value (each colour word): right/clips
+    for a in want:
+        expect = {}
+        for i, clip in enumerate(held):
+            cell = expect.setdefault(getattr(clip, a), [0, 0])
+            cell[0] += (i + len(a)) % 2
+            cell[1] += 1
+        assert res["by_value"][a] == expect, (a, res["by_value"][a])
     with pytest.raises(demo.StageError, match="no qa answers"):
         demo.score_qa(held, answers[:-1])
 
