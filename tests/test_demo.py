@@ -24,9 +24,10 @@ demo = _load_demo()
 
 # The QA model needs the demo's 384 training clips: with 256 the four-layer preset fits the training clips
 # before it generalises shape (seed 0, 2026-12-04: 100%, 62%, 50% at 1000 steps; 100%, 50-66%, 84-88% at 2000).
-# The demo's 384 clips at 1000 steps, main, 64 held out: 98%, 94%, 88%.
+# The demo's 384 clips at 1000 steps, 64 held out, lr 1e-3 (configs/demo_qa.yaml): seeds 0/1/2 100%/100%/97%,
+# 100%/100%/97%, 100%/97%/89% (at 2e-3 seed 2 read direction 36%: README, demo section).
 QA_STEPS = 1000
-QA_MIN = {"colour": 0.9, "shape": 0.7, "direction": 0.7}
+QA_MIN = {"colour": 0.9, "shape": 0.8, "direction": 0.8}
 # The test's configuration: fixed seed, fewer held-out clips and caption steps than the demo (configs/demo_*.yaml).
 TEST_CFG = dict(n_train=384, n_heldout=32, seed=0, llava_steps=500, seq2seq_steps=300, qa_steps=QA_STEPS)
 
