@@ -323,7 +323,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--packing/--no-packing", "Padding-free: a micro batch's samples in one row, attention kept inside each "
          "sample (llava, qwen_vl).", field="data.packing"),
     Flag("--group-by-length/--no-group-by-length", "Train batches of similar length: each data stream sorts the "
-         "samples of data.group_window (32) micro batches by their token count and emits the batches in a seeded "
+         "samples of data.group_window micro batches by their token count and emits the batches in a seeded "
          "order (less padding without --packing).", field="data.group_by_length"),
     Flag("--num-workers", "DataLoader workers per rank.", field="data.num_workers"),
     Flag("--on-corrupt", "Corrupt samples.", field="data.on_corrupt", type=click.Choice(["skip", "stop"])),
