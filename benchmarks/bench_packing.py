@@ -89,12 +89,16 @@ class Measure:
 
     def __init__(self, adapter, keep: bool = False):
         self.adapter, self.real, self.total, self.batches, self.widest = adapter, 0, 0, 0, 0
+        self.per_batch: list[int] = []  # token slots of each batch: the step's cost, its peak memory
+        self.sizes: list[int] = []  # samples per batch
         self.kept = [] if keep else None
 
     def __call__(self, samples: list[dict], packed: bool = False) -> dict:
         batch = self.adapter.collate(samples, packed=packed) if packed else self.adapter.collate(samples)
         self.real += sum(tokens(self.adapter.collate([s])) for s in samples)
         self.total += tokens(batch)
+        self.per_batch.append(tokens(batch))
+        self.sizes.append(len(samples))
         self.batches += 1
         self.widest = max(self.widest, int(batch["input_ids"].shape[-1]))
         if self.kept is not None:
@@ -119,7 +123,7 @@ def step_seconds(adapter, batches: list[dict], seed: int = 0) -> float:
 
 
 def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool, timed: bool = False,
-            attention: str | None = None, grouped: bool = False, window: int = 32) -> dict:
+            attention: str | None = None, grouped: bool = False, window: int = 32, balanced: bool = False) -> dict:
     """One epoch of rank 0 of 1 through the loader: real / total tokens (+ the model's time on its batches)."""
     from vtt.trainer.models.registry import get_adapter
     from vtt.trainer.models.model_config import ModelConfig
@@ -130,20 +134,24 @@ def measure(model_path: str, kind: str, shards: Path, micro: int, packed: bool, 
                                       attn_implementation=attention_for_packing(attention) if packed else None))
     m = Measure(adapter, keep=timed)
     data = DataConfig(str(shards), packing=packed, shuffle_buffer=64, group_by_length=grouped, group_window=window,
-                      decode_frames=adapter.needs_frames)
+                      balance_tokens=balanced, decode_frames=adapter.needs_frames)
     loader = build_loader(data, m, micro, length_fn=adapter.sample_length)
     it = iter(loader)
     for _ in range(len(loader)):
         next(it)
-    out = {"packed": packed, "grouped": grouped, "window": window if grouped else None, "batches": m.batches,
-           "real_tokens": m.real, "batch_tokens": m.total, "real_fraction": m.real / max(m.total, 1),
-           "widest_row": m.widest}
+    out = {"packed": packed, "grouped": grouped, "balanced": balanced, "window": window if grouped else None,
+           "batches": m.batches, "real_tokens": m.real, "batch_tokens": m.total,
+           "real_fraction": m.real / max(m.total, 1), "widest_row": m.widest, "largest_batch": max(m.per_batch),
+           "largest_over_mean": max(m.per_batch) * len(m.per_batch) / max(sum(m.per_batch), 1),
+           "samples_per_batch": [min(m.sizes), max(m.sizes)]}
     if timed:
         out["fwd_bwd_s"] = step_seconds(adapter, m.kept)
     return out
 
 
-MODES = {"plain": (False, False), "grouped": (False, True), "packed": (True, False)}  # (packing, group_by_length)
+# mode: (data.packing, data.group_by_length, data.balance_tokens)
+MODES = {"plain": (False, False, False), "grouped": (False, True, False), "balanced": (False, False, True),
+         "packed": (True, False, False), "packed_balanced": (True, False, True)}
 
 
 def run(samples: int, micro: int, models: list[str], seed: int, work: Path, timed: bool = False,
@@ -156,11 +164,11 @@ def run(samples: int, micro: int, models: list[str], seed: int, work: Path, time
         kind, family = {"llava": ("llava", None), "seq2seq": ("seq2seq", None)}.get(name, ("qwen_vl", name))
         path = str(build_tiny(kind, work / name, family=family))
         for mode in modes:
-            packed, grouped = MODES[mode]
+            packed, grouped, balanced = MODES[mode]
             if packed and kind == "seq2seq":
                 continue  # packing is for decoder models
-            r = measure(path, kind, shards, micro, packed, timed, attention, grouped, window)
-            out.append({"model": name, "micro": micro, "samples": samples,
+            r = measure(path, kind, shards, micro, packed, timed, attention, grouped, window, balanced)
+            out.append({"model": name, "mode": mode, "micro": micro, "samples": samples,
                         "frames": [min(stats["frames"]), max(stats["frames"])],
                         "turns": [min(stats["turns"]), max(stats["turns"])], **r})
     return out
@@ -171,7 +179,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--models", default="llava,qwen2_5_vl", help="llava, qwen2_vl, qwen2_5_vl, qwen3_vl, seq2seq")
-    ap.add_argument("--modes", default="plain,packed", help="plain, grouped (data.group_by_length), packed")
+    ap.add_argument("--modes", default="plain,packed", help="plain, grouped (data.group_by_length), "
+                    "balanced (data.balance_tokens), packed, packed_balanced")
     ap.add_argument("--group-window", type=int, default=32, help="micro batches per length-sorted window")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time", action="store_true", help="also time forward + backward of the tiny model over "
@@ -183,13 +192,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(a.samples, a.micro, a.models.split(","), a.seed, Path(tmp), a.time, a.packed_attention,
                    tuple(a.modes.split(",")), a.group_window)
-    print(f"{'model':<12} {'mode':<8} {'micro':>5} {'batches':>7} {'real tokens':>11} {'batch tokens':>12} "
-          f"{'real':>6} {'widest row':>10}" + (f" {'fwd+bwd s':>9}" if a.time else ""))
+    print(f"{'model':<12} {'mode':<15} {'micro':>5} {'batches':>7} {'samples':>7} {'real tokens':>11} "
+          f"{'batch tokens':>12} {'real':>6} {'largest':>7} {'/mean':>5}" + (f" {'fwd+bwd s':>9}" if a.time else ""))
     for r in rows:
-        mode = "packed" if r["packed"] else "grouped" if r["grouped"] else "plain"
-        print(f"{r['model']:<12} {mode:<8} {r['micro']:>5} {r['batches']:>7} "
-              f"{r['real_tokens']:>11} {r['batch_tokens']:>12} {r['real_fraction']:>6.1%} {r['widest_row']:>10}"
-              + (f" {r['fwd_bwd_s']:>9.2f}" if a.time else ""))
+        lo, hi = r["samples_per_batch"]
+        print(f"{r['model']:<12} {r['mode']:<15} {r['micro']:>5} {r['batches']:>7} {f'{lo}-{hi}':>7} "
+              f"{r['real_tokens']:>11} {r['batch_tokens']:>12} {r['real_fraction']:>6.1%} {r['largest_batch']:>7} "
+              f"{r['largest_over_mean']:>5.2f}" + (f" {r['fwd_bwd_s']:>9.2f}" if a.time else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
 

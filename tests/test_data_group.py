@@ -105,7 +105,7 @@ def test_grouping_change_refuses_exact_resume(tmp_path):
     with pytest.raises(ValueError, match="group_window was 0, now 3"):
         loader(grouped, start=legacy)
     assert StreamPosition.from_dict({"epoch": 2}).group_window is None  # nothing saved: nothing to compare
-    with pytest.raises(ValueError, match="needs the samples' length"):
+    with pytest.raises(ValueError, match="the samples' length"):
         build_loader(grouped, sizes, 2)
     eval_cfg = DataConfig(str(folder), eval_fraction=0.5, group_by_length=True)
     assert build_loader(eval_cfg, sizes, 2, split="eval")  # eval is never grouped: no length needed
@@ -212,10 +212,13 @@ def test_grouping_cuts_the_padding_of_a_mixed_corpus(tmp_path):
     assert plain["real_fraction"] < 0.65 and grouped["real_fraction"] > 0.8
 
 
-def test_grouped_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("flags,field", [(["--group-by-length"], "group_by_length"),
+                                         (["--balance-tokens"], "balance_tokens")])
+def test_grouped_training_resumes_exactly(tmp_path, flags, field):
     """The real DeepSpeed engine, tiny LLaVA on clips of 2-8 frames and 1-3 exchanges, micro 3 x accumulation 2,
-    windows of 3 micro batches: a run resumed from its step-2 checkpoint (micro batch 4: inside a window) repeats
-    the uninterrupted run's steps 3-4."""
+    windows of 3 micro batches (length-grouped; or token-balanced: 2-4 samples a micro batch here): a run
+    resumed from its step-2 checkpoint (micro batch 4: inside a window) repeats the uninterrupted run's steps
+    3-4."""
     import shutil
 
     from train_helpers import metrics, vtt_train
@@ -226,9 +229,9 @@ def test_grouped_training_resumes_exactly(tmp_path):
     args = ["--model", "llava", "--preset", "tiny", "--micro-batch", "3", "--grad-accum", "2", "--log-every", "1",
             "--lr", "2e-3", "--warmup-steps", "1", "--no-export", "--keep-last", "0", "--max-steps", 4,
             "--save-every", 2, "--precision", "fp32", "--shards", tmp_path / "shards", "--output-dir", run,
-            "--group-by-length", "--set", "data.group_window=3"]
+            *flags, "--set", "data.group_window=3"]
     vtt_train(*args)
-    assert "group_by_length: true" in (run / "config.yaml").read_text()
+    assert f"{field}: true" in (run / "config.yaml").read_text()
     got = metrics(run)[0]
     shutil.rmtree(run / "checkpoints" / tag_for(4))
     vtt_train(*args, "--resume")

@@ -325,6 +325,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--group-by-length/--no-group-by-length", "Train batches of similar length: each data stream sorts the "
          "samples of data.group_window micro batches by their token count and emits the batches in a seeded "
          "order (less padding without --packing).", field="data.group_by_length"),
+    Flag("--balance-tokens/--no-balance-tokens", "Train batches of about equal tokens: each data stream cuts the "
+         "samples of data.group_window micro batches into batches of equal token cost (packed: summed tokens; "
+         "else samples x longest), a varying number of samples each, --micro-batch on average.",
+         field="data.balance_tokens"),
     Flag("--num-workers", "DataLoader workers per rank.", field="data.num_workers"),
     Flag("--on-corrupt", "Corrupt samples.", field="data.on_corrupt", type=click.Choice(["skip", "stop"])),
     Flag("--interleave-shards", "Shards each data stream reads at once.", field="data.interleave_shards"),

@@ -11,6 +11,12 @@ then fails (a damaged frame, a collate rejection) is replaced by the next one of
 The samples, the number of batches per rank and the streams' shares are those of the ungrouped epoch; only the
 order within a window changes (and, with corrupt samples, which replacement goes where).
 
+Token-balanced batches (data.balance_tokens): the same windows, cut by token cost instead of by count
+(`window_batches`): M batches of about equal cost with a varying number of samples (micro on average), so no step
+is far costlier than another: a padded batch costs samples x longest (a contiguous cut of the sorted window with
+the least largest cost), a packed row the sum of its samples (longest first into the emptiest bin). The batch count,
+the samples of the epoch and the resume rule are those of grouping; the loss stays the per-token mean.
+
 Resume: the position saved with a batch says where its window started reading (`raw`), except after the
 window's last batch, when it says where the next window starts. A resumed stream re-reads its window from there,
 rebuilds the same sorted batches, replays the ones already emitted (decoded and collated again, so that their
@@ -24,6 +30,7 @@ window's samples and decodes and collates up to M - 1 batches again, once.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Callable, Iterator
 
@@ -66,8 +73,70 @@ def sorted_samples(lengths: list[tuple[int, ...]], micro: int) -> list[int]:
     return [i for part in strips for i in part]
 
 
+def padded_cost(lengths: list[tuple[int, ...]]) -> int:
+    """Token slots of a padded batch: its samples x the longest of each length (LLaVA pads frames and text
+    apart, seq2seq source and target)."""
+    return len(lengths) * sum(map(max, zip(*lengths)))
+
+
+def balanced_padded(lengths: list[tuple[int, ...]], order: list[int], m: int) -> list[list[int]]:
+    """`order` (length-sorted) cut into m non-empty runs whose largest padded_cost is the least possible: a
+    binary search on the cap, each cap tried by a greedy cut (optimal for contiguous runs, as a run's cost
+    only grows when it grows). Short samples go many to a batch, long ones few. O(n log(cost)) per window."""
+    def cuts(cap: int) -> list[list[int]]:
+        runs: list[list[int]] = [[]]
+        top = lengths[order[0]]  # the longest of each length in the current run
+        for i in order:
+            wider = tuple(map(max, top, lengths[i]))
+            if runs[-1] and (len(runs[-1]) + 1) * sum(wider) > cap:
+                runs.append([])
+                wider = lengths[i]
+            runs[-1].append(i)
+            top = wider
+        return runs
+
+    lo, hi = max(sum(x) for x in lengths), padded_cost(lengths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(cuts(mid)) <= m else (mid + 1, hi)
+    runs = cuts(lo)
+    while len(runs) < m:  # fewer runs than batches: halve the one with most samples (its cost can only fall)
+        k = max(range(len(runs)), key=lambda r: len(runs[r]))
+        runs[k:k + 1] = [runs[k][:len(runs[k]) // 2], runs[k][len(runs[k]) // 2:]]
+    return runs
+
+
+def balanced_packed(lengths: list[tuple[int, ...]], m: int) -> list[list[int]]:
+    """The window's samples in m bins of about equal total tokens (a packed row costs the sum of its samples):
+    longest first, each into the bin holding the fewest tokens (LPT; the largest bin stays within one sample of
+    the mean). Bins mix long and short samples; each keeps the stream's order. O(n log n) per window."""
+    total = [sum(x) for x in lengths]
+    bins: list[list[int]] = [[] for _ in range(m)]
+    load = [(0, b) for b in range(m)]  # a heap of (tokens, bin)
+    for i in sorted(range(len(total)), key=lambda i: (-total[i], i)):
+        tokens, b = heapq.heappop(load)
+        bins[b].append(i)
+        heapq.heappush(load, (tokens + total[i], b))
+    return [sorted(b) for b in bins]
+
+
+def window_batches(lengths: list[tuple[int, ...]], micro: int, balance: str) -> list[list[int]]:
+    """The window's samples (indices) cut into len // micro micro batches: `micro` each, by length
+    (sorted_samples); or, data.balance_tokens, of about equal token cost with a varying number of samples
+    (`balance` = 'packed': rows of summed tokens; 'padded': samples x longest). Balanced batches are never
+    costlier than the count cut's largest, so the memory planner's micro x longest-sample bound still holds."""
+    m, order = len(lengths) // micro, sorted_samples(lengths, micro)
+    by_count = [order[a:a + micro] for a in range(0, len(order), micro)]
+    if balance == "padded":  # the count cut is among the contiguous cuts searched
+        return balanced_padded(lengths, order, m)
+    if balance == "packed":  # LPT is within 4/3 of the best cut, not always below the count cut: keep the better
+        return min(balanced_packed(lengths, m), by_count,
+                   key=lambda bins: max(sum(sum(lengths[i]) for i in b) for b in bins))
+    return by_count
+
+
 def sorted_window(stream: SampleStream, n: int, length_fn: LengthFn) -> list[list[dict]]:
-    """The next n usable raw samples of the stream, sorted by length (sorted_samples), cut into micro batches."""
+    """The next n usable raw samples of the stream, cut into micro batches by length (window_batches)."""
     raws, lengths = [], []
     while len(raws) < n:
         raw = stream.next_raw()
@@ -76,8 +145,8 @@ def sorted_window(stream: SampleStream, n: int, length_fn: LengthFn) -> list[lis
             raws.append(raw)
             lengths.append(length)
             stream.bad_run = 0  # the corrupt-in-a-row stop counts consecutive drops, not a window's
-    order, micro = sorted_samples(lengths, stream.plan.micro_batch), stream.plan.micro_batch
-    return [[raws[i] for i in order[a:a + micro]] for a in range(0, n, micro)]
+    batches = window_batches(lengths, stream.plan.micro_batch, stream.plan.balance)
+    return [[raws[i] for i in b] for b in batches]
 
 
 def grouped_batches(plan: ReadPlan, l: int, collate_fn: Callable,
@@ -95,7 +164,7 @@ def grouped_batches(plan: ReadPlan, l: int, collate_fn: Callable,
         batches = sorted_window(stream, len(ks) * plan.micro_batch, length_fn)
         for k, j in zip(ks, plan.window_order(l, w)):
             stream.corrupt.muted = k < first
-            batch = stream.batch(batches[j])
+            batch = stream.batch(batches[j], len(batches[j]))
             batches[j] = []  # its encoded samples are no longer needed
             if k >= first:
                 yield batch, stream.info(l + k * plan.workers, stream.consumed if k == ks[-1] else start)

@@ -98,6 +98,10 @@ class DataConfig:
     # less padding in unpacked batches, at the cost of holding one window of encoded samples per stream
     group_by_length: bool = False
     group_window: int = GROUP_WINDOW
+    # token-balanced micro batches (train only; data/group.py): a window's samples are cut into its micro batches
+    # by token cost (a packed row's sum, or a padded batch's samples x longest) instead of by count, so every
+    # step costs about the same; micro_batch samples per batch on average, the number of batches unchanged
+    balance_tokens: bool = False
     # fsspec storage options for URL folders (s3://...): endpoint_url, key, secret, profile, anon, ...;
     # empty: each filesystem's standard places (AWS_* variables, profiles, instance roles)
     storage_options: dict = field(default_factory=dict)
@@ -237,10 +241,12 @@ class Loader:
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad micro_batch={micro_batch} rank={rank} world_size={world_size}")
         self.cfg, self.split, self.length_fn = cfg, split, length_fn
-        self.group_window = cfg.group_window if cfg.group_by_length and split == "train" else 0
+        windows = (cfg.group_by_length or cfg.balance_tokens) and split == "train"
+        self.group_window = cfg.group_window if windows else 0
+        self.balance = ("packed" if cfg.packing else "padded") if cfg.balance_tokens and windows else ""
         if self.group_window and length_fn is None:
-            raise ValueError("data.group_by_length needs the samples' length: pass the adapter's sample_length "
-                             "as build_loader(length_fn=...)")
+            raise ValueError("data.group_by_length / data.balance_tokens need the samples' length: pass the "
+                             "adapter's sample_length as build_loader(length_fn=...)")
         self.collate_fn = packing_collate(collate_fn) if cfg.packing else collate_fn
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.src = resolve_source(cfg, split)  # every epoch after a resumed one reads this
@@ -264,7 +270,7 @@ class Loader:
         return {"world_size": self.world_size, "num_workers": cfg.num_workers, "micro_batch": self.micro_batch,
                 "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer, "interleave_shards": cfg.interleave_shards,
                 "eval_fraction": _fraction(cfg, self.split), "group_window": self.group_window,
-                "num_samples": src.total}
+                "balance": self.balance, "num_samples": src.total}
 
     def _saved_source(self, pos: StreamPosition) -> tuple[Source | None, list[str]]:
         """(what the saved epoch was reading, why it cannot go on). The saved shards are looked up in
@@ -311,7 +317,7 @@ class Loader:
         return ReadPlan(self._src, self.split, cfg.seed, epoch, self.rank, self.world_size, self.workers,
                     self.micro_batch, len(self), start_batch, raw, cfg.shuffle_buffer if train else 0,
                     cfg.interleave_shards if train else 1, cfg.on_corrupt, cfg.decode_frames,
-                    cfg.num_frames, cfg.frame_sampling if train else "uniform", self.group_window)
+                    cfg.num_frames, cfg.frame_sampling if train else "uniform", self.group_window, self.balance)
 
     def __iter__(self) -> Iterator[Any]:
         if self.split == "eval":
@@ -371,7 +377,7 @@ class Loader:
         return StreamPosition(self.epoch, self.batch, self._raw, self.corrupt, s["world_size"], s["num_workers"],
                               s["micro_batch"], s["seed"], s["num_samples"], s["shuffle_buffer"],
                               s["interleave_shards"], s["eval_fraction"], self._src.snap.to_dict(),
-                              self._src.counts, s["group_window"]).to_dict()
+                              self._src.counts, s["group_window"], s["balance"]).to_dict()
 
 
 def packing_collate(collate_fn: Callable) -> Callable:

@@ -45,9 +45,10 @@ class StreamPosition:
     snapshot: dict | None = None
     counts: tuple[int, ...] | None = None
     group_window: int | None = None  # data.group_by_length's window in micro batches, 0 = not grouped
+    balance: str | None = None  # data.balance_tokens: 'packed' | 'padded' cost, '' = batches of micro_batch samples
 
     ORDER_KEYS = ("world_size", "num_workers", "micro_batch", "seed", "shuffle_buffer", "interleave_shards",
-                  "eval_fraction", "group_window")
+                  "eval_fraction", "group_window", "balance")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,6 +70,8 @@ class StreamPosition:
             known["interleave_shards"] = 1  # saved before interleaving existed: it read shards one by one
         if "group_window" not in d and known.get("batch", 0) > 0:
             known["group_window"] = 0  # saved before length grouping existed: not grouped
+        if "balance" not in d and known.get("batch", 0) > 0:
+            known["balance"] = ""  # saved before token-balanced batches existed: micro_batch samples each
         return cls(**known)
 
     def order_changes(self, now: dict) -> list[str]:
@@ -190,6 +193,7 @@ class ReadPlan:
     num_frames: int | None = None  # frames kept per sample (data_read.pick_frames); None: all stored
     frame_sampling: str = "uniform"
     group_window: int = 0  # data.group_by_length: micro batches per length-sorted window; 0 = off
+    balance: str = ""  # data.balance_tokens: a window's batches of equal 'packed' or 'padded' token cost
 
     def my_batches(self, l: int, start: int | None = None) -> range:
         first = self.start_batch if start is None else start

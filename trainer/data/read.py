@@ -321,12 +321,13 @@ class SampleStream:
             self.drop(e.cls, url, raw.get("__key__"), e.reason, e)
             return None
 
-    def batch(self, raws: list[dict] = ()) -> Any:
-        """The collated micro batch of `raws` (decoded here), filled up to micro_batch from the stream: with
-        the next raw samples when some do not decode or the collate rejects them."""
+    def batch(self, raws: list[dict] = (), size: int | None = None) -> Any:
+        """The collated micro batch of `raws` (decoded here), filled up to `size` (default micro_batch) from the
+        stream: with the next raw samples when some do not decode or the collate rejects them."""
         samples = [s for s in map(self.decoded, raws) if s is not None]
+        size = size or self.plan.micro_batch
         while True:
-            while len(samples) < self.plan.micro_batch:
+            while len(samples) < size:
                 got = self.decoded(self.next_raw())
                 if got is not None:
                     samples.append(got)

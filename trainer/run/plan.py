@@ -48,7 +48,7 @@ def data_config_for(cfg: TrainConfig, adapter: ModelAdapter) -> TrainConfig:
 def check_first_sample(cfg: TrainConfig, adapter: ModelAdapter) -> None:
     """The model must fit the data: run the adapter's checks and collate on the first training sample."""
     data = dataclasses.replace(cfg.data, shuffle_buffer=0, num_workers=0, eval_shards=None, eval_fraction=0.0,
-                               group_by_length=False)  # the stream's first sample, not a window's shortest
+                               group_by_length=False, balance_tokens=False)  # the first sample, not a window's shortest
     loader = build_loader(data, list, micro_batch=1, rank=0, world_size=1, split="train")
     sample = next(iter(loader))[0]
     adapter.check_sample(sample)
