@@ -165,7 +165,7 @@ CONV = [{"from": "human", "value": "<video>\nWhat colour is it?"}, {"from": "gpt
 
 
 @pytest.mark.parametrize("kind,family", [("llava", "llava_next_video"), ("llava", "llava_onevision"),
-                                         ("qwen_vl", "qwen2_5_vl"), ("seq2seq", None)])
+                                         ("qwen_vl", "qwen2_5_vl"), ("qwen_vl", "qwen3_vl"), ("seq2seq", None)])
 def test_sample_length_is_the_tokens_a_sample_makes_alone(tmp_path, kind, family):
     """Each adapter's sample_length, from the text and the frames' (count, height, width) only, against the ids
     its collate makes of the sample alone (source + target for seq2seq): captions and conversations."""
@@ -178,6 +178,8 @@ def test_sample_length_is_the_tokens_a_sample_makes_alone(tmp_path, kind, family
     rng = np.random.default_rng(0)
     samples = [{"key": f"k{i}", "text": "t", "frames": rng.integers(0, 256, (t, 40, 56, 3), dtype=np.uint8),
                 "meta": {"description": " ".join(["a red ball"] * (i + 1)),
+                         # real pts (Qwen3-VL writes one stamp per temporal patch into the text): 0, 1.37, 2.74 s...
+                         "vtt": {"timestamps": [round(k * 1.37 * (i + 1), 3) for k in range(t)]},
                          **({"conversations": CONV[:2 + 2 * (i % 2)]} if kind != "seq2seq" else {})}}
                for i, t in enumerate((2, 5, 8))]
     got = [adapter.sample_length(dict(s, frames=None), s["frames"].shape[:3]) for s in samples]

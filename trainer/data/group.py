@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from vtt.shards.conversation import SampleError
 from vtt.trainer.data.order import ReadPlan
-from vtt.trainer.data.read import Bad, SampleStream, check_frames, decode_sample, frame_size
+from vtt.trainer.data.read import Bad, SampleStream, check_frames, decode_sample, frame_size, picked
 
 LengthFn = Callable[[dict, "tuple[int, int, int] | None"], "tuple[int, ...]"]
 
@@ -50,7 +50,10 @@ def measured(stream: SampleStream, raw: dict, length_fn: LengthFn) -> tuple[int,
         shape = None
         if stream.plan.decode_frames:
             names = check_frames(raw)
-            shape = (len(stream.pick.indices(len(names), raw["__key__"])), *frame_size(raw[names[0]]))
+            idx = stream.pick.indices(len(names), raw["__key__"])
+            if len(idx) < len(names):  # the picked frames' timestamps, as the collate will see them
+                sample = picked(sample, idx, len(names))
+            shape = (len(idx), *frame_size(raw[names[0]]))
         return tuple(int(x) for x in length_fn(sample, shape))
     except Bad as e:
         stream.drop(e.cls, url, key, e.reason, e)

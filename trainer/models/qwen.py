@@ -20,7 +20,7 @@ from vtt.shards import sample_meta
 from vtt.trainer.config import ConfigError
 from vtt.trainer.inputs.chat import PLACEHOLDERS, Turn, conversation_of, encode_conversation, fit_turns
 from vtt.trainer.inputs.packing import pack, real_tokens
-from vtt.trainer.inputs.qwen_video import QWEN_FAMILIES, VideoSpec, load_video_processor, video_inputs
+from vtt.trainer.inputs.qwen_video import QWEN_FAMILIES, VideoSpec, group_times, load_video_processor, video_inputs
 from vtt.trainer.inputs.text import render
 from vtt.trainer.models.batching import greedy_generate, pad_left, pad_right
 from vtt.trainer.models.model_config import ModelConfig
@@ -122,11 +122,14 @@ class QwenAdapter:
     def _video_ids(self, video: dict) -> list[int]:
         """The tokens the family's processor puts where the chat template wrote <|video_pad|>."""
         t, h, w = (int(x) for x in video["video_grid_thw"])
-        per_frame = h * w // self.spec.merge_size ** 2
+        return self._video_ids_of(t, h * w // self.spec.merge_size ** 2, video["times"])
+
+    def _video_ids_of(self, t: int, per_frame: int, times: list[float]) -> list[int]:
+        """t temporal patches of per_frame tokens (Qwen3-VL: each after its `times` stamp)."""
         if self.family != "qwen3_vl":
             return [self.video_id] * (t * per_frame)
         ids = []
-        for stamp in video["times"]:  # Qwen3VLProcessor.replace_video_token
+        for stamp in times:  # Qwen3VLProcessor.replace_video_token
             ids += self.tokenizer(f"<{stamp:.1f} seconds>", add_special_tokens=False).input_ids
             ids += [self.config.vision_start_token_id] + [self.video_id] * per_frame + [self.config.vision_end_token_id]
         return ids
@@ -212,16 +215,25 @@ class QwenAdapter:
         return self._rope
 
     def sample_length(self, sample: dict, frames: tuple[int, int, int] | None) -> tuple[int]:
-        """Its conversation's ids with the video tokens its frames resize to (the processor's smart_resize);
-        Qwen3-VL's time stamps and history cut by model.overflow are left out."""
-        ids, _, _, _ = self._text_ids(sample.get("key", "?"), self._turns(sample))
+        """Its conversation's ids with the video tokens its frames resize to (the processor's smart_resize) and,
+        Qwen3-VL, their time stamps (from the sample's timestamps, as collate makes them); a history cut by
+        model.overflow is left out. `frames`: the (count, height, width) the loader hands over."""
+        key = sample.get("key", "?")
+        ids, _, _, _ = self._text_ids(key, self._turns(sample))
         if frames is None:
             return len(ids),
         t, h, w = frames
+        times = frame_times(sample, t)
+        if self.cfg.num_frames:  # collate's uniform resample (_frames)
+            times = [times[i] for i in np.linspace(0, t - 1, self.cfg.num_frames).round().astype(int)]
         try:
-            return len(ids) - 1 + self.spec.num_tokens(self.cfg.num_frames or t, h, w),
+            rh, rw = self.spec.resized(len(times), h, w)
         except ValueError as e:
-            raise SampleError(f"sample {sample.get('key', '?')!r}: {e}") from None
+            raise SampleError(f"sample {key!r}: {e}") from None
+        patches = -(-len(times) // self.spec.temporal_patch_size)
+        per_frame = (rh // self.spec.patch_size) * (rw // self.spec.patch_size) // self.spec.merge_size ** 2
+        return len(ids) - 1 + len(self._video_ids_of(patches, per_frame,
+                                                     group_times(times, self.spec.temporal_patch_size))),
 
     def num_tokens(self, batch: dict) -> int:
         return real_tokens(batch)
