@@ -12,8 +12,10 @@ Runs (each a `vtt-train` process, a few dozen optimizer steps):
   llava_offload (opt-in: --runs ...,llava_offload) the 7B LLaVA, full fine-tune, ZeRO-2 optimizer offload to CPU
   llava_auto, qwen25_auto  the LoRA runs with `--micro-batch auto --set model.gradient_checkpointing=auto`: the
                memory planner picks the fastest setting that fits this card (its choice is logged)
+  nllb_auto    the nllb run with the planner's micro batch (the largest token budget that fits: its MFU target)
   <run>_packed (opt-in, llava/qwen runs: e.g. --runs llava_auto_packed) the run with --packing: a micro batch's
                samples in one row, flash-attention varlen where flash-attn is installed, else vtt's sdpa_packed
+  <run>_balanced (opt-in, any run: e.g. qwen25_auto_packed_balanced) the run with --balance-tokens
 and prints step time, tokens/s, MFU, peak GPU memory and the data-wait fraction per run; then, per run,
 benchmarks/bench_step.py with the same flags: vtt-train's step against a plain PyTorch loop on the same batches and
 model (the ratio plain / vtt; >= 0.9 is the target), and the peak memory against the memory planner's estimate
@@ -158,11 +160,15 @@ def run_args(name: str, models: dict, shards: Path, out: Path, steps: int,
               "--set", "data.num_workers=4", "--set", "model.load_dtype=bfloat16", "--warmup-steps", "2",
               "--set", "run.progress_bar=false"]
     common += ["--zero-stage", str(zero_stage)] if zero_stage is not None else []
+    if name.endswith("_balanced"):  # the same run with token-balanced micro batches
+        args = run_args(name.removesuffix("_balanced"), models, shards, out, steps, zero_stage)
+        return [*args, "--balance-tokens", "--output-dir", str(out / f"run-{name}")]
     if name.endswith("_packed"):  # the same run padding-free (flash-attention varlen where installed)
         args = run_args(name.removesuffix("_packed"), models, shards, out, steps, zero_stage)
         return [*args, "--packing", "--output-dir", str(out / f"run-{name}")]
     if name.endswith("_auto"):  # the LoRA recipe with the planner's micro batch and checkpointing
-        args = run_args(name.replace("_auto", "_lora"), models, shards, out, steps, zero_stage)
+        base = "nllb" if name.startswith("nllb") else name.replace("_auto", "_lora")
+        args = run_args(base, models, shards, out, steps, zero_stage)
         args = [a for a in args if a != "--gradient-checkpointing"]
         args[args.index("--micro-batch") + 1] = "auto"
         return [*args, "--set", "model.gradient_checkpointing=auto", "--output-dir", str(out / f"run-{name}")]
@@ -321,7 +327,7 @@ def main() -> None:
         models["llava"] = build_llava_7b(a.out / "llava-next-video-7b-random")
     if any(r.startswith("qwen25") for r in runs):
         models["qwen_vl"] = build_qwen25_7b(a.out / "qwen2.5-vl-7b-random")
-    if "nllb" in runs:
+    if any(r.startswith("nllb") for r in runs):
         models["seq2seq"] = build_nllb_600m(a.out / "nllb-600m-random")
     results = {"device": device, "peak_tflops": peak, "torch": torch.__version__, "runs": {}}
     for name in runs:
@@ -332,7 +338,7 @@ def main() -> None:
         log(f"{name}: planner: {choice}, estimated peak {planned_gb} GB")
         wall = train(args, a.timeout)
         s = json.loads((a.out / f"run-{name}" / "summary.json").read_text())
-        kind = "seq2seq" if name == "nllb" else "qwen_vl" if name.startswith("qwen") else "llava"
+        kind = "seq2seq" if name.startswith("nllb") else "qwen_vl" if name.startswith("qwen") else "llava"
         parts = module_params(models[kind], kind)
         flops = (flops_seq2seq(s, parts, *count_tokens(models[kind], shards)) if kind == "seq2seq"
                  else flops_llava(s, parts, 8))
