@@ -282,8 +282,40 @@ def prepare(tmp_path, tiny_models, kind="llava", shards=None, **sections):
 def test_prepare_accepts_good_data(tmp_path, tiny_models, world1):
     shards = make_train_shards(tmp_path / "shards", n=8, per_shard=4)
     plan = prepare(tmp_path, tiny_models, "seq2seq", shards, model={"src_lang": "eng_Latn"})
-    assert plan.total_steps == 2 and plan.ds["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
+    # bf16 full fine-tune on one process: torch autocast over fp32 weights, ZeRO-0, buffers left fp32
+    assert plan.total_steps == 2 and plan.resolved.autocast and plan.cfg.deepspeed.autocast is True
+    assert plan.ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "data_types" not in plan.ds
+    assert plan.ds["bf16"] == {"enabled": False} and plan.ds["zero_optimization"] == {"stage": 0}
     assert plan.cfg.data.decode_frames is False  # text-only model: frames never decoded
+    plan = prepare(tmp_path, tiny_models, "seq2seq", shards, model={"src_lang": "eng_Latn"},
+                   deepspeed={"autocast": False})  # DeepSpeed's bf16: M2M100's buffers cast, BF16_Optimizer
+    assert plan.ds["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"} and not plan.resolved.autocast
+    lora = prepare(tmp_path, tiny_models, "llava", shards, model={"lora": True})
+    assert not lora.resolved.autocast and lora.resolved.zero_stage == 1 and "torch_autocast" not in lora.ds
+
+
+def test_autocast_chosen_per_case(tmp_path):
+    """bf16 by torch autocast: the default for a full fine-tune on one process (bench_ops: BF16_Optimizer's
+    per-tensor kernels); LoRA, several processes, offload, a ZeRO stage asked for or a JSON of one's own keep
+    DeepSpeed's bf16; contradictions stop before training."""
+    def resolve(world=1, full=True, ext=None, **s):
+        return dsc.resolve(DeepSpeedSettings(**s), world_size=world, ext=ext, full_finetune=full)
+    r = resolve()
+    assert r.autocast and r.zero_stage == 0 and r.precision == "bf16"
+    for case in (resolve(full=False), resolve(world=2), resolve(offload_optimizer=True), resolve(zero_stage=1),
+                 resolve(precision="fp32"), resolve(ext={"bf16": {"enabled": True}}), resolve(autocast=False)):
+        assert not case.autocast and (case.zero_stage, case.precision) != (0, "bf16")
+    assert resolve(full=False, autocast=True).autocast  # asked for: LoRA too
+    ds = dsc.generate(r, DeepSpeedSettings(), OptimConfig(), 1024, cast_buffers=True, device="cuda")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"] == {"enabled": False}
+    assert "data_types" not in ds and ds["optimizer"]["params"]["fused"] is True
+    for bad in ({"precision": "fp32"}, {"zero_stage": 2}, {"offload_optimizer": True}):
+        with pytest.raises(ConfigError, match="deepspeed.autocast"):
+            DeepSpeedSettings(autocast=True, **bad)
+    ext = tmp_path / "ds.json"
+    ext.write_text('{"train_micro_batch_size_per_gpu": 2}')
+    with pytest.raises(dsc.DeepSpeedConfigError, match="torch_autocast"):
+        resolve(ext={}, autocast=True, config_file=str(ext))
 
 
 def test_epochs_from_index_counts(tmp_path, tiny_models, world1):

@@ -94,6 +94,11 @@ class DeepSpeedSettings:
     train_batch_size: int | None = None  # optional check: must equal world x micro x accumulation
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states (and step) on CPU
     offload_param: bool = False  # ZeRO-3 only: parameters on CPU
+    # bf16 by torch.autocast over fp32 trainable weights, ZeRO-0 (DeepSpeed's torch_autocast; what a plain PyTorch
+    # loop does) instead of bf16 weights with DeepSpeed's BF16_Optimizer, whose per-parameter hooks, norms and
+    # copies cost a full fine-tune thousands of small kernels a step. None: on for bf16 full fine-tunes (no LoRA)
+    # on one process without offload or an external JSON (run/ds_config.py `use_autocast`)
+    autocast: bool | None = None
     torch_adam: bool = True  # torch AdamW; False = DeepSpeed FusedAdam/CPUAdam (compiled on first use)
     overlap_comm: bool | None = None  # None: on for GPUs, off on DeepSpeed's CPU accelerator (nothing to overlap)
     # ZeRO-3: partition weights while from_pretrained loads them (zero.Init), for models too big for one
@@ -112,6 +117,10 @@ class DeepSpeedSettings:
                               "(fp16 is not offered: M2M100/NLLB gives NaN losses in fp16)")
         if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
             raise ConfigError(f"deepspeed.micro_batch_size must be a number or 'auto', got {self.micro_batch_size!r}")
+        if self.autocast and (self.precision == "fp32" or (self.zero_stage or 0) > 0 or self.offload_optimizer):
+            raise ConfigError("deepspeed.autocast is bf16 mixed precision with ZeRO-0 and no offload: it cannot go "
+                              f"with precision={self.precision}, zero_stage={self.zero_stage}, "
+                              f"offload_optimizer={self.offload_optimizer}")
         if self.device_memory_gb is not None and not self.device_memory_gb > 0:
             raise ConfigError(f"deepspeed.device_memory_gb must be > 0, got {self.device_memory_gb}")
         if not 0 <= self.memory_headroom < 1:
@@ -276,7 +285,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--deepspeed", 'External DeepSpeed JSON; "auto" values are filled from the settings.', dest="ds_file",
          field="deepspeed.config_file", type=click.Path(dir_okay=False), default_text="generated from the settings"),
     Flag("--zero-stage", "ZeRO stage.", field="deepspeed.zero_stage", type=click.IntRange(0, 3),
-         default_text=f"one process 0 (fp32) or 1 (bf16), several processes {DEFAULT_ZERO_STAGE}"),
+         default_text=f"one process 0 (fp32, bf16 full fine-tune) or 1 (bf16 LoRA), several processes "
+                      f"{DEFAULT_ZERO_STAGE}"),
     Flag("--precision", "fp32 only when asked.", field="deepspeed.precision", type=click.Choice(list(PRECISIONS)),
          default_text=DEFAULT_PRECISION),
     Flag("--micro-batch", "Micro batch per GPU, or auto: the fastest that fits the device (with --set "

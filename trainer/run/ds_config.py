@@ -32,6 +32,7 @@ class Resolved:
     micro_batch_size: int
     grad_accum: int
     world_size: int
+    autocast: bool = False  # bf16 by torch.autocast over fp32 trainable weights (use_autocast)
 
     @property
     def global_batch(self) -> int:
@@ -85,13 +86,30 @@ def _json_precision(ext: dict, source: str) -> str | None:
     return None
 
 
+def use_autocast(settings: DeepSpeedSettings, world_size: int, precision: str, full_finetune: bool,
+                 external: bool) -> bool:
+    """bf16 by torch.autocast (fp32 trainable weights, ZeRO-0, DeepSpeed's torch_autocast) rather than bf16
+    weights with DeepSpeed's BF16_Optimizer, by default for a full fine-tune on one process. BF16_Optimizer adds,
+    per trainable tensor and step, a gradient-accumulation hook (a cast and an add), a norm and a clip multiply
+    (benchmarks/bench_ops.py: ~4 kernels per tensor, ~2,000 a step for NLLB-600M's ~510 tensors), which a GPU
+    pays as launch latency on a short step (NLLB-600M micro 16 ran at 0.81x a plain loop, BENCHMARKS.md);
+    autocast runs what the plain loop runs: foreach clipping, fused AdamW, 16 bytes per trainable parameter
+    instead of 20. A LoRA run keeps BF16_Optimizer (few trainable tensors; a bf16 base stays bf16 either way),
+    as do several processes (ZeRO-2 partitions the states) and offload."""
+    if settings.autocast is not None:
+        return settings.autocast
+    return (precision == "bf16" and world_size == 1 and full_finetune and not external
+            and not settings.offload_optimizer and not settings.zero_stage)
+
+
 def default_stage(settings: DeepSpeedSettings, world_size: int, precision: str) -> int:
     """ZeRO stage when neither the settings nor the JSON name one. One process: partitioning over one rank saves
     nothing, and ZeRO-2's per-parameter gradient hooks and bucket reductions were most of a small model's step
-    (benchmarks/bench_step.py): fp32 takes stage 0 (the torch optimizer on the parameters); bf16 takes stage 1,
-    which with fp32 gradient accumulation (generate) is DeepSpeed's BF16_Optimizer - flat fp32 master weights
-    and gradients - where bf16 stage 0 would accumulate gradients in bf16 and copy every gradient to a fresh
-    fp32 tensor each step. Several processes: ZeRO-2. Optimizer offload needs ZeRO >= 1."""
+    (benchmarks/bench_step.py): fp32 takes stage 0 (the torch optimizer on the parameters), and so does bf16 by
+    autocast (use_autocast, resolve); DeepSpeed's bf16 takes stage 1, which with fp32 gradient accumulation
+    (generate) is its BF16_Optimizer - flat fp32 master weights and gradients - where bf16 stage 0 would
+    accumulate gradients in bf16 and copy every gradient to a fresh fp32 tensor each step. Several processes:
+    ZeRO-2. Optimizer offload needs ZeRO >= 1."""
     if world_size == 1 and not settings.offload_optimizer:
         return 1 if precision == "bf16" else 0
     return DEFAULT_ZERO_STAGE
@@ -104,20 +122,26 @@ def bucket_elements(trainable: int) -> int:
     return int(min(BUCKET_MAX, max(BUCKET_MIN, -(-trainable // BUCKETS_PER_STEP))))
 
 
-def resolve(settings: DeepSpeedSettings, world_size: int, ext: dict | None = None) -> Resolved:
-    """Batch, ZeRO stage and precision from the settings and (optionally) an external config."""
-    ext = ext or {}
+def resolve(settings: DeepSpeedSettings, world_size: int, ext: dict | None = None,
+            full_finetune: bool = False) -> Resolved:
+    """Batch, ZeRO stage and precision from the settings and (optionally) an external config. `full_finetune`:
+    no LoRA (use_autocast)."""
+    external, ext = ext is not None, ext or {}
     src = settings.config_file or "the DeepSpeed config"
     precision = _pick("precision", settings.precision, _json_precision(ext, src), DEFAULT_PRECISION, src)
+    autocast = use_autocast(settings, world_size, precision, full_finetune, external)
+    if autocast and external:
+        raise DeepSpeedConfigError(f"{src}: deepspeed.autocast applies to generated configs; in a JSON of your "
+                                   "own, set its \"torch_autocast\" section instead")
     stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
-                  default_stage(settings, world_size, precision), src)
+                  0 if autocast else default_stage(settings, world_size, precision), src)
     micro = _pick("train_micro_batch_size_per_gpu", settings.micro_batch_size,
                   ext.get("train_micro_batch_size_per_gpu"), DEFAULT_MICRO_BATCH, src)
     ext_ga, ext_tbs = ext.get("gradient_accumulation_steps"), ext.get("train_batch_size")
     if settings.grad_accum is None and not _concrete(ext_ga) and _concrete(ext_tbs):
         ext_ga = _derive_accum(ext_tbs, world_size, micro, src)  # DeepSpeed's own rule
     ga = _pick("gradient_accumulation_steps", settings.grad_accum, ext_ga, DEFAULT_GRAD_ACCUM, src)
-    r = Resolved(int(stage), precision, int(micro), int(ga), world_size)
+    r = Resolved(int(stage), precision, int(micro), int(ga), world_size, autocast)
     for name, want in (("train_batch_size", ext_tbs), ("deepspeed.train_batch_size", settings.train_batch_size)):
         if _concrete(want) and want != r.global_batch:
             raise DeepSpeedConfigError(
@@ -176,7 +200,7 @@ def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size:
         "gradient_accumulation_steps": r.grad_accum,
         "train_batch_size": r.global_batch,
         "gradient_clipping": optim.grad_clip,
-        "bf16": {"enabled": r.precision == "bf16"},
+        "bf16": {"enabled": r.precision == "bf16" and not r.autocast},
         "zero_optimization": _zero_section(r.zero_stage, hidden_size, s, device, trainable),
         "optimizer": {"type": "AdamW", "params": _optimizer_params(s, optim, device)},
         "steps_per_print": QUIET_STEPS_PER_PRINT,
@@ -184,6 +208,9 @@ def generate(r: Resolved, s: DeepSpeedSettings, optim: OptimConfig, hidden_size:
     }
     if s.offload_optimizer and s.torch_adam:
         cfg["zero_force_ds_cpu_optimizer"] = False
+    if r.autocast:  # fp32 weights and buffers: nothing to cast, no BF16_Optimizer settings
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        return cfg
     if r.precision == "bf16" and cast_buffers:
         cfg["data_types"] = {"buffer_dtype": "bf16"}
     if r.precision == "bf16" and r.zero_stage == 1 and not s.offload_optimizer:

@@ -27,6 +27,10 @@ def build_engine(plan: RunPlan, adapter: ModelAdapter):
         hf_ds = HfDeepSpeedConfig(plan.ds)
     torch.manual_seed(cfg.run.seed)  # same LoRA/new-head init on every rank
     model = adapter.load_model()
+    if plan.resolved.autocast:  # autocast computes in bf16; what trains keeps fp32 weights (its master copy)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     ds = config_for_model(plan, adapter, model)
     lr_lambda = None
     if "scheduler" not in ds:
@@ -81,6 +85,14 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     """Float inputs (pixels) take the engine's compute dtype; ids and masks stay integer."""
     return {k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
+
+
+def autocast_context(engine, device):
+    """The whole micro batch under DeepSpeed's torch_autocast, not only engine.forward: vtt's loss applies the
+    output head outside it (run/loss.py), which would otherwise multiply in fp32."""
+    on = bool(getattr(engine, "torch_autocast_enabled", lambda: False)())
+    return torch.autocast(torch.device(device).type, dtype=engine.torch_autocast_dtype() if on else None,
+                          enabled=on)
 
 
 def engine_dtype(engine) -> torch.dtype:

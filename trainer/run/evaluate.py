@@ -8,7 +8,7 @@ import torch
 from vtt.trainer.data.loader import build_loader
 from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.run.dist import DistEnv, all_reduce
-from vtt.trainer.run.ds_engine import to_device
+from vtt.trainer.run.ds_engine import autocast_context, to_device
 from vtt.trainer.run.loss import forward_loss, label_count
 from vtt.trainer.run.plan import RunPlan
 from vtt.trainer.tools.gen_eval import EvalConfig, evaluate_model
@@ -28,7 +28,8 @@ def evaluate(engine, plan: RunPlan, adapter: ModelAdapter, env: DistEnv, device,
     for i, batch in enumerate(loader):
         if cfg.run.eval_max_batches and i >= cfg.run.eval_max_batches:
             break
-        total += forward_loss(engine, to_device(batch, device, dtype), adapter.causal).double()
+        with autocast_context(engine, device):
+            total += forward_loss(engine, to_device(batch, device, dtype), adapter.causal).double()
         tokens += label_count(batch, adapter.causal)
     engine.train()
     total, tokens = all_reduce([total.item(), tokens], device)

@@ -27,7 +27,7 @@ from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.models.registry import get_adapter
 from vtt.trainer.run.checkpoint import CheckpointManager, tag_for
 from vtt.trainer.run.dist import DistEnv, dist_env, init_distributed, quiet_deepspeed
-from vtt.trainer.run.ds_engine import build_engine, clip_gradients, engine_dtype, to_device
+from vtt.trainer.run.ds_engine import autocast_context, build_engine, clip_gradients, engine_dtype, to_device
 from vtt.trainer.run.evaluate import eval_and_log, generate_and_log
 from vtt.trainer.run.export import FINAL_DIR, export_model
 from vtt.trainer.run.loss import forward_loss, label_count, step_scale
@@ -171,7 +171,8 @@ def train_step(engine, it, plan: RunPlan, device, dtype, adapter: ModelAdapter, 
     for micro, batch in enumerate(batches):
         tokens += adapter.num_tokens(batch)
         samples += batch_samples(batch)
-        loss = forward_loss(engine, to_device(batch, device, dtype), adapter.causal)
+        with autocast_context(engine, device):
+            loss = forward_loss(engine, to_device(batch, device, dtype), adapter.causal)
         engine.backward(loss * scale, scale_wrt_gas=False)
         losses.append(loss.detach().float())
         if micro == len(batches) - 1:  # DeepSpeed updates in this step() call: check first

@@ -14,6 +14,10 @@ activation element: 2 for bf16, 4 for fp32):
                variance); pure fp32 K = 8 (the weights are the master copy). ZeRO-1/2/3 partition them: / N;
                optimizer offload moves them to the host (0 here). (Rajbhandari et al., "ZeRO: Memory
                Optimizations Toward Training Trillion Parameter Models", SC'20, section 3.1: 2P + 2P + KP.)
+  autocast     bf16 by torch.autocast (deepspeed.autocast, the one-process full fine-tune default): 4T fp32
+               weights + the frozen rest as loaded, 4T gradients, K = 8, ZeRO-0; plus the bf16 copies of the
+               trainable weights kept for the backward pass (2T), and activations counted at 4 bytes (the fp32
+               residual stream and norms beside bf16 matmul outputs: a bound, not yet measured on a GPU).
   step         DeepSpeed's ZeRO-1/2 step casts the gradient partition to fp32 (4T/N) beside the states; it lives
                only during optimizer.step(), after the activations are freed, so the peak takes the larger of
                the two.
@@ -53,6 +57,7 @@ from vtt.trainer.inputs.qwen_video import VideoSpec
 from vtt.trainer.models.llava import video_layout
 from vtt.trainer.models.model_io import checkpoint_file
 from vtt.trainer.models.registry import adapter_class
+from vtt.trainer.run import ds_config as dsc
 
 GIB = 1024 ** 3
 DEFAULT_HEADROOM = 0.10  # fraction of device memory left free when fitting (context, fragmentation)
@@ -324,6 +329,7 @@ class PlanInputs:
     label_tokens: int = 32                  # tokens that carry a loss per sample
     zero_stage: int = 2
     precision: str = "bf16"
+    autocast: bool = False  # bf16 by torch.autocast over fp32 trainable weights (run/ds_config.use_autocast)
     world_size: int = 1
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
@@ -341,10 +347,15 @@ def estimate(model_cfg, inputs: PlanInputs, shape: ModelShape | None = None) -> 
     weights = e * P // (n if i.zero_stage == 3 else 1)
     grads = e * T // (n if i.zero_stage >= 2 else 1)
     K = 12 if i.precision == "bf16" else 8
+    if i.autocast:  # fp32 trainable weights (the master copy: K = 8) and gradients, the frozen rest as loaded
+        weights, grads, K = 4 * T + e * (P - T), 4 * T, 8
     optim = 0 if i.offload_optimizer else K * T // (n if i.zero_stage >= 1 else 1)
     step = 0 if i.offload_optimizer or i.zero_stage == 0 else 4 * T // n
     buckets = {0: 0, 1: 1, 2: 2, 3: 2}[i.zero_stage]  # reduce bucket (+ its copy for overlap / prefetch)
     buffers = buckets * e * shape.hidden ** 2
+    if i.autocast:  # the bf16 copies autocast makes of the trainable weights are kept for the backward pass,
+        buffers += 2 * T  # and its fp32 residual stream and norms widen activations: counted at 4 bytes (bound)
+        e = 4
     vid, tower = video_tokens(model_cfg, i.frames, i.frame_size)
     tokens = vid + i.text_tokens
     act, ckpt = _activations(shape, i, e, tokens, tower)
@@ -464,9 +475,24 @@ def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: 
     text = DEFAULT_TEXT_TOKENS if cfg.model.kind != "seq2seq" else min(cfg.model.max_source_len, DEFAULT_TEXT_TOKENS)
     return PlanInputs(micro_batch=micro, frames=frames, frame_size=frame_size, text_tokens=text,
                       label_tokens=min(32, cfg.model.max_target_len),
-                      zero_stage=ds.zero_stage if ds.zero_stage is not None else 2,
+                      zero_stage=zero_stage(cfg), autocast=autocast(cfg),
                       precision=ds.precision or "bf16", world_size=_world_size(),
                       gradient_checkpointing=ckpt, offload_optimizer=ds.offload_optimizer)
+
+
+def autocast(cfg) -> bool:
+    """Whether the run computes bf16 by torch.autocast (as run/ds_config.resolve decides, without reading an
+    external JSON: one makes it False unless it says otherwise)."""
+    ds = cfg.deepspeed
+    return dsc.use_autocast(ds, _world_size(), ds.precision or "bf16", not cfg.model.lora, bool(ds.config_file))
+
+
+def zero_stage(cfg) -> int:
+    """The ZeRO stage the run will take (run/ds_config.resolve's default where the settings name none)."""
+    ds = cfg.deepspeed
+    if ds.zero_stage is not None:
+        return ds.zero_stage
+    return 0 if autocast(cfg) else dsc.default_stage(ds, _world_size(), ds.precision or "bf16")
 
 
 def _world_size() -> int:
@@ -554,8 +580,8 @@ def plan_text(res: Resolution) -> str:
     ds = cfg.deepspeed
     out = [f"vtt-train plan: {cfg.model.model_path} ({cfg.model.kind}), {e.params / 1e9:.3f}B parameters, "
            f"{e.trainable / 1e6:.1f}M trainable ({'LoRA r' + str(cfg.model.lora_r) if cfg.model.lora else 'full'})",
-           f"  per device: world size {_world_size()}, ZeRO-{ds.zero_stage if ds.zero_stage is not None else 2}, "
-           f"{ds.precision or 'bf16'}, micro batch {e.micro_batch}, gradient checkpointing "
+           f"  per device: world size {_world_size()}, ZeRO-{zero_stage(cfg)}, "
+           f"{ds.precision or 'bf16'}{' (autocast)' if autocast(cfg) else ''}, micro batch {e.micro_batch}, gradient checkpointing "
            f"{'on' if e.gradient_checkpointing else 'off'}"]
     if e.video_tokens:
         out.append(f"  video: {e.frames} frames of {res.frame_size[1]}x{res.frame_size[0]} (shards hold "

@@ -86,7 +86,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> RunPlan:
     tracking_preflight(cfg.tracking)
     s = cfg.deepspeed
     ext = dsc.read_external(s.config_file) if s.config_file else None
-    r = dsc.resolve(s, env.world_size, ext)
+    r = dsc.resolve(s, env.world_size, ext, full_finetune=not cfg.model.lora)
     total, per_epoch = plan_steps(cfg, r.micro_batch_size, r.grad_accum, env.world_size)
     if cfg.data.has_eval:
         eval_batches(cfg.data, r.micro_batch_size, env.world_size)  # validates the eval shards now
@@ -96,7 +96,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> RunPlan:
                    bf16_supported=bool(acc.is_bf16_supported()), device=acc.device_name(), resolved=r)
     # config.yaml shows what the run resolved to, not "None = default"
     s = dataclasses.replace(s, zero_stage=r.zero_stage, precision=r.precision, micro_batch_size=r.micro_batch_size,
-                            grad_accum=r.grad_accum)
+                            grad_accum=r.grad_accum, autocast=r.autocast if ext is None else s.autocast)
     return RunPlan(dataclasses.replace(cfg, deepspeed=s), ds, r, total, per_epoch)
 
 
