@@ -17,15 +17,24 @@ beside it to show the spread.
     .venv/bin/python benchmarks/bench_step.py                 # both tiny CPU cases, ~2-4 min on 2 busy cores
     .venv/bin/python benchmarks/bench_step.py --cases seq2seq --profile vtt   # cProfile of vtt's steps
     .venv/bin/python benchmarks/bench_step.py --name x -- <vtt-train flags>   # any run (gpu_check uses this)
+    .venv/bin/python benchmarks/bench_step.py --world 2       # two data-parallel ranks (gloo on CPU)
+
+Several ranks (`--world N`): N processes on this machine, each reading its own rank's batches; vtt's side is
+its DeepSpeed engine over N ranks (the ZeRO stage it picks, or `--zero-stage`), the plain side the same loop
+under torch DistributedDataParallel (gradient all-reduce overlapped with backward, `no_sync` while
+accumulating) plus one all-reduce of the step's label-token count, which a per-token mean over the global
+batch needs. Rank 0 prints the line; its times are the step's (every step waits on the slowest rank).
 
 Prints one JSON line per case (`BENCH_STEP {...}`) with step times, the ratio and peak memory (CUDA).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +60,8 @@ CASES = {
 
 
 def log(msg: str) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"[bench_step {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -88,7 +99,8 @@ class Setup:
         self.env = dist_env()
         self.plan = prepare(data_config_for(cfg, self.adapter), self.env, self.adapter)
         r = self.plan.resolved
-        loader = build_loader(self.plan.cfg.data, self.adapter.collate, r.micro_batch_size, 0, 1, split="train")
+        loader = build_loader(self.plan.cfg.data, self.adapter.collate, r.micro_batch_size, self.env.rank,
+                              self.env.world_size, split="train")
         it = iter(loader)
         self.batches = [next(it) for _ in range(n_batches)]
         self.accum = r.grad_accum
@@ -133,22 +145,39 @@ class PlainSide:
                                      **fused)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = o.grad_clip
+        self.world = s.env.world_size
+        self.net = self.model
+        if self.world > 1:  # the plain multi-device loop: DDP (buckets all-reduced while backward runs)
+            ids = [torch.device(device).index] if device != "cpu" else None
+            # static_graph: a trainable parameter the forward never uses (LLaVA-NeXT's image_newline on video)
+            # is fine without find_unused_parameters' graph walk every step
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, static_graph=True)
+
+    def global_tokens(self, local: int) -> torch.Tensor | int:
+        """The step's label tokens on all ranks (DDP averages gradients over ranks, hence world / tokens)."""
+        if self.world == 1:
+            return max(local, 1)
+        t = torch.tensor(float(local), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.clamp(min=1).float()
 
     def step(self, batches: list[dict]) -> torch.Tensor:
         from vtt.trainer.run.ds_engine import to_device
         from vtt.trainer.run.loss import forward_loss, label_count
-        tokens = max(sum(label_count(b, self.s.adapter.causal) for b in batches), 1)
+        tokens = self.global_tokens(sum(label_count(b, self.s.adapter.causal) for b in batches))
         total = torch.zeros((), device=self.device)
-        for b in batches:
-            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.s.bf16):
-                loss = forward_loss(self.model, to_device(b, self.device, torch.float32), self.s.adapter.causal)
-            (loss / tokens).backward()
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync():
+                with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.s.bf16):
+                    loss = forward_loss(self.net, to_device(b, self.device, torch.float32), self.s.adapter.causal)
+                (loss * (self.world / tokens)).backward()
             total += loss.detach()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return total / tokens  # stays on the device: no host sync
+        return total / tokens  # this rank's share of the mean; stays on the device: no host sync
 
 
 def sync(device: str) -> None:
@@ -196,6 +225,10 @@ def run_case(name: str, flags: list[str], a) -> dict:
     groups = [s.batches[i:i + s.accum] for i in range(0, len(s.batches) - s.accum + 1, s.accum)]
     vtt, vtt_loss, vtt_gb = first_step(device, lambda: VttSide(s, device), groups[0])  # same weights, batch
     plain, plain_loss, plain_gb = first_step(device, lambda: PlainSide(s, device), groups[0])
+    if s.env.world_size > 1:  # the plain side returned this rank's share of the global mean
+        t = torch.tensor(plain_loss, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        plain_loss = t.item()
     peaks = {side.name: peak_gb(device, lambda: side.step(groups[1]), base)  # + warm-up
              for side, base in ((vtt, vtt_gb), (plain, plain_gb))}
     if a.profile:
@@ -210,6 +243,7 @@ def run_case(name: str, flags: list[str], a) -> dict:
         for side_name, t in got.items():
             times[side_name] += t
     res = {"case": name, "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
+           "world_size": s.env.world_size,
            "zero_stage": s.plan.resolved.zero_stage, "precision": s.plan.resolved.precision,
            "micro_batch": s.plan.resolved.micro_batch_size, "grad_accum": s.accum,
            "vtt_step_s": statistics.median(times["vtt"]), "plain_step_s": statistics.median(times["plain"]),
@@ -217,7 +251,8 @@ def run_case(name: str, flags: list[str], a) -> dict:
            "ratio_of_fastest": min(times["plain"]) / min(times["vtt"]), "round_ratios": [round(x, 3) for x in ratios],
            "first_loss_vtt": vtt_loss, "first_loss_plain": plain_loss,
            "peak_gb_vtt": peaks["vtt"], "peak_gb_plain": peaks["plain"], "load_1min": os.getloadavg()[0]}
-    print("BENCH_STEP " + json.dumps(res), flush=True)
+    if s.env.rank == 0:
+        print("BENCH_STEP " + json.dumps(res), flush=True)
     return res
 
 
@@ -234,6 +269,23 @@ def profile(side, groups: list[list[dict]], device: str) -> dict:
     return {"profile": side.name, "step_s": t}
 
 
+def launch(world: int, out: Path, shards: Path | None) -> int:
+    """This script again in `world` processes with a launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK);
+    returns the first non-zero exit code."""
+    from vtt.trainer.run.dist import free_port
+    argv = [sys.executable, *sys.argv, "--out", str(out)] + (["--shards", str(shards)] if shards else [])
+    if "--" in sys.argv:  # options of this script go before the vtt-train flags
+        cut = sys.argv.index("--")
+        argv = [sys.executable, *sys.argv[:cut], "--out", str(out), *(["--shards", str(shards)] if shards else []),
+                *sys.argv[cut:]]
+    port = str(free_port())
+    procs = [subprocess.Popen(argv, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+                                         "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": port}) for r in range(world)]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="seq2seq,llava_lora", help=f"of {list(CASES)}")
@@ -245,21 +297,30 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="default: fp32 on CPU, bf16 on CUDA (tiny cases only)")
     ap.add_argument("--zero-stage", default=None, help="tiny cases: force a ZeRO stage (default: vtt's choice)")
     ap.add_argument("--profile", choices=("vtt", "plain"), help="cProfile that side's steps instead of timing")
+    ap.add_argument("--world", type=int, default=1, help="data-parallel processes on this machine")
     a, rest = ap.parse_known_args()
     rest = [x for x in rest if x != "--"]
     out = a.out or Path(tempfile.mkdtemp(prefix="vtt-bench-step-"))
     out.mkdir(parents=True, exist_ok=True)
+    if a.world > 1 and "RANK" not in os.environ:
+        shards = a.shards or (None if a.name else make_shards(out))  # once, before the ranks start
+        sys.exit(launch(a.world, out, shards))
     cases = {a.name: rest} if a.name else {c: CASES[c] for c in a.cases.split(",")}
     precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    runs = {}
     for name, flags in cases.items():
         flags = [*flags, "--output-dir", str(out / f"run-{name}"), "--set", "run.progress_bar=false",
                  "--max-steps", "1000"]  # the step count only sets the LR schedule's length here
         if not a.name:
             flags += ["--shards", str(a.shards or make_shards(out)), "--precision", precision]
             flags += ["--zero-stage", a.zero_stage] if a.zero_stage else []
+        runs[name] = flags
+    from vtt.trainer.run.plan import ensure_preset
+    for flags in runs.values():  # as vtt-train: before the process group (save_pretrained saves on rank 0 only)
+        ensure_preset(config_from_flags(flags))
+    for name, flags in runs.items():
         log(f"{name}: vtt-train {' '.join(flags)}")
         run_case(name, flags, a)
-
 
 if __name__ == "__main__":
     main()

@@ -175,6 +175,40 @@ def test_the_7b_lora_recipe_fits_a_24gb_card_and_auto_fills_a_big_one(shaped):
     assert M.fit(nllb, M.PlanInputs(frames=0), 2 * GB, 0.1, None, None) is None  # 615M full FT: 9+ GB static
 
 
+def test_several_devices_hold_a_replica_where_it_fits(shaped, tmp_path, monkeypatch):
+    """Two processes, no ZeRO stage named: each device holds a whole replica (the one-process settings) where
+    the estimate fits, ZeRO-2 shards where it does not; --plan and `auto` agree with what the run resolves."""
+    from vtt.trainer.config import DeepSpeedSettings, RunConfig, TrainConfig
+    from vtt.trainer.data.loader import DataConfig
+    from vtt.trainer.run import ds_config as dsc
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def cfg(kind, gb, **ds):
+        mc = ModelConfig(kind=kind, model_path=str(shaped[kind]), lora=kind != "seq2seq")
+        return TrainConfig(mc, DataConfig(shards=str(tmp_path / "none")), RunConfig(output_dir=str(tmp_path)),
+                           deepspeed=DeepSpeedSettings(device_memory_gb=gb, micro_batch_size=1, **ds))
+
+    def stage(c):  # what run/plan.prepare resolves
+        r = dsc.resolve(c.deepspeed, 2, full_finetune=not c.model.lora, replica=M.chooses_replica(c))
+        return r.zero_stage, r.autocast
+    assert stage(cfg("seq2seq", 80)) == (0, True)  # NLLB-600M full: ~10 GB of replica
+    assert stage(cfg("seq2seq", 8)) == (2, False)  # does not fit: sharded, DeepSpeed's bf16
+    assert stage(cfg("seq2seq", None)) == (0, True)  # memory unknown (CPU): a replica
+    assert stage(cfg("llava", 24)) == (1, False)  # 7B LoRA: bf16 base + small states fit; BF16_Optimizer
+    assert stage(cfg("seq2seq", 80, zero_stage=2)) == (2, False)  # named: kept
+    assert stage(cfg("seq2seq", 80, offload_optimizer=True)) == (2, False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not M.chooses_replica(cfg("seq2seq", 80))  # one process: nothing to choose (default_stage)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    auto = dataclasses.replace(cfg("seq2seq", 80), deepspeed=DeepSpeedSettings(device_memory_gb=80,
+                                                                               micro_batch_size="auto"))
+    res = M.resolve_auto(auto)
+    assert res.replica and M.chooses_replica(res.cfg) and "ZeRO-0, bf16 (autocast)" in M.plan_text(res)
+    tight = dataclasses.replace(auto, deepspeed=DeepSpeedSettings(device_memory_gb=14, micro_batch_size="auto"))
+    res = M.resolve_auto(tight)  # a replica fits only small micro batches; shards fit a faster one
+    assert not res.replica and not M.chooses_replica(res.cfg) and "ZeRO-2" in M.plan_text(res)
+
+
 def test_video_token_budget_trades_frames(shaped):
     mc = ModelConfig(kind="llava", model_path=str(shaped["llava"]), lora=True)
     assert M.video_tokens(mc, 8, (336, 336))[0] == 8 * 144  # 24x24 patches pooled 2x2

@@ -87,7 +87,8 @@ class DeepSpeedSettings:
 
     None means: the external JSON's value when it has a concrete one, else the DEFAULT_* constant."""
     config_file: str | None = None  # external DeepSpeed JSON (may hold "auto")
-    zero_stage: int | None = None  # 0..3; None: ds_config.default_stage (1 process: 0 fp32 / 1 bf16; else 2)
+    # 0..3; None: ds_config.default_stage (0 fp32 / 1 bf16 where a whole replica fits each device, else 2)
+    zero_stage: int | None = None
     precision: str | None = None  # bf16 | fp32, default bf16; fp32 only when asked for
     micro_batch_size: int | str | None = None  # per GPU, default 4; "auto": the fastest that fits (run/memory.py)
     grad_accum: int | None = None  # default 1
@@ -97,7 +98,7 @@ class DeepSpeedSettings:
     # bf16 by torch.autocast over fp32 trainable weights, ZeRO-0 (DeepSpeed's torch_autocast; what a plain PyTorch
     # loop does) instead of bf16 weights with DeepSpeed's BF16_Optimizer, whose per-parameter hooks, norms and
     # copies cost a full fine-tune thousands of small kernels a step. None: on for bf16 full fine-tunes (no LoRA)
-    # on one process without offload or an external JSON (run/ds_config.py `use_autocast`)
+    # on one process (or several, each holding a replica) without offload or an external JSON (`use_autocast`)
     autocast: bool | None = None
     torch_adam: bool = True  # torch AdamW; False = DeepSpeed FusedAdam/CPUAdam (compiled on first use)
     overlap_comm: bool | None = None  # None: on for GPUs, off on DeepSpeed's CPU accelerator (nothing to overlap)
@@ -285,8 +286,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--deepspeed", 'External DeepSpeed JSON; "auto" values are filled from the settings.', dest="ds_file",
          field="deepspeed.config_file", type=click.Path(dir_okay=False), default_text="generated from the settings"),
     Flag("--zero-stage", "ZeRO stage.", field="deepspeed.zero_stage", type=click.IntRange(0, 3),
-         default_text=f"one process 0 (fp32, bf16 full fine-tune) or 1 (bf16 LoRA), several processes "
-                      f"{DEFAULT_ZERO_STAGE}"),
+         default_text=f"0 (fp32, bf16 full fine-tune) or 1 (bf16 LoRA) where a whole replica fits each device "
+                      f"(one process always), else {DEFAULT_ZERO_STAGE}"),
     Flag("--precision", "fp32 only when asked.", field="deepspeed.precision", type=click.Choice(list(PRECISIONS)),
          default_text=DEFAULT_PRECISION),
     Flag("--micro-batch", "Micro batch per GPU, or auto: the fastest that fits the device (with --set "

@@ -87,30 +87,35 @@ def _json_precision(ext: dict, source: str) -> str | None:
 
 
 def use_autocast(settings: DeepSpeedSettings, world_size: int, precision: str, full_finetune: bool,
-                 external: bool) -> bool:
+                 external: bool, replica: bool = False) -> bool:
     """bf16 by torch.autocast (fp32 trainable weights, ZeRO-0, DeepSpeed's torch_autocast) rather than bf16
-    weights with DeepSpeed's BF16_Optimizer, by default for a full fine-tune on one process. BF16_Optimizer adds,
+    weights with DeepSpeed's BF16_Optimizer, by default for a full fine-tune on one process, or on several where
+    a whole replica fits each device (`replica`, default_stage). BF16_Optimizer adds,
     per trainable tensor and step, a gradient-accumulation hook (a cast and an add), a norm and a clip multiply
     (benchmarks/bench_ops.py: ~4 kernels per tensor, ~2,000 a step for NLLB-600M's ~510 tensors), which a GPU
     pays as launch latency on a short step (NLLB-600M micro 16 ran at 0.81x a plain loop, BENCHMARKS.md);
     autocast runs what the plain loop runs: foreach clipping, fused AdamW, 16 bytes per trainable parameter
     instead of 20. A LoRA run keeps BF16_Optimizer (few trainable tensors; a bf16 base stays bf16 either way),
-    as do several processes (ZeRO-2 partitions the states) and offload."""
+    as do sharded runs (ZeRO-2 partitions the states) and offload."""
     if settings.autocast is not None:
         return settings.autocast
-    return (precision == "bf16" and world_size == 1 and full_finetune and not external
+    return (precision == "bf16" and (world_size == 1 or replica) and full_finetune and not external
             and not settings.offload_optimizer and not settings.zero_stage)
 
 
-def default_stage(settings: DeepSpeedSettings, world_size: int, precision: str) -> int:
+def default_stage(settings: DeepSpeedSettings, world_size: int, precision: str, replica: bool = False) -> int:
     """ZeRO stage when neither the settings nor the JSON name one. One process: partitioning over one rank saves
     nothing, and ZeRO-2's per-parameter gradient hooks and bucket reductions were most of a small model's step
     (benchmarks/bench_step.py): fp32 takes stage 0 (the torch optimizer on the parameters), and so does bf16 by
     autocast (use_autocast, resolve); DeepSpeed's bf16 takes stage 1, which with fp32 gradient accumulation
     (generate) is its BF16_Optimizer - flat fp32 master weights and gradients - where bf16 stage 0 would
-    accumulate gradients in bf16 and copy every gradient to a fresh fp32 tensor each step. Several processes:
-    ZeRO-2. Optimizer offload needs ZeRO >= 1."""
-    if world_size == 1 and not settings.offload_optimizer:
+    accumulate gradients in bf16 and copy every gradient to a fresh fp32 tensor each step.
+    Several processes: the same as one where a whole replica (weights, gradients, optimizer states) fits each
+    device (`replica`: run/memory.py `chooses_replica`), since one all-reduce of the gradients a step beats
+    ZeRO-1/2's partitioned reductions plus the all-gather of the updated weights (two CPU ranks,
+    bench_step --world 2: ZeRO-0 0.92-0.97x a DDP loop, ZeRO-1 0.81-0.86x, ZeRO-2 0.73-0.87x); ZeRO-2 where it
+    does not fit. Optimizer offload needs ZeRO >= 1."""
+    if (world_size == 1 or replica) and not settings.offload_optimizer:
         return 1 if precision == "bf16" else 0
     return DEFAULT_ZERO_STAGE
 
@@ -123,18 +128,19 @@ def bucket_elements(trainable: int) -> int:
 
 
 def resolve(settings: DeepSpeedSettings, world_size: int, ext: dict | None = None,
-            full_finetune: bool = False) -> Resolved:
+            full_finetune: bool = False, replica: bool = False) -> Resolved:
     """Batch, ZeRO stage and precision from the settings and (optionally) an external config. `full_finetune`:
-    no LoRA (use_autocast)."""
+    no LoRA (use_autocast); `replica`: several processes whose devices each hold a whole replica
+    (default_stage)."""
     external, ext = ext is not None, ext or {}
     src = settings.config_file or "the DeepSpeed config"
     precision = _pick("precision", settings.precision, _json_precision(ext, src), DEFAULT_PRECISION, src)
-    autocast = use_autocast(settings, world_size, precision, full_finetune, external)
+    autocast = use_autocast(settings, world_size, precision, full_finetune, external, replica)
     if autocast and external:
         raise DeepSpeedConfigError(f"{src}: deepspeed.autocast applies to generated configs; in a JSON of your "
                                    "own, set its \"torch_autocast\" section instead")
     stage = _pick("zero_optimization.stage", settings.zero_stage, _get(ext, "zero_optimization.stage"),
-                  0 if autocast else default_stage(settings, world_size, precision), src)
+                  0 if autocast else default_stage(settings, world_size, precision, replica), src)
     micro = _pick("train_micro_batch_size_per_gpu", settings.micro_batch_size,
                   ext.get("train_micro_batch_size_per_gpu"), DEFAULT_MICRO_BATCH, src)
     ext_ga, ext_tbs = ext.get("gradient_accumulation_steps"), ext.get("train_batch_size")

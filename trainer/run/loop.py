@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,32 +130,46 @@ def next_batches(it, n: int) -> tuple[list[dict], float]:
     return batches, time.perf_counter() - t0
 
 
-def loss_scale(local_tokens: int, env: DistEnv, device) -> float | torch.Tensor:
-    """step_scale from the step's label tokens on all ranks. Counted on the host (labels are CPU tensors until
-    to_device); with several ranks summed on the device and left there: no host wait before the forward."""
-    if env.world_size == 1:
-        return step_scale(1, local_tokens)
+def _all_reduce_async(t: torch.Tensor):
+    """Start a sum over ranks of t in place; returns the handle to wait on. The step's two small collectives
+    run behind compute this way: the token count behind the first forward, the totals behind the last backward
+    (at two CPU ranks, waiting on each at once cost ~10% of a tiny model's step: bench_step --world 2)."""
     # heavy: deepspeed (~3 s to import); loaded only where a run uses it
     import deepspeed.comm as dist
+    return dist.all_reduce(t, async_op=True)
+
+
+def start_loss_scale(local_tokens: int, env: DistEnv, device) -> Callable[[], float | torch.Tensor]:
+    """step_scale from the step's label tokens on all ranks; call the result for it. Counted on the host (labels
+    are CPU tensors until to_device); with several ranks summed on the device and left there: no host wait."""
+    if env.world_size == 1:
+        scale = step_scale(1, local_tokens)
+        return lambda: scale
     t = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (env.world_size / t.clamp(min=1)).float()
+    work = _all_reduce_async(t)
+    return lambda: (work.wait(), (env.world_size / t.clamp(min=1)).float())[1]
 
 
-def step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv, device) -> tuple[float, list[float], bool]:
-    """The step's one host sync (before the update): (this rank's summed loss, all ranks' [loss, *host],
-    whether any rank's loss is not finite). One collective for all of it with several ranks."""
+def start_step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv,
+                      device) -> Callable[[], tuple[float, list[float], bool]]:
+    """The step's one host sync, started (after the last forward) and finished by calling the result (after
+    the last backward, before the update): (this rank's summed loss, all ranks' [loss, *host], whether any
+    rank's loss is not finite). One collective for all of it with several ranks."""
     if env.world_size == 1:
-        local = loss_sum.item()
-        return local, [local, *host], not math.isfinite(local)
-    # heavy: deepspeed (~3 s to import); loaded only where a run uses it
-    import deepspeed.comm as dist
+        def local_totals():
+            local = loss_sum.item()
+            return local, [local, *host], not math.isfinite(local)
+        return local_totals
     t = torch.cat([loss_sum.double().reshape(1), (~torch.isfinite(loss_sum)).double().reshape(1),
                    torch.tensor(host, dtype=torch.float64, device=device)])
     local = t[0].clone()
-    dist.all_reduce(t)
-    vals = t.tolist()
-    return local.item(), [vals[0], *vals[2:]], vals[1] > 0
+    work = _all_reduce_async(t)
+
+    def totals():
+        work.wait()
+        vals = t.tolist()
+        return local.item(), [vals[0], *vals[2:]], vals[1] > 0
+    return totals
 
 
 def train_step(engine, it, plan: RunPlan, device, dtype, adapter: ModelAdapter, env: DistEnv, step: int,
@@ -166,18 +181,21 @@ def train_step(engine, it, plan: RunPlan, device, dtype, adapter: ModelAdapter, 
     stay on the device until then."""
     batches, wait = next_batches(it, plan.resolved.grad_accum)
     local = sum(label_count(b, adapter.causal) for b in batches)
-    scale = loss_scale(local, env, device)
-    losses, samples, tokens = [], 0, 0
+    pending_scale = start_loss_scale(local, env, device)  # its collective runs behind the first forward
+    losses, samples, tokens, last = [], 0, 0, len(batches) - 1
     for micro, batch in enumerate(batches):
         tokens += adapter.num_tokens(batch)
         samples += batch_samples(batch)
         with autocast_context(engine, device):
             loss = forward_loss(engine, to_device(batch, device, dtype), adapter.causal)
-        engine.backward(loss * scale, scale_wrt_gas=False)
         losses.append(loss.detach().float())
-        if micro == len(batches) - 1:  # DeepSpeed updates in this step() call: check first
-            mine, (total_loss, global_tokens, total_samples, total_tokens), bad = step_totals(
-                torch.stack(losses).sum(), [local, samples, tokens], env, device)
+        if micro == last:  # the totals' collective runs while the last backward does
+            totals = start_step_totals(torch.stack(losses).sum(), [local, samples, tokens], env, device)
+        if micro == 0:
+            scale = pending_scale()
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        if micro == last:  # DeepSpeed updates in this step() call: check first
+            mine, (total_loss, global_tokens, total_samples, total_tokens), bad = totals()
             check_finite(losses, mine, bad, step, env, last_ckpt)
             clip_gradients(engine)
         engine.step()

@@ -68,6 +68,10 @@ MAX_AUTO_MICRO = 256
 # more forward in fwd + 2 x fwd backward). A heuristic; gpu_check measures the real ratio.
 SATURATION_TOKENS = 4096
 RECOMPUTE_COST = 4 / 3
+# Step time of ZeRO-2 shards over whole replicas at the same micro batch (several processes): partitioned
+# gradient reductions + the all-gather of updated weights vs one all-reduce (two CPU ranks, bench_step --world 2:
+# 1.1-1.3x). resolve_auto takes shards only where they fit a micro batch faster by more than that.
+SHARDING_COST = 1.15
 
 
 class PlanError(ValueError):
@@ -470,29 +474,66 @@ def samples_per_rank(data_cfg) -> int | None:
         return None
 
 
-def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: bool) -> PlanInputs:
+def inputs_for(cfg, frames: int, frame_size: tuple[int, int], micro: int, ckpt: bool,
+               replica: bool = False) -> PlanInputs:
     ds = cfg.deepspeed
     text = DEFAULT_TEXT_TOKENS if cfg.model.kind != "seq2seq" else min(cfg.model.max_source_len, DEFAULT_TEXT_TOKENS)
     return PlanInputs(micro_batch=micro, frames=frames, frame_size=frame_size, text_tokens=text,
                       label_tokens=min(32, cfg.model.max_target_len),
-                      zero_stage=zero_stage(cfg), autocast=autocast(cfg),
+                      zero_stage=zero_stage(cfg, replica), autocast=autocast(cfg, replica),
                       precision=ds.precision or "bf16", world_size=_world_size(),
                       gradient_checkpointing=ckpt, offload_optimizer=ds.offload_optimizer)
 
 
-def autocast(cfg) -> bool:
+def autocast(cfg, replica: bool = False) -> bool:
     """Whether the run computes bf16 by torch.autocast (as run/ds_config.resolve decides, without reading an
     external JSON: one makes it False unless it says otherwise)."""
     ds = cfg.deepspeed
-    return dsc.use_autocast(ds, _world_size(), ds.precision or "bf16", not cfg.model.lora, bool(ds.config_file))
+    return dsc.use_autocast(ds, _world_size(), ds.precision or "bf16", not cfg.model.lora, bool(ds.config_file),
+                            replica)
 
 
-def zero_stage(cfg) -> int:
+def zero_stage(cfg, replica: bool = False) -> int:
     """The ZeRO stage the run will take (run/ds_config.resolve's default where the settings name none)."""
     ds = cfg.deepspeed
     if ds.zero_stage is not None:
         return ds.zero_stage
-    return 0 if autocast(cfg) else dsc.default_stage(ds, _world_size(), ds.precision or "bf16")
+    return 0 if autocast(cfg, replica) else dsc.default_stage(ds, _world_size(), ds.precision or "bf16", replica)
+
+
+def replica_choices(cfg) -> tuple[bool, ...]:
+    """(True, False) where the run may hold a whole replica per device or shard it (several processes, no ZeRO
+    stage named, no external JSON, no offload); else (False,): nothing to choose."""
+    ds = cfg.deepspeed
+    free = _world_size() > 1 and ds.zero_stage is None and not ds.config_file and not ds.offload_optimizer
+    return (True, False) if free else (False,)
+
+
+def planned_frames(cfg) -> tuple[int, tuple[int, int], int | None]:
+    """(frames per sample, (h, w), frames the shards hold) the estimate uses: data.num_frames of what the shards
+    hold (8 where neither says), at their size (336x336 where unknown). Reads the shards' index once."""
+    stored, size = shard_frames(cfg.data)
+    frames = min(x for x in (cfg.data.num_frames, stored, 10**6) if x)
+    return (frames if frames < 10**6 else 8), size or (336, 336), stored
+
+
+def chooses_replica(cfg) -> bool:
+    """Several processes free to choose (replica_choices): whether each device holds a whole replica - the
+    one-process settings, ZeRO-0 (fp32, bf16 by autocast) or ZeRO-1 (bf16 LoRA) - rather than ZeRO-2 shards:
+    yes where the estimate at the run's micro batch, frames and checkpointing fits device memory less headroom,
+    and where device memory is unknown (a CPU run without --device-memory). Costs one meta-device model build
+    and the shards' index read."""
+    if replica_choices(cfg) == (False,):
+        return False
+    ds = cfg.deepspeed
+    memory, _ = device_memory(ds.device_memory_gb)
+    if memory is None:
+        return True
+    frames, size, _ = planned_frames(cfg)
+    micro = ds.micro_batch_size if isinstance(ds.micro_batch_size, int) else DEFAULT_MICRO_BATCH
+    ckpt = cfg.model.gradient_checkpointing is True
+    est = estimate(cfg.model, inputs_for(cfg, frames, size, micro, ckpt, replica=True))
+    return est.total <= memory * (1 - ds.memory_headroom)
 
 
 def _world_size() -> int:
@@ -509,6 +550,7 @@ class Resolution:
     stored_frames: int | None
     frame_size: tuple[int, int]
     lines: tuple[str, ...]
+    replica: bool = False  # several processes, each device holding a whole replica (chooses_replica)
 
     def summary(self) -> str:
         """One line for the run log: what `auto` became and the estimated peak."""
@@ -524,21 +566,21 @@ def resolve_auto(cfg) -> Resolution:
 
     Frames: data.num_frames, capped by data.video_tokens (the most frames whose video tokens fit), of what the
     shards hold. Micro batch and checkpointing: the fastest pair that fits the device memory less headroom
-    (fit); on a CPU run without --device-memory there is nothing to fill: 4 and off."""
-    stored, size = shard_frames(cfg.data)
-    size = size or (336, 336)
-    frames = min(x for x in (cfg.data.num_frames, stored, 10**6) if x)
+    (fit); with several processes free to choose, whole replicas per device or ZeRO-2 shards, whichever gives
+    the faster fit, sharding's own cost counted (SHARDING_COST; chooses_replica then agrees). On a CPU run without --device-memory
+    there is nothing to fill: 4 and off."""
+    frames, size, stored = planned_frames(cfg)
     lines = []
     data = cfg.data
     if cfg.data.video_tokens and cfg.model.kind != "seq2seq":
-        frames = frames_for_budget(cfg.model, cfg.data.video_tokens, frames if frames < 10**6 else 64, size)
+        most = frames if cfg.data.num_frames or stored else 64  # unknown: the budget alone decides
+        frames = frames_for_budget(cfg.model, cfg.data.video_tokens, most, size)
         data = dataclasses.replace(data, num_frames=frames)
         lines.append(f"video-token budget {cfg.data.video_tokens}: {frames} frames per sample")
-    frames = frames if frames < 10**6 else 8
     memory, source = device_memory(cfg.deepspeed.device_memory_gb)
     micro, ckpt = cfg.deepspeed.micro_batch_size, cfg.model.gradient_checkpointing
     shape = model_shape(cfg.model)
-    est = None
+    est, replica = None, replica_choices(cfg)[0]
     if memory is None:
         micro = DEFAULT_MICRO_BATCH if micro == "auto" else micro or DEFAULT_MICRO_BATCH
         ckpt = False if ckpt == "auto" else ckpt
@@ -548,21 +590,24 @@ def resolve_auto(cfg) -> Resolution:
         most = samples_per_rank(cfg.data) if fixed_m is None else None
         if most is not None and most < MAX_AUTO_MICRO:
             lines.append(f"micro batch at most {most}: the training samples per device")
-        est = fit(cfg.model, inputs_for(cfg, frames, size, fixed_m or 1, False), memory,
-                  cfg.deepspeed.memory_headroom, fixed_m, None if ckpt == "auto" else bool(ckpt), shape,
-                  most or MAX_AUTO_MICRO)
-        if est is None and (micro == "auto" or ckpt == "auto"):
+        fits = [(fit(cfg.model, inputs_for(cfg, frames, size, fixed_m or 1, False, r), memory,
+                     cfg.deepspeed.memory_headroom, fixed_m, None if ckpt == "auto" else bool(ckpt), shape,
+                     most or MAX_AUTO_MICRO), r) for r in replica_choices(cfg)]
+        fits = [(e, r) for e, r in fits if e is not None]
+        if not fits and (micro == "auto" or ckpt == "auto"):
             raise ConfigError(f"{cfg.model.model_path}: no micro batch fits {memory / GIB:.1f} GiB ({source}) "
                               "even with gradient checkpointing: use ZeRO-3, more devices, optimizer offload, "
                               "fewer frames (--num-frames / --video-tokens) or LoRA")
-        if est is not None:
+        if fits:  # a replica unless shards allow a step_cost faster by more than what sharding costs
+            est, replica = min(fits, key=lambda f: step_cost(f[0].micro_batch, f[0].tokens, f[0].gradient_checkpointing)
+                               * (1 if f[1] else SHARDING_COST))
             micro, ckpt = est.micro_batch, est.gradient_checkpointing
         else:
-            micro, ckpt = fixed_m, bool(ckpt)
-    est = est or estimate(cfg.model, inputs_for(cfg, frames, size, micro, bool(ckpt)), shape)
+            micro, ckpt, replica = fixed_m, bool(ckpt), False
+    est = est or estimate(cfg.model, inputs_for(cfg, frames, size, micro, bool(ckpt), replica), shape)
     cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, gradient_checkpointing=bool(ckpt)),
                               deepspeed=dataclasses.replace(cfg.deepspeed, micro_batch_size=micro))
-    return Resolution(cfg, est, memory, source, stored, size, tuple(lines))
+    return Resolution(cfg, est, memory, source, stored, size, tuple(lines), replica)
 
 
 def needs_resolution(cfg) -> bool:
@@ -580,9 +625,9 @@ def plan_text(res: Resolution) -> str:
     ds = cfg.deepspeed
     out = [f"vtt-train plan: {cfg.model.model_path} ({cfg.model.kind}), {e.params / 1e9:.3f}B parameters, "
            f"{e.trainable / 1e6:.1f}M trainable ({'LoRA r' + str(cfg.model.lora_r) if cfg.model.lora else 'full'})",
-           f"  per device: world size {_world_size()}, ZeRO-{zero_stage(cfg)}, "
-           f"{ds.precision or 'bf16'}{' (autocast)' if autocast(cfg) else ''}, micro batch {e.micro_batch}, gradient checkpointing "
-           f"{'on' if e.gradient_checkpointing else 'off'}"]
+           f"  per device: world size {_world_size()}, ZeRO-{zero_stage(cfg, res.replica)}, "
+           f"{ds.precision or 'bf16'}{' (autocast)' if autocast(cfg, res.replica) else ''}, micro batch "
+           f"{e.micro_batch}, gradient checkpointing {'on' if e.gradient_checkpointing else 'off'}"]
     if e.video_tokens:
         out.append(f"  video: {e.frames} frames of {res.frame_size[1]}x{res.frame_size[0]} (shards hold "
                    f"{res.stored_frames or '?'}) -> {e.video_tokens} video tokens, {e.tokens} tokens per sample")
@@ -628,7 +673,7 @@ def _trade_table(res: Resolution, limit: float) -> list[str]:
     options = sorted({f for f in (top, top // 2, top // 4, e.frames) if f >= 2}, reverse=True)
     out = ["  frames  video tokens  largest micro batch (no ckpt / ckpt)"]
     for f in options:
-        i = inputs_for(cfg, f, res.frame_size, 1, False)
+        i = inputs_for(cfg, f, res.frame_size, 1, False, res.replica)
         m0 = _largest_micro(cfg.model, i, shape, False, limit)
         m1 = _largest_micro(cfg.model, i, shape, True, limit)
         out.append(f"  {f:>6}  {video_tokens(cfg.model, f, res.frame_size)[0]:>12}  {m0:>6} / {m1}")

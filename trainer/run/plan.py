@@ -15,6 +15,7 @@ from vtt.trainer.config import TrainConfig, config_diff, dump_yaml, load_saved, 
 from vtt.trainer.data.loader import build_loader, eval_batches, steps_per_epoch
 from vtt.trainer.models.adapter import ModelAdapter
 from vtt.trainer.run import ds_config as dsc
+from vtt.trainer.run.memory import chooses_replica
 from vtt.trainer.run.dist import DistEnv
 from vtt.trainer.run.tracking import preflight as tracking_preflight
 
@@ -86,7 +87,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, adapter: ModelAdapter) -> RunPlan:
     tracking_preflight(cfg.tracking)
     s = cfg.deepspeed
     ext = dsc.read_external(s.config_file) if s.config_file else None
-    r = dsc.resolve(s, env.world_size, ext, full_finetune=not cfg.model.lora)
+    r = dsc.resolve(s, env.world_size, ext, full_finetune=not cfg.model.lora, replica=chooses_replica(cfg))
     total, per_epoch = plan_steps(cfg, r.micro_batch_size, r.grad_accum, env.world_size)
     if cfg.data.has_eval:
         eval_batches(cfg.data, r.micro_batch_size, env.world_size)  # validates the eval shards now
