@@ -233,6 +233,21 @@ def test_vtt_train_plan_prints_and_exits(shaped, tmp_path):
     assert r.exit_code == 0 and "device memory unknown" in r.output
 
 
+def test_plan_for_several_gpus_is_printed_once_for_that_world(shaped, tmp_path, monkeypatch):
+    """--num-gpus N --plan launches nothing: one report, planned for world N (replicas where they fit)."""
+    from click.testing import CliRunner
+
+    from vtt.trainer.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "1")  # restored after the test: --plan sets it for its world
+    args = ["--model", "seq2seq", "--model-path", str(shaped["seq2seq"]), "--shards", str(tmp_path / "none"),
+            "-o", str(tmp_path / "run"), "--micro-batch", "8", "--num-gpus", "2", "--plan"]
+    r = CliRunner().invoke(main, args + ["--device-memory", "80"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("vtt-train plan:") == 1 and "world size 2, ZeRO-0, bf16 (autocast)" in r.output
+    r = CliRunner().invoke(main, args + ["--device-memory", "10"])
+    assert r.exit_code == 0 and "world size 2, ZeRO-2, bf16, micro batch 8" in r.output, r.output
+
+
 def m2m_layers(dtype, mode, cross):
     c = tf.M2M100Config(d_model=128, encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_attention_heads=4,
                         decoder_attention_heads=4, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,

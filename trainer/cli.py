@@ -100,7 +100,9 @@ class TrainCommand(click.Command):
 @click.version_option(package_name="vtt")
 def main(config_file, sets, print_config, plan, num_gpus, num_nodes, hostfile, master_port, local_rank, **flags):
     enable_faulthandler()
-    if num_gpus:
+    if num_gpus and (plan or print_config):  # one report, here, for the world the launcher would start
+        os.environ["WORLD_SIZE"] = str(num_gpus * (num_nodes or 1))
+    elif num_gpus:
         cmd = launcher_command(sys.argv[1:], num_gpus, num_nodes, hostfile, master_port)
         click.echo("vtt-train: " + shlex.join(cmd), err=True)
         sys.exit(subprocess.call(cmd))
