@@ -147,7 +147,11 @@ def start_loss_scale(local_tokens: int, env: DistEnv, device) -> Callable[[], fl
         return lambda: scale
     t = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
     work = _all_reduce_async(t)
-    return lambda: (work.wait(), (env.world_size / t.clamp(min=1)).float())[1]
+
+    def scale():
+        work.wait()
+        return (env.world_size / t.clamp(min=1)).float()
+    return scale
 
 
 def start_step_totals(loss_sum: torch.Tensor, host: list[int], env: DistEnv,
