@@ -567,8 +567,8 @@ def resolve_auto(cfg) -> Resolution:
     Frames: data.num_frames, capped by data.video_tokens (the most frames whose video tokens fit), of what the
     shards hold. Micro batch and checkpointing: the fastest pair that fits the device memory less headroom
     (fit); with several processes free to choose, whole replicas per device or ZeRO-2 shards, whichever gives
-    the faster fit, sharding's own cost counted (SHARDING_COST; chooses_replica then agrees). On a CPU run without --device-memory
-    there is nothing to fill: 4 and off."""
+    the faster fit, sharding's own cost counted (SHARDING_COST; chooses_replica then agrees). On a CPU run
+    without --device-memory there is nothing to fill: 4 and off."""
     frames, size, stored = planned_frames(cfg)
     lines = []
     data = cfg.data
@@ -599,8 +599,7 @@ def resolve_auto(cfg) -> Resolution:
                               "even with gradient checkpointing: use ZeRO-3, more devices, optimizer offload, "
                               "fewer frames (--num-frames / --video-tokens) or LoRA")
         if fits:  # a replica unless shards allow a step_cost faster by more than what sharding costs
-            est, replica = min(fits, key=lambda f: step_cost(f[0].micro_batch, f[0].tokens, f[0].gradient_checkpointing)
-                               * (1 if f[1] else SHARDING_COST))
+            est, replica = min(fits, key=lambda f: _layout_cost(*f))
             micro, ckpt = est.micro_batch, est.gradient_checkpointing
         else:
             micro, ckpt, replica = fixed_m, bool(ckpt), False
@@ -608,6 +607,11 @@ def resolve_auto(cfg) -> Resolution:
     cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, gradient_checkpointing=bool(ckpt)),
                               deepspeed=dataclasses.replace(cfg.deepspeed, micro_batch_size=micro))
     return Resolution(cfg, est, memory, source, stored, size, tuple(lines), replica)
+
+
+def _layout_cost(e: Estimate, replica: bool) -> float:
+    """step_cost of a fit, ZeRO-2 shards' own communication counted (SHARDING_COST)."""
+    return step_cost(e.micro_batch, e.tokens, e.gradient_checkpointing) * (1 if replica else SHARDING_COST)
 
 
 def needs_resolution(cfg) -> bool:
